@@ -1,0 +1,127 @@
+"""The command line: `nixos-autodeploy collect|status|deploy`. This dispatcher is the one
+place that may import both packages; it imports the actuator only for `deploy`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from . import __version__
+from .collect import collect
+from .config import Settings, settings_from
+from .errors import AutodeployError, LockHeld, StateError
+from .lock import locked
+from .snapshot import load_snapshot
+
+log = logging.getLogger("nixos-autodeploy")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", metavar="DIR", help="manage the system mounted at DIR (/)")
+    parser.add_argument("--state-dir", metavar="DIR", help="state directory")
+    parser.add_argument("--config", metavar="FILE", help="JSON or TOML config file")
+    parser.add_argument("--debug", action="store_true", help="log more, show tracebacks")
+
+
+def _upstream(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="URL that serves the upstream store path")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="total deadline (60)")
+    parser.add_argument("--netrc-file", metavar="FILE", help="credentials for the URL's host")
+    parser.add_argument("--bearer-token-file", metavar="FILE", help="send this bearer token")
+    parser.add_argument(
+        "--header",
+        dest="headers",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="extra request header (repeatable)",
+    )
+    parser.add_argument("--ca-file", metavar="FILE", help="CA bundle for https")
+    parser.add_argument("--prometheus-path", metavar="FILE", help="node_exporter textfile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nixos-autodeploy",
+        description="Keep this NixOS host on the system its CI published, safely.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("collect", help="fetch and realise upstream, report the state")
+    _common(p)
+    _upstream(p)
+
+    p = commands.add_parser("status", help="show the last collected state")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = commands.add_parser("deploy", help="deploy upstream when the gate allows it")
+    _common(p)
+    _upstream(p)
+    p.add_argument("--switch-mode", choices=["switch", "boot", "smart"])
+    p.add_argument("--reboot-mode", choices=["reboot", "kexec"])
+    p.add_argument("--force", action="store_true", help="deploy even when the host is dirty")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    p.add_argument(
+        "--max-snapshot-age",
+        type=float,
+        metavar="SECONDS",
+        help="collect first when the snapshot is older (3600)",
+    )
+    return parser
+
+
+def _collect(settings: Settings) -> int:
+    try:
+        with locked(settings.paths.state_dir):
+            collect(settings)
+    except LockHeld as e:
+        # The other run reports the same host; it is not a failure of this one.
+        log.info("%s; not collecting this time", e)
+    return 0
+
+
+def _status(settings: Settings, as_json: bool) -> int:
+    from .status import show  # rich is loaded only here
+
+    snapshot = load_snapshot(settings.paths)
+    if snapshot is None:
+        raise StateError(
+            f"no snapshot in {settings.paths.state_dir} yet: run `nixos-autodeploy collect`"
+        )
+    show(snapshot, as_json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    try:
+        settings = settings_from(args)
+        if args.command == "collect":
+            return _collect(settings)
+        if args.command == "status":
+            return _status(settings, args.json)
+        from actuator.deploy import deploy
+
+        return deploy(settings)
+    except (AutodeployError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

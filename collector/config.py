@@ -1,0 +1,170 @@
+"""Settings from the command line and the config file (flags win), and the paths they imply."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+STATE_DIR = "/var/lib/nixos-autodeploy"
+
+E = TypeVar("E", bound="StrEnum")
+
+
+class SwitchMode(StrEnum):
+    SWITCH = "switch"
+    BOOT = "boot"
+    SMART = "smart"
+
+
+class RebootMode(StrEnum):
+    REBOOT = "reboot"
+    KEXEC = "kexec"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every path the agent touches, under --root (the Nix store stays the machine's)."""
+
+    root: str
+    state_dir: str
+
+    def under_root(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+    @property
+    def current(self) -> str:
+        return self.under_root("/run/current-system")
+
+    @property
+    def booted(self) -> str:
+        return self.under_root("/run/booted-system")
+
+    @property
+    def upstream(self) -> str:
+        return self.under_root("/run/upstream-system")
+
+    @property
+    def deployed_link(self) -> str:
+        return self.under_root("/run/deployed-system")
+
+    @property
+    def profile(self) -> str:
+        return self.under_root("/nix/var/nix/profiles/system")
+
+    @property
+    def systemd_running(self) -> bool:
+        return os.path.isdir(self.under_root("/run/systemd/system"))
+
+    def state(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    paths: Paths
+    url: str | None = None
+    timeout: float = 60.0
+    netrc_file: str | None = None
+    bearer_token_file: str | None = None
+    ca_file: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    prometheus_path: str | None = None
+    switch_mode: SwitchMode = SwitchMode.SWITCH
+    reboot_mode: RebootMode | None = None
+    max_snapshot_age: float = 3600.0
+    force: bool = False
+    dry_run: bool = False
+
+
+_FILE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "url": str,
+    "timeout": (int, float),
+    "netrc_file": str,
+    "bearer_token_file": str,
+    "ca_file": str,
+    "headers": list,
+    "prometheus_path": str,
+    "root": str,
+    "state_dir": str,
+    "switch_mode": str,
+    "reboot_mode": str,
+    "max_snapshot_age": (int, float),
+}
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        data = tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected an object at the top level")
+    for key, value in data.items():
+        expected = _FILE_KEYS.get(key)
+        if expected is None:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+            raise ConfigError(f"config file {path}: {key} has the wrong type")
+    return data
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if (
+        not sep
+        or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)
+        or re.search(r"[\r\n\0]", value)
+    ):
+        raise ConfigError(f"invalid header {text.split(':')[0][:40]!r}: expected 'Name: value'")
+    return name, value.strip()
+
+
+def _enum(kind: type[E], value: str, what: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ConfigError(f"{what} must be one of {choices}, not {value!r}") from None
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Merge the parsed flags over the config file; absent flags are None."""
+    file = load_config_file(args.config) if getattr(args, "config", None) else {}
+
+    def pick(key: str) -> Any:
+        flag = getattr(args, key, None)
+        return flag if flag not in (None, []) else file.get(key)
+
+    root = os.path.abspath(pick("root") or "/")
+    state_dir = pick("state_dir") or os.path.join(root, STATE_DIR.lstrip("/"))
+    headers = tuple(parse_header(h) for h in (pick("headers") or []))
+    timeout = float(pick("timeout") or 60.0)
+    if timeout <= 0:
+        raise ConfigError("timeout must be positive")
+    switch_mode = _enum(SwitchMode, pick("switch_mode") or "switch", "switch mode")
+    reboot = pick("reboot_mode")
+    return Settings(
+        paths=Paths(root=root, state_dir=os.path.abspath(state_dir)),
+        url=pick("url"),
+        timeout=timeout,
+        netrc_file=pick("netrc_file"),
+        bearer_token_file=pick("bearer_token_file"),
+        ca_file=pick("ca_file"),
+        headers=headers,
+        prometheus_path=pick("prometheus_path"),
+        switch_mode=switch_mode,
+        reboot_mode=_enum(RebootMode, reboot, "reboot mode") if reboot else None,
+        max_snapshot_age=float(pick("max_snapshot_age") or 3600.0),
+        force=bool(getattr(args, "force", False)),
+        dry_run=bool(getattr(args, "dry_run", False)),
+    )

@@ -1,0 +1,33 @@
+"""The small error hierarchy. ``main()`` prints any of these as one line and exits 1."""
+
+
+class AutodeployError(Exception):
+    """An error the operator reads as one line; no traceback unless --debug."""
+
+
+class ConfigError(AutodeployError):
+    pass
+
+
+class UpstreamError(AutodeployError):
+    """The upstream URL could not be fetched or gave something that is not a store path."""
+
+
+class NixError(AutodeployError):
+    """A Nix command failed; the message carries Nix's own words."""
+
+
+class StateError(AutodeployError):
+    """A file in the state directory is corrupt or of an unknown version."""
+
+
+class LockHeld(AutodeployError):
+    """Another collector or actuator run holds the lock."""
+
+
+class ProcessError(AutodeployError):
+    def __init__(self, argv: list[str], returncode: int, message: str) -> None:
+        super().__init__(f"{argv[0]} failed (exit {returncode}): {message}")
+        self.argv = argv
+        self.returncode = returncode
+        self.message = message

@@ -1,0 +1,109 @@
+"""The node_exporter textfile: one file, a private registry, no timestamps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .snapshot import Deploys, Snapshot
+from .state import State
+from .store import StorePath
+
+P = "nixos_autodeploy_"
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(P + name, doc, value=value)
+
+
+def _name(path: StorePath | None) -> str:
+    return path.name if path else ""
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot, deploys: Deploys) -> None:
+        self.snapshot = snapshot
+        self.deploys = deploys
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.snapshot
+        # The original tool's three series, names and labels unchanged.
+        yield _gauge("dirty", "1 when someone deployed by hand and the agent stands back", s.dirty)
+        yield _gauge(
+            "reboot_required",
+            "1 when booted and current differ in kernel, initrd or modules, or a boot waits",
+            s.reboot_required,
+        )
+        info = GaugeMetricFamily(
+            P + "info",
+            "The systems this host knows, by store path basename",
+            labels=[
+                "current_generation",
+                "booted_generation",
+                "deployed_generation",
+                "upstream_generation",
+            ],
+        )
+        info.add_metric(
+            [
+                _name(s.links.current),
+                _name(s.links.booted),
+                _name(s.deployed.path if s.deployed else None),
+                _name(s.links.upstream),
+            ],
+            1,
+        )
+        yield info
+        yield _gauge(
+            "update_available",
+            "1 when upstream differs from what this agent deployed",
+            s.state is State.UPDATE_AVAILABLE,
+        )
+        state = GaugeMetricFamily(P + "state", "1 for the host's current state", labels=["state"])
+        for member in State:
+            state.add_metric([member.value], member is s.state)
+        yield state
+        yield _gauge(
+            "upstream_fetch_success",
+            "1 when the last fetch and realisation of upstream succeeded",
+            s.upstream.error is None,
+        )
+        yield _gauge(
+            "last_collect_timestamp_seconds", "When the collector last ran", s.collected_at
+        )
+        if s.upstream.changed_at is not None:
+            yield _gauge(
+                "last_upstream_change_timestamp_seconds",
+                "When the collector first saw the current upstream path",
+                s.upstream.changed_at,
+            )
+        yield _gauge(
+            "collect_duration_seconds", "How long the last collect took", s.duration_seconds
+        )
+        last = self.deploys.last
+        if last is not None:
+            yield _gauge(
+                "last_deploy_timestamp_seconds", "When the actuator last deployed", last["at"]
+            )
+            yield _gauge(
+                "last_deploy_success",
+                "1 when the last deploy succeeded",
+                last["result"] == "success",
+            )
+        totals = CounterMetricFamily(
+            P + "deployments", "Deploys by the actuator, by result", labels=["result"]
+        )
+        for result in ("success", "failure"):
+            totals.add_metric([result], self.deploys.totals.get(result, 0))
+        yield totals
+
+
+def write(path: str, snapshot: Snapshot, deploys: Deploys) -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot, deploys))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_to_textfile(path, registry)

@@ -1,0 +1,181 @@
+"""The collector's findings: upstream fetch record, deploy results and the snapshot file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Paths
+from .errors import StateError
+from .fsutil import atomic_write_json, read_json
+from .state import Deployed, Links, State
+from .store import StorePath
+
+VERSION = 1
+
+
+def _path(value: Any) -> StorePath | None:
+    return None if value is None else StorePath.parse(value)
+
+
+def _str(p: StorePath | None) -> str | None:
+    return None if p is None else p.path
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What the last successful fetch said (upstream.json), plus the last error."""
+
+    url: str | None = None
+    path: StorePath | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    fetched_at: float | None = None
+    changed_at: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "path": _str(self.path),
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "fetched_at": self.fetched_at,
+            "changed_at": self.changed_at,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Upstream:
+        return cls(
+            url=d["url"],
+            path=_path(d["path"]),
+            etag=d["etag"],
+            last_modified=d.get("last_modified"),
+            fetched_at=d["fetched_at"],
+            changed_at=d["changed_at"],
+            error=d.get("error"),
+        )
+
+
+@dataclass(frozen=True)
+class Deploys:
+    """The actuator's results (deploys.json), exported by the collector."""
+
+    last: dict[str, Any] | None = None  # at, path, mode, result, message
+    totals: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
+    failed_path: StorePath | None = None  # not retried until upstream changes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "last": self.last,
+            "totals": self.totals,
+            "failed_path": _str(self.failed_path),
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    collected_at: float
+    duration_seconds: float
+    upstream: Upstream
+    links: Links
+    deployed: Deployed | None
+    state: State
+    reboot_required: bool
+    last_deploy: dict[str, Any] | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return self.state is State.DIRTY
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "collected_at": self.collected_at,
+            "duration_seconds": self.duration_seconds,
+            "upstream": self.upstream.to_json(),
+            "current": _str(self.links.current),
+            "booted": _str(self.links.booted),
+            "profile": _str(self.links.profile),
+            "upstream_link": _str(self.links.upstream),
+            "deployed": self.deployed.to_json() if self.deployed else None,
+            "state": self.state.value,
+            "dirty": self.dirty,
+            "reboot_required": self.reboot_required,
+            "last_deploy": self.last_deploy,
+        }
+
+
+def _load(path: str, what: str) -> dict[str, Any] | None:
+    data = read_json(path)
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise StateError(f"{what} {path} is corrupt: not a JSON object")
+    if data.get("version") != VERSION:
+        raise StateError(f"{what} {path} has unknown version {data.get('version')!r}")
+    return data
+
+
+def load_upstream(paths: Paths) -> Upstream | None:
+    source = paths.state("upstream.json")
+    data = _load(source, "upstream record")
+    try:
+        return None if data is None else Upstream.from_json(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StateError(f"upstream record {source} is corrupt: {e}") from None
+
+
+def save_upstream(paths: Paths, upstream: Upstream) -> None:
+    atomic_write_json(paths.state("upstream.json"), {"version": VERSION, **upstream.to_json()})
+
+
+def load_deploys(paths: Paths) -> Deploys:
+    source = paths.state("deploys.json")
+    data = _load(source, "deploy results")
+    if data is None:
+        return Deploys()
+    try:
+        totals = {k: int(v) for k, v in data["totals"].items()}
+        last = data["last"]
+        if last is not None and not isinstance(last, dict):
+            raise TypeError("last is not an object")
+        return Deploys(last=last, totals=totals, failed_path=_path(data["failed_path"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StateError(f"deploy results {source} are corrupt: {e}") from None
+
+
+def save_deploys(paths: Paths, deploys: Deploys) -> None:
+    atomic_write_json(paths.state("deploys.json"), deploys.to_json())
+
+
+def save_snapshot(paths: Paths, snapshot: Snapshot) -> None:
+    atomic_write_json(paths.state("snapshot.json"), snapshot.to_json())
+
+
+def load_snapshot(paths: Paths) -> Snapshot | None:
+    source = paths.state("snapshot.json")
+    data = _load(source, "snapshot")
+    if data is None:
+        return None
+    try:
+        deployed = data["deployed"]
+        return Snapshot(
+            collected_at=float(data["collected_at"]),
+            duration_seconds=float(data["duration_seconds"]),
+            upstream=Upstream.from_json(data["upstream"]),
+            links=Links(
+                current=_path(data["current"]),
+                booted=_path(data["booted"]),
+                profile=_path(data["profile"]),
+                upstream=_path(data["upstream_link"]),
+            ),
+            deployed=None if deployed is None else Deployed.from_json(deployed, source),
+            state=State(data["state"]),
+            reboot_required=bool(data["reboot_required"]),
+            last_deploy=data.get("last_deploy"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StateError(f"snapshot {source} is corrupt: {e}") from None

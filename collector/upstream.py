@@ -1,0 +1,260 @@
+"""Fetching the upstream store path: the only module that speaks HTTP (and imports requests)."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import netrc
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from . import __version__
+from .config import Settings
+from .errors import ConfigError, UpstreamError
+from .store import StorePath
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+MAX_REDIRECTS = 5
+MAX_ATTEMPTS = 4
+REDIRECTS = {301, 302, 303, 307, 308}
+RETRIED = {429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What the last 200 said, for a conditional GET."""
+
+    url: str
+    etag: str | None
+    last_modified: str | None
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: StorePath | None  # None: 304, the last upstream still holds
+    etag: str | None
+    last_modified: str | None
+    bytes_received: int
+
+
+class _Deadline(BaseException):  # not Exception: nothing in requests may swallow it
+    pass
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """A total deadline over connect, headers and a slowly dripping body alike: the alarm
+    interrupts whatever socket call is blocking. The CLI runs this in its main thread."""
+
+    def expire(signum: int, frame: FrameType | None) -> None:
+        raise _Deadline
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Set explicitly so requests never falls back to ~/.netrc (only --netrc-file counts)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+def _credentials(settings: Settings, host: str) -> dict[str, str]:
+    if settings.bearer_token_file:
+        try:
+            with open(settings.bearer_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read bearer token file: {e.strerror}") from e
+        return {"Authorization": f"Bearer {token}"}
+    if settings.netrc_file:
+        try:
+            entry = netrc.netrc(settings.netrc_file).authenticators(host)
+        except (OSError, netrc.NetrcParseError) as e:
+            raise ConfigError(f"cannot read netrc file {settings.netrc_file}: {e}") from e
+        if entry:
+            login, _, password = entry
+            auth = requests.auth._basic_auth_str(login or "", password or "")
+            return {"Authorization": auth}
+    return {}
+
+
+def shown(url: str) -> str:
+    """The URL without any user:password, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def parse_body(body: bytes, url: str) -> StorePath:
+    """The original tool's format: one store path line, surrounding whitespace ignored."""
+
+    def reject(what: str) -> UpstreamError:
+        return UpstreamError(f"upstream {shown(url)} gave {what}")
+
+    if b"\0" in body:
+        raise reject("a body containing a NUL byte")
+    try:
+        text = body.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise reject("a body that is not UTF-8 text") from None
+    if not text:
+        raise reject("an empty body")
+    if text.startswith("<") or "<html" in text.lower():
+        raise reject("HTML, not a store path")
+    if "\n" in text or "\r" in text:
+        raise reject("more than one line; expected one store path")
+    try:
+        return StorePath.parse(text)
+    except ValueError as e:
+        raise reject(f"an invalid store path: {e}") from None
+
+
+def _retry_after(response: requests.Response, attempt: int) -> float:
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    if value:
+        when = email.utils.parsedate_to_datetime(value)
+        if when is not None:
+            return max(0.0, when.timestamp() - time.time())
+    return float(2**attempt)
+
+
+def fetch(settings: Settings, cached: Validators | None) -> Fetched:
+    """GET the upstream URL within settings.timeout, following redirects by hand."""
+    assert settings.url is not None
+    start = time.monotonic()
+
+    def remaining() -> float:
+        return settings.timeout - (time.monotonic() - start)
+
+    try:
+        with _deadline(settings.timeout):
+            return _fetch(settings, cached, remaining)
+    except _Deadline:
+        raise UpstreamError(
+            f"upstream {shown(settings.url)} did not answer within {settings.timeout:g}s"
+        ) from None
+
+
+def _fetch(
+    settings: Settings, cached: Validators | None, remaining: Callable[[], float]
+) -> Fetched:
+    assert settings.url is not None
+    url = settings.url
+    origin = urlsplit(url).netloc.rpartition("@")[2].lower()
+    credentials = _credentials(settings, urlsplit(url).hostname or "")
+    session = requests.Session()  # trust_env stays on: proxy variables are honoured
+    attempt = redirects = 0
+    while True:
+        headers = {"Accept-Encoding": "identity", "User-Agent": f"nixos-autodeploy/{__version__}"}
+        # Credentials and the operator's headers go only to the host they were meant for.
+        if urlsplit(url).netloc.rpartition("@")[2].lower() == origin:
+            headers.update(dict(settings.headers))
+            headers.update(credentials)
+        if cached is not None and cached.url == settings.url:
+            if cached.etag:
+                headers["If-None-Match"] = cached.etag
+            if cached.last_modified:
+                headers["If-Modified-Since"] = cached.last_modified
+        wait: float
+        try:
+            response = session.get(
+                url,
+                headers=headers,
+                auth=_NoAuth(),
+                allow_redirects=False,
+                stream=True,
+                timeout=(max(min(10.0, remaining()), 0.1), max(remaining(), 0.1)),
+                verify=settings.ca_file or True,
+            )
+        except requests.ConnectionError as e:
+            failure = f"upstream {shown(url)}: connection failed: {_reason(e)}"
+            wait = float(2**attempt)
+        except requests.RequestException as e:
+            raise UpstreamError(f"upstream {shown(url)}: {_reason(e)}") from None
+        else:
+            with response:
+                status = response.status_code
+                if status in REDIRECTS:
+                    url = _redirect(url, response.headers.get("Location"))
+                    redirects += 1
+                    if redirects > MAX_REDIRECTS:
+                        raise UpstreamError(
+                            f"upstream {shown(settings.url)}: more than {MAX_REDIRECTS} redirects"
+                        )
+                    continue
+                if status == 304 and cached is not None:
+                    return Fetched(None, cached.etag, cached.last_modified, 0)
+                if status == 200:
+                    return _read(response, url)
+                failure = f"upstream {shown(url)} answered HTTP {status} {response.reason}"
+                if status not in RETRIED:
+                    raise UpstreamError(failure)
+                wait = _retry_after(response, attempt)
+        attempt += 1
+        if attempt >= MAX_ATTEMPTS:
+            raise UpstreamError(f"{failure} (gave up after {attempt} attempts)")
+        if wait >= remaining():
+            raise UpstreamError(f"{failure} (no time left to retry within the deadline)")
+        log.info("%s; retrying in %.0fs", failure, wait)
+        time.sleep(wait)
+
+
+def _reason(e: requests.RequestException) -> str:
+    # requests nests urllib3's reasons; the innermost one is the readable part.
+    reason: BaseException = e
+    while reason.args and isinstance(reason.args[0], BaseException):
+        reason = reason.args[0]
+    text = str(getattr(reason, "reason", None) or reason)
+    # Drop urllib3's "HTTPConnection(host=..., port=...): " prefix; the URL is said already.
+    text = re.sub(r"^\w+\(host=.*?\): (Failed to establish a new connection: )?", "", text)
+    return text.splitlines()[0][:200] if text else type(reason).__name__
+
+
+def _redirect(url: str, location: str | None) -> str:
+    if not location:
+        raise UpstreamError(f"upstream {shown(url)} redirected without a Location")
+    target = urljoin(url, location)
+    scheme = urlsplit(target).scheme
+    if scheme not in ("http", "https"):
+        raise UpstreamError(f"upstream {shown(url)} redirected to a {scheme}: URL, refused")
+    if urlsplit(url).scheme == "https" and scheme == "http":
+        raise UpstreamError(f"upstream {shown(url)} redirected from https to http, refused")
+    return target
+
+
+def _read(response: requests.Response, url: str) -> Fetched:
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UpstreamError(f"upstream {shown(url)} sent Content-Encoding {encoding!r}, refused")
+    body = bytearray()
+    # Count what arrives: Content-Length may lie.
+    for chunk in response.raw.stream(8192, decode_content=False):
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise UpstreamError(f"upstream {shown(url)} sent more than {MAX_BODY} bytes, aborted")
+    return Fetched(
+        path=parse_body(bytes(body), url),
+        etag=response.headers.get("ETag"),
+        last_modified=response.headers.get("Last-Modified"),
+        bytes_received=len(body),
+    )

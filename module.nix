@@ -1,0 +1,428 @@
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkOption
+    optional
+    optionalAttrs
+    optionals
+    types
+    ;
+
+  cfg = config.system.autoDeploy;
+
+  settingsFormat = pkgs.formats.json { };
+
+  # systemd's quoting for ExecStart, the same rule as nixpkgs' utils.escapeSystemdExecArg;
+  # kept here so the module has no dependency on the `utils` module argument.
+  escapeExecArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON (toString arg));
+  escapeExecArgs = args: lib.concatMapStringsSep " " escapeExecArg args;
+
+  isAbsolute = path: lib.hasPrefix "/" path;
+  inStore = path: lib.hasPrefix "${builtins.storeDir}/" path;
+
+  # Secrets never enter the Nix store or the config file: systemd copies them into
+  # the unit's credentials directory ($CREDENTIALS_DIRECTORY, "%d" in ExecStart).
+  credentials =
+    optional (cfg.bearerTokenFile != null) "bearer-token:${cfg.bearerTokenFile}"
+    ++ optional (cfg.netrcFile != null) "netrc:${cfg.netrcFile}";
+  # Not escaped on purpose: systemd must expand the %d specifier.
+  credentialArgs =
+    optionals (cfg.bearerTokenFile != null) [
+      "--bearer-token-file"
+      "%d/bearer-token"
+    ]
+    ++ optionals (cfg.netrcFile != null) [
+      "--netrc-file"
+      "%d/netrc"
+    ];
+
+  upstreamSettings = {
+    url = cfg.url;
+    timeout = cfg.timeout;
+  }
+  // optionalAttrs (cfg.extraHeaders != { }) {
+    headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
+  }
+  // optionalAttrs (cfg.caFile != null) { ca_file = toString cfg.caFile; }
+  // optionalAttrs (cfg.prometheusFilePath != null) { prometheus_path = cfg.prometheusFilePath; };
+
+  collectorSettings = upstreamSettings;
+
+  actuatorSettings =
+    upstreamSettings
+    // {
+      switch_mode = cfg.switchMode;
+    }
+    // optionalAttrs (cfg.rebootMode != null) { reboot_mode = cfg.rebootMode; }
+    // optionalAttrs (cfg.maxSnapshotAge != null) { max_snapshot_age = cfg.maxSnapshotAge; };
+
+  collectorConfigFile = settingsFormat.generate "nixos-autodeploy-collector.json" collectorSettings;
+  actuatorConfigFile = settingsFormat.generate "nixos-autodeploy-actuator.json" actuatorSettings;
+
+  program = lib.getExe cfg.package;
+
+  collectorCommand = lib.concatStringsSep " " (
+    [
+      (escapeExecArgs [
+        program
+        "collect"
+        "--config"
+        collectorConfigFile
+      ])
+    ]
+    ++ credentialArgs
+  );
+
+  actuatorCommand = lib.concatStringsSep " " (
+    [
+      (escapeExecArgs [
+        program
+        "deploy"
+        "--config"
+        actuatorConfigFile
+      ])
+    ]
+    ++ credentialArgs
+    ++ optional (cfg.extraArgs != [ ]) (escapeExecArgs cfg.extraArgs)
+  );
+
+  collectorUnit = "nixos-autodeploy-collector.service";
+
+  metricsDir = if cfg.prometheusFilePath == null then null else dirOf cfg.prometheusFilePath;
+
+  secretAssertion = option: value: {
+    assertion = value == null || (isAbsolute value && !inStore value);
+    message = "system.autoDeploy.${option} must be an absolute path outside the Nix store (it holds a secret), got: ${toString value}";
+  };
+in
+{
+  options.system.autoDeploy = {
+    enable = mkEnableOption "automatic NixOS system deployments (the collector, and the actuator unless actuator.enable is false)";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix {
+        nix = config.nix.package;
+        systemd = config.systemd.package;
+      };
+      defaultText = literalExpression ''
+        pkgs.callPackage ./package.nix {
+          nix = config.nix.package;
+          systemd = config.systemd.package;
+        }
+      '';
+      description = "The nixos-autodeploy package to use.";
+    };
+
+    url = mkOption {
+      type = types.str;
+      example = "https://ci.example.org/hosts/web1/system";
+      description = ''
+        URL of a one-line file holding the store path of this host's system,
+        as published by CI. The path is realised from the binary caches in
+        {option}`nix.settings.substituters`, so the cache and its key must be
+        configured there.
+      '';
+    };
+
+    timeout = mkOption {
+      type = types.ints.positive;
+      default = 60;
+      description = "Total deadline in seconds for fetching the upstream URL.";
+    };
+
+    extraHeaders = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = {
+        "X-Host" = "web1";
+      };
+      description = ''
+        Extra HTTP headers sent with the upstream request. The values end up in
+        the Nix store: use {option}`system.autoDeploy.bearerTokenFile` or
+        {option}`system.autoDeploy.netrcFile` for secrets.
+      '';
+    };
+
+    bearerTokenFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/autodeploy-token";
+      description = ''
+        File holding a bearer token for the upstream URL. Handed to the units with
+        `LoadCredential`, so it can stay readable by root only; it never enters the
+        Nix store. Give it as a string, not a Nix path.
+      '';
+    };
+
+    netrcFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/autodeploy-netrc";
+      description = ''
+        A netrc file with credentials for the upstream URL, handed to the units
+        with `LoadCredential` like {option}`system.autoDeploy.bearerTokenFile`.
+      '';
+    };
+
+    caFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/etc/ssl/certs/internal-ca.pem";
+      description = "CA bundle to verify the upstream URL's TLS certificate with, instead of the system's.";
+    };
+
+    collectInterval = mkOption {
+      type = types.str;
+      default = "*:0/5";
+      example = "*:0/15";
+      description = ''
+        When the collector checks upstream and refreshes the snapshot and metrics,
+        as a calendar expression ({manpage}`systemd.time(7)`). It also runs shortly
+        after boot and after every activation.
+      '';
+    };
+
+    prometheusFilePath = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/lib/prometheus-node-exporter/text-files/nixos-autodeploy.prom";
+      description = ''
+        If not `null`, the collector writes Prometheus metrics to this file, for
+        the node exporter's textfile collector.
+      '';
+    };
+
+    actuator.enable = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = ''
+        Whether to install the actuator (`nixos-autodeploy.service` and its timer),
+        which deploys the upstream system. When `false`, the host is only monitored:
+        the collector still realises upstream and reports the state.
+      '';
+    };
+
+    interval = mkOption {
+      type = types.str;
+      default = "04:42";
+      example = "hourly";
+      description = ''
+        When the actuator runs, as a calendar expression ({manpage}`systemd.time(7)`).
+      '';
+    };
+
+    randomizedDelay = mkOption {
+      type = types.str;
+      default = "0";
+      example = "45min";
+      description = ''
+        Upper bound of a random delay added to {option}`system.autoDeploy.interval`
+        ({manpage}`systemd.time(7)` time span). The delay is fixed per host, so a
+        fleet spreads out while each host keeps a stable schedule.
+      '';
+    };
+
+    switchMode = mkOption {
+      type = types.enum [
+        "switch"
+        "boot"
+        "smart"
+      ];
+      default = "switch";
+      description = ''
+        How the actuator applies an update:
+        `switch` activates it now; `boot` makes it the system of the next boot;
+        `smart` uses `boot` when kernel, initrd or kernel modules change and
+        `switch` otherwise.
+      '';
+    };
+
+    rebootMode = mkOption {
+      type = types.nullOr (
+        types.enum [
+          "reboot"
+          "kexec"
+        ]
+      );
+      default = null;
+      example = "reboot";
+      description = ''
+        If not `null`, reboot (or kexec into the new kernel) when an update needs it,
+        at most once per deployment. With `null`, a pending reboot is only reported.
+      '';
+    };
+
+    maxSnapshotAge = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      example = 900;
+      description = ''
+        If not `null`, the actuator refuses to act on a collector snapshot older
+        than this many seconds (the program's default applies otherwise).
+      '';
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "--debug" ];
+      description = "Extra arguments appended to the actuator's command line (`nixos-autodeploy deploy`).";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = builtins.match "[a-zA-Z][a-zA-Z0-9+.-]*://.+" cfg.url != null;
+          message = "system.autoDeploy.url must be the URL where CI publishes this host's store path (like https://ci.example.org/hosts/web1), got: \"${cfg.url}\"";
+        }
+        {
+          assertion = cfg.rebootMode != null -> cfg.actuator.enable;
+          message = "system.autoDeploy.rebootMode is set, but system.autoDeploy.actuator.enable is false: only the actuator reboots. Unset rebootMode or enable the actuator.";
+        }
+        {
+          assertion = cfg.extraArgs != [ ] -> cfg.actuator.enable;
+          message = "system.autoDeploy.extraArgs are passed to the actuator, but system.autoDeploy.actuator.enable is false.";
+        }
+        {
+          assertion = cfg.prometheusFilePath == null || isAbsolute cfg.prometheusFilePath;
+          message = "system.autoDeploy.prometheusFilePath must be an absolute path, got: ${toString cfg.prometheusFilePath}";
+        }
+        (secretAssertion "bearerTokenFile" cfg.bearerTokenFile)
+        (secretAssertion "netrcFile" cfg.netrcFile)
+      ];
+
+      # For `nixos-autodeploy status`.
+      environment.systemPackages = [ cfg.package ];
+
+      # The metrics directory must exist before the collector starts: ReadWritePaths
+      # of a missing directory would fail the unit. "-" leaves an existing one as is.
+      systemd.tmpfiles.rules = optional (metricsDir != null) "d ${metricsDir} - - - -";
+
+      systemd.services.nixos-autodeploy-collector = {
+        description = "NixOS auto-deployment collector: observe upstream and the local system";
+        after = [
+          "network-online.target"
+          "nix-daemon.socket"
+        ];
+        wants = [ "network-online.target" ];
+        environment = config.networking.proxy.envVars // {
+          # Store operations (realising upstream, registering the GC root) go
+          # through the daemon, so the sandbox below can keep /nix read-only.
+          NIX_REMOTE = "daemon";
+          XDG_CACHE_HOME = "/var/cache/nixos-autodeploy";
+        };
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = collectorCommand;
+          LoadCredential = credentials;
+          StateDirectory = "nixos-autodeploy";
+          CacheDirectory = "nixos-autodeploy";
+          UMask = "0022"; # node_exporter must read the metrics file
+
+          ProtectSystem = "strict";
+          # /run for the upstream GC root (/run/upstream-system) and the deployed mirror.
+          ReadWritePaths = [ "/run" ] ++ optional (metricsDir != null) metricsDir;
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          NoNewPrivileges = true;
+          CapabilityBoundingSet = "";
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          ProtectProc = "invisible";
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [ "@system-service" ];
+          RestrictAddressFamilies = [
+            "AF_UNIX"
+            "AF_INET"
+            "AF_INET6"
+          ];
+        };
+      };
+
+      systemd.timers.nixos-autodeploy-collector = {
+        description = "NixOS auto-deployment collector";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = cfg.collectInterval;
+          OnBootSec = "1min";
+          Persistent = true;
+        };
+      };
+
+      # switch-to-configuration restarts the units listed in this file after
+      # activation; other modules write to it too, hence append. A manual deploy
+      # (nixos-rebuild, colmena) thus shows as dirty within seconds. The collector
+      # exits at once if the actuator holds the lock, so no deadlock when the
+      # actuator itself is switching.
+      system.activationScripts.nixos-autodeploy = ''
+        if [ -d /run/nixos ]; then
+          echo ${collectorUnit} >> /run/nixos/activation-restart-list
+        fi
+      '';
+    }
+
+    (mkIf cfg.actuator.enable {
+      systemd.services.nixos-autodeploy = {
+        description = "NixOS auto-deployment actuator: deploy the upstream system when safe";
+        # Starting the actuator refreshes the snapshot first; a failed collection
+        # does not block it (the actuator re-checks what it acts on).
+        after = [
+          "network-online.target"
+          collectorUnit
+        ];
+        wants = [
+          "network-online.target"
+          collectorUnit
+        ];
+        # It may be running the very activation that changes it: never restart or
+        # stop it from switch-to-configuration.
+        restartIfChanged = false;
+        unitConfig.X-StopOnRemoval = false;
+        environment = config.networking.proxy.envVars;
+        # Not sandboxed: it sets the system profile and runs switch-to-configuration
+        # (through systemd-run), reboots and kexecs.
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = actuatorCommand;
+          LoadCredential = credentials;
+          StateDirectory = "nixos-autodeploy";
+        };
+      };
+
+      systemd.timers.nixos-autodeploy = {
+        description = "NixOS auto-deployment actuator";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = cfg.interval;
+          RandomizedDelaySec = cfg.randomizedDelay;
+          FixedRandomDelay = true;
+          Persistent = true;
+        };
+      };
+    })
+  ]);
+}

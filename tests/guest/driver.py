@@ -1,0 +1,343 @@
+"""The guest side of tests/test_guest.py: runs the scenarios inside the Debian guest.
+
+Started once per boot by autodeploy-guest-driver.service from the host's 9p share.
+Its progress (the phase) is kept on the guest's disk, so after the agent reboots or
+kexecs the guest it carries on where it left off. It reports facts, not verdicts,
+as JSON lines on the second serial port; the host asserts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SHARE = Path("/mnt/share")
+STATE = Path("/var/lib/autodeploy-guest")
+PHASE_FILE = STATE / "phase"
+WWW = STATE / "www"
+INSTALL_DIR = Path("/opt/nixos-autodeploy")
+AGENT_STATE = Path("/var/lib/nixos-autodeploy")
+PROMETHEUS_FILE = Path("/var/lib/prometheus-node-exporter/nixos-autodeploy.prom")
+PROFILE = Path("/nix/var/nix/profiles/system")
+AGENT_UNIT = "nixos-autodeploy-deploy.service"
+HTTP_PORT = 8080
+UPSTREAM_URL = f"http://127.0.0.1:{HTTP_PORT}/upstream"
+REPORT_PREFIX = "AUTODEPLOY-GUEST "
+# How long to wait for the agent to take the machine down (reboot/kexec) before
+# saying that it did not.
+SHUTDOWN_WAIT_SECONDS = 180
+
+CONFIG: dict[str, Any] = json.loads((SHARE / "guest.json").read_text())
+SYSTEMS: dict[str, str] = CONFIG["systems"]
+
+
+def report(event: str, **facts: object) -> None:
+    """One JSON line on ttyS1 (the console on ttyS0 carries everything else)."""
+    line = REPORT_PREFIX + json.dumps({"event": event, **facts}, sort_keys=True) + "\n"
+    fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    print(line, end="", flush=True)
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if check and completed.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} exited {completed.returncode}: {completed.stderr.strip()}"
+        )
+    return completed
+
+
+def readlink(path: str | Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def read_json(path: Path) -> object:
+    text = read_text(path)
+    return None if text is None else json.loads(text)
+
+
+def set_phase(phase: str) -> None:
+    # Written and synced before the agent may take the machine down.
+    PHASE_FILE.write_text(phase)
+    fd = os.open(PHASE_FILE, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    os.sync()
+
+
+def boot_facts() -> dict[str, object]:
+    return {
+        "cmdline": Path("/proc/cmdline").read_text().strip(),
+        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+    }
+
+
+def links() -> dict[str, object]:
+    return {
+        "current": readlink("/run/current-system"),
+        "booted": readlink("/run/booted-system"),
+        "profile": os.path.realpath(PROFILE) if PROFILE.exists() else None,
+        "boot_entry": readlink(STATE / "boot-entry"),
+        "deployed": read_json(AGENT_STATE / "deployed.json"),
+        "activations": (read_text(STATE / "activations.log") or "").splitlines(),
+    }
+
+
+def setup() -> None:
+    """Every boot: install the project, trust the test key, serve cache and upstream."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(INSTALL_DIR, ignore_errors=True)
+    INSTALL_DIR.mkdir(parents=True)
+    for package in ("collector", "actuator"):
+        shutil.copytree(SHARE / "project" / package, INSTALL_DIR / package)
+    Path("/etc/nix").mkdir(exist_ok=True)
+    Path("/etc/nix/nix.conf").write_text(
+        f"substituters = http://127.0.0.1:{HTTP_PORT}/cache\n"
+        f"trusted-public-keys = {CONFIG['public_key']}\n"
+        "require-sigs = true\n"
+        "build-users-group =\n"
+        "sandbox = false\n"
+    )
+    WWW.mkdir(exist_ok=True)
+    if not (WWW / "cache").is_symlink():
+        (WWW / "cache").symlink_to(SHARE / "cache")
+    PROMETHEUS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    run(
+        "systemd-run",
+        "--unit=autodeploy-guest-http",
+        "--property=Restart=always",
+        "python3",
+        "-m",
+        "http.server",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        str(WWW),
+        str(HTTP_PORT),
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", HTTP_PORT), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the guest's HTTP server did not come up")
+
+
+def publish(system: str) -> None:
+    """What CI does: publish the system's store path at the upstream URL."""
+    (WWW / "upstream.tmp").write_text(SYSTEMS[system] + "\n")
+    (WWW / "upstream.tmp").rename(WWW / "upstream")
+
+
+def write_agent_unit(*deploy_args: str) -> None:
+    """The agent's service as the NixOS module would make it: collect, then deploy."""
+    common = f"--url {UPSTREAM_URL} --prometheus-path {PROMETHEUS_FILE}"
+    Path(f"/etc/systemd/system/{AGENT_UNIT}").write_text(
+        "[Unit]\nDescription=nixos-autodeploy deploy (guest test)\n"
+        "[Service]\nType=oneshot\n"
+        "Environment=PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin\n"
+        f"ExecStart=/usr/local/bin/nixos-autodeploy collect {common}\n"
+        f"ExecStart=/usr/local/bin/nixos-autodeploy deploy {common} {' '.join(deploy_args)}\n"
+    )
+    run("systemctl", "daemon-reload")
+
+
+def start_agent(*deploy_args: str) -> subprocess.CompletedProcess[str]:
+    write_agent_unit(*deploy_args)
+    return run("systemctl", "start", AGENT_UNIT, check=False)
+
+
+def journal(unit: str, boot: str = "0") -> list[str]:
+    out = run("journalctl", "--no-pager", "-o", "cat", "-b", boot, "-u", unit, check=False)
+    return out.stdout.splitlines()[-60:]
+
+
+def status() -> dict[str, object]:
+    """The collector's fresh view: collect, then status --json."""
+    collect = run(
+        "nixos-autodeploy",
+        "collect",
+        "--url",
+        UPSTREAM_URL,
+        "--prometheus-path",
+        str(PROMETHEUS_FILE),
+        check=False,
+    )
+    shown = run("nixos-autodeploy", "status", "--json", check=False)
+    return {
+        "collect_rc": collect.returncode,
+        "collect_stderr": collect.stderr[-2000:],
+        "status": json.loads(shown.stdout) if shown.returncode == 0 else None,
+        "status_stderr": shown.stderr[-2000:],
+        "metrics": (read_text(PROMETHEUS_FILE) or "").splitlines(),
+    }
+
+
+def wait_for_shutdown(what: str) -> None:
+    """The agent queued a reboot or kexec; this process should be killed by it."""
+    time.sleep(SHUTDOWN_WAIT_SECONDS)
+    report("error", message=f"the guest did not go down for {what}", **links())
+    finish()
+
+
+def wait_for_line(path: Path, needle: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if needle in (read_text(path) or ""):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def finish() -> None:
+    set_phase("done")
+    report("finished")
+    run("systemctl", "poweroff", "--no-block")
+    sys.exit(0)
+
+
+def phase_install() -> None:
+    """First boot: install the initial system as an installer would, then track it."""
+    run("nix-store", "--realise", SYSTEMS["initial"])
+    run("nix-env", "-p", str(PROFILE), "--set", SYSTEMS["initial"])
+    run(SYSTEMS["initial"] + "/bin/switch-to-configuration", "boot")
+    # The stage-2 service turns the boot entry into booted/current, as at boot.
+    run("systemctl", "restart", "autodeploy-guest-stage2.service")
+    publish("initial")
+    agent = start_agent("--switch-mode", "switch")
+    report("installed", agent_rc=agent.returncode, journal=journal(AGENT_UNIT), **links())
+    set_phase("switch")
+
+
+def phase_switch() -> None:
+    """Scenario 1: a tracking host, new upstream, switch mode."""
+    publish("switched")
+    agent = start_agent("--switch-mode", "switch")
+    report(
+        "switch",
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
+        switch_journal=journal(CONFIG["switch_unit"]),
+        **links(),
+    )
+    set_phase("restart")
+
+
+def phase_restart() -> None:
+    """Scenario 4: the agent's unit restarted during a slow activation."""
+    publish("slow")
+    write_agent_unit("--switch-mode", "switch")
+    run("systemctl", "start", "--no-block", AGENT_UNIT)
+    started = wait_for_line(STATE / "activations.log", f"start {SYSTEMS['slow']}", 300)
+    restart = run("systemctl", "restart", AGENT_UNIT, check=False) if started else None
+    finished = wait_for_line(STATE / "activations.log", f"done {SYSTEMS['slow']}", 300)
+    # Let whatever the restarted agent does settle before looking.
+    run("systemctl", "start", AGENT_UNIT, check=False)
+    report(
+        "restart",
+        activation_started=started,
+        restart_rc=None if restart is None else restart.returncode,
+        activation_finished=finished,
+        journal=journal(AGENT_UNIT),
+        switch_journal=journal(CONFIG["switch_unit"]),
+        **links(),
+        **status(),
+    )
+    set_phase("kexec")
+
+
+def phase_kexec() -> None:
+    """Scenario 2: smart mode with a kernel change, rebooting by kexec."""
+    publish("kexeced")
+    set_phase("after-kexec")
+    agent = start_agent("--switch-mode", "smart", "--reboot-mode", "kexec")
+    report("kexec-requested", agent_rc=agent.returncode, journal=journal(AGENT_UNIT))
+    wait_for_shutdown("kexec")
+
+
+def phase_after_kexec() -> None:
+    report(
+        "after-kexec",
+        previous_journal=journal(AGENT_UNIT, "-1"),
+        **boot_facts(),
+        **links(),
+        **status(),
+    )
+    set_phase("reboot")
+
+
+def phase_reboot() -> None:
+    """Scenario 3: smart mode with a kernel change, rebooting with systemctl reboot."""
+    publish("rebooted")
+    set_phase("after-reboot")
+    agent = start_agent("--switch-mode", "smart", "--reboot-mode", "reboot")
+    report("reboot-requested", agent_rc=agent.returncode, journal=journal(AGENT_UNIT))
+    wait_for_shutdown("reboot")
+
+
+def phase_after_reboot() -> None:
+    report(
+        "after-reboot",
+        previous_journal=journal(AGENT_UNIT, "-1"),
+        **boot_facts(),
+        **links(),
+        **status(),
+    )
+    finish()
+
+
+PHASES = {
+    "install": phase_install,
+    "switch": phase_switch,
+    "restart": phase_restart,
+    "kexec": phase_kexec,
+    "after-kexec": phase_after_kexec,
+    "reboot": phase_reboot,
+    "after-reboot": phase_after_reboot,
+}
+# One boot runs phases until one takes the machine down.
+NEXT_IN_SAME_BOOT = {"install", "switch", "restart", "after-kexec"}
+
+
+def main() -> None:
+    phase = read_text(PHASE_FILE) or "install"
+    report("boot", phase=phase, **boot_facts(), **links())
+    if phase == "done":  # booted again after the end: nothing to do
+        run("systemctl", "poweroff", "--no-block")
+        return
+    try:
+        setup()
+        while True:
+            PHASES[phase]()
+            if phase not in NEXT_IN_SAME_BOOT:
+                break
+            phase = read_text(PHASE_FILE) or "done"
+    except Exception as error:  # report anything, then stop the guest: the host asserts
+        report("error", phase=phase, message=f"{type(error).__name__}: {error}")
+        finish()
+
+
+if __name__ == "__main__":
+    main()

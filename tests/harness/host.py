@@ -1,0 +1,352 @@
+"""A sandbox root standing in for a NixOS host, and the agent run against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .nix import NixBuilder, System, SystemSpec, nix_env_vars, require_tool, run_checked
+from .server import TestServer
+
+REPO = Path(__file__).resolve().parents[2]
+# Replaced by recorders that log and exit 0: they would reboot the test machine.
+RECORDED = ("systemctl", "kexec")
+# Wrapped by loggers that then exec the real binary, to count spawns.
+COUNTED = ("nix-store", "nix-env", "nix", "systemd-run")
+ARG_SEPARATOR = "\x1f"
+
+RECORDER = """#!/bin/sh
+line=""
+for arg in "$@"; do line="$line$arg\x1f"; done
+printf '%s\\n' "$line" >> '{log}'
+"""
+COUNTER = RECORDER + "exec '{real}' \"$@\"\n"
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    argv: tuple[str, ...]
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    def __str__(self) -> str:
+        return (
+            f"$ {' '.join(self.argv)}\nexit {self.returncode}\n"
+            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+        )
+
+
+def point_link(link: Path, target: str) -> None:
+    """Make `link` -> `target` atomically (temp link + rename), as NixOS does."""
+    temporary = link.with_name(link.name + ".tmp-harness")
+    if temporary.is_symlink():
+        temporary.unlink()
+    os.symlink(target, temporary)
+    os.replace(temporary, link)
+
+
+def read_link(link: Path) -> str | None:
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def resolve_link(link: Path) -> str | None:
+    """The store path a (possibly chained, e.g. profile) link ends at, or None."""
+    if not link.is_symlink():
+        return None
+    target = link
+    for _ in range(40):
+        if not target.is_symlink():
+            break
+        nxt = os.readlink(target)
+        target = target.parent / nxt if not os.path.isabs(nxt) else Path(nxt)
+    return str(target)
+
+
+@dataclass
+class Host:
+    """A test's sandbox host: root, binary cache + server, recorders, the agent."""
+
+    tmp: Path
+    builder: NixBuilder
+    server: TestServer
+    real_tools: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = self.tmp / "root"
+        for sub in ("run", "nix/var/nix/profiles", "var/lib/nixos-autodeploy", "boot"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.bin_dir = self.tmp / "bin"
+        self.log_dir = self.tmp / "recorded"
+        self.gcroots = self.tmp / "gcroots"
+        self.home = self.tmp / "home"
+        for directory in (self.bin_dir, self.log_dir, self.gcroots, self.home):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.tmp / "textfile" / "nixos-autodeploy.prom"
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_recorders()
+
+    # ---- paths -----------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var/lib/nixos-autodeploy"
+
+    @property
+    def current_link(self) -> Path:
+        return self.root / "run/current-system"
+
+    @property
+    def booted_link(self) -> Path:
+        return self.root / "run/booted-system"
+
+    @property
+    def upstream_link(self) -> Path:
+        return self.root / "run/upstream-system"
+
+    @property
+    def profile_link(self) -> Path:
+        return self.root / "nix/var/nix/profiles/system"
+
+    @property
+    def boot_default_link(self) -> Path:
+        return self.root / "boot/default"
+
+    @property
+    def url(self) -> str:
+        return self.server.url("/upstream")
+
+    def current(self) -> str | None:
+        return read_link(self.current_link)
+
+    def booted(self) -> str | None:
+        return read_link(self.booted_link)
+
+    def upstream(self) -> str | None:
+        return read_link(self.upstream_link)
+
+    def profile(self) -> str | None:
+        """Store path the system profile ends at (through its generation link)."""
+        return resolve_link(self.profile_link)
+
+    def boot_default(self) -> str | None:
+        return read_link(self.boot_default_link)
+
+    def links(self) -> dict[str, str | None]:
+        """Everything a rejected input must leave alone, for before/after comparison."""
+        return {
+            "current": self.current(),
+            "booted": self.booted(),
+            "upstream": self.upstream(),
+            "profile": self.profile(),
+            "profile_generation": read_link(self.profile_link),
+            "boot_default": self.boot_default(),
+        }
+
+    def activations(self) -> list[tuple[str, str]]:
+        """(action, store path) per switch-to-configuration run, in order."""
+        log = self.root / "activations.log"
+        if not log.exists():
+            return []
+        pairs = [line.split(" ", 1) for line in log.read_text().splitlines() if line]
+        return [(action, path) for action, path in pairs]
+
+    # ---- Nix -------------------------------------------------------------
+
+    @property
+    def nix_config(self) -> str:
+        return (
+            f"substituters = {self.server.base_url}\n"
+            f"trusted-public-keys = {self.builder.key.public}\n"
+            "require-sigs = true\n"
+            "narinfo-cache-negative-ttl = 0\n"
+            "narinfo-cache-positive-ttl = 0\n"
+            "connect-timeout = 5\n"
+            "fallback = false\n"
+        )
+
+    def nix_env(self) -> dict[str, str]:
+        return nix_env_vars(self.nix_config, self.tmp / "xdg-cache")
+
+    def build(self, *specs: SystemSpec, signed: bool = True) -> dict[str, System]:
+        return self.builder.build(*specs, signed=signed)
+
+    def build_one(self, name: str = "a", signed: bool = True, **spec: Any) -> System:
+        return self.builder.build(SystemSpec(name=name, **spec), signed=signed)[name]
+
+    def realise(self, system: System | str) -> str:
+        """Substitute `system` from the cache into the real store, with a GC root."""
+        path = str(system)
+        root = self.gcroots / os.path.basename(path)
+        run_checked(
+            ["nix-store", "--realise", path, "--add-root", str(root)], env=self.nix_env()
+        )
+        return path
+
+    # ---- situations ------------------------------------------------------
+
+    def install(self, system: System | str) -> None:
+        """As if freshly installed: profile, current, booted and boot default -> system."""
+        path = self.realise(system)
+        self.set_profile(path)
+        for link in (self.current_link, self.booted_link, self.boot_default_link):
+            point_link(link, path)
+
+    def set_profile(self, system: System | str) -> None:
+        run_checked(
+            ["nix-env", "--profile", str(self.profile_link), "--set", str(system)],
+            env=self.nix_env(),
+        )
+
+    def deploy_by_hand(self, system: System | str, action: str = "switch") -> None:
+        """What `nixos-rebuild ACTION` does: profile (unless test), then its activation."""
+        path = self.realise(system)
+        if action != "test":
+            self.set_profile(path)
+        run_checked([f"{path}/bin/switch-to-configuration", action], env=self.agent_env())
+
+    def reboot(self) -> None:
+        """Boot what the boot loader points at; /run is a tmpfs, so it starts empty."""
+        target = self.boot_default()
+        assert target is not None, "nothing to boot: <root>/boot/default is missing"
+        shutil.rmtree(self.root / "run")
+        (self.root / "run").mkdir()
+        point_link(self.booted_link, target)
+        point_link(self.current_link, target)
+
+    def publish(self, system: System | str, path: str = "/upstream") -> None:
+        """CI publishes `system`: the upstream URL answers its store path + newline."""
+        self.server.publish_body((str(system) + "\n").encode(), path)
+
+    def fail_activation(self, message: str = "activation failed") -> None:
+        (self.root / "fail-activation").write_text(message)
+
+    def slow_activation(self, seconds: float) -> None:
+        (self.root / "slow-activation").write_text(str(seconds))
+
+    @contextmanager
+    def lock_held(self) -> Iterator[None]:
+        """Hold the state dir's lock with flock(1) from another process."""
+        flock = require_tool("flock")
+        lock = self.state_dir / "lock"
+        holder = subprocess.Popen(
+            [flock, "--exclusive", str(lock), "sh", "-c", "echo locked; exec sleep 3600"],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group: flock and its child
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "locked"
+            yield
+        finally:
+            # flock's child holds the lock too: end the whole group we started.
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+
+    # ---- state files -----------------------------------------------------
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.state_dir / name).read_text())
+
+    def snapshot(self) -> Any:
+        return self.read_json("snapshot.json")
+
+    def metrics(self) -> str:
+        return self.metrics_path.read_text()
+
+    # ---- recorders -------------------------------------------------------
+
+    def _write_recorders(self) -> None:
+        for name in RECORDED:
+            self._write_script(name, RECORDER.format(log=self.log_dir / f"{name}.log"))
+        for name in COUNTED:
+            real = shutil.which(name)
+            if real is None:
+                continue
+            self.real_tools[name] = real
+            self._write_script(
+                name, COUNTER.format(log=self.log_dir / f"{name}.log", real=real)
+            )
+
+    def _write_script(self, name: str, text: str) -> None:
+        script = self.bin_dir / name
+        script.write_text(text)
+        script.chmod(0o755)
+
+    def recorded(self, name: str) -> list[list[str]]:
+        """argv (without the command) of each call of a recorded or counted tool."""
+        log = self.log_dir / f"{name}.log"
+        if not log.exists():
+            return []
+        return [line.split(ARG_SEPARATOR)[:-1] for line in log.read_text().splitlines()]
+
+    def spawn_count(self, *names: str) -> int:
+        return sum(len(self.recorded(name)) for name in names)
+
+    # ---- the agent -------------------------------------------------------
+
+    def agent_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = self.nix_env()
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env["HOME"] = str(self.home)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
+        )
+        env.pop("NETRC", None)
+        env.update(extra or {})
+        return env
+
+    def run_agent(
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        root: bool = True,
+        timeout: float = 300,
+    ) -> AgentResult:
+        """Run `nixos-autodeploy ARGS` (`--root` inserted after the subcommand)."""
+        argv: list[str] = [sys.executable, "-m", "collector.cli"]
+        if args:
+            argv.append(args[0])
+            if root:
+                argv += ["--root", str(self.root)]
+            argv += args[1:]
+        completed = subprocess.run(
+            argv,
+            env=self.agent_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,  # a safety net, not an assertion
+            cwd=self.tmp,
+        )
+        return AgentResult(completed.returncode, completed.stdout, completed.stderr, tuple(argv))
+
+    def collect(self, *args: str, url: str | None = None, timeout: float = 30) -> AgentResult:
+        """`collect` against this host's server and metrics file; extra `args` appended."""
+        return self.run_agent(
+            "collect",
+            "--url",
+            url or self.url,
+            "--prometheus-path",
+            str(self.metrics_path),
+            "--timeout",
+            str(timeout),
+            *args,
+        )
+
+    def status(self, *args: str) -> AgentResult:
+        return self.run_agent("status", *args)
+

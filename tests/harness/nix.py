@@ -1,0 +1,182 @@
+"""Real Nix for the tests: synthetic systems, a signed binary cache, NIX_CONFIG."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SYSTEM_NIX = Path(__file__).with_name("system.nix")
+# Builders in the chroot store see only these host paths (for /bin/sh & coreutils).
+SANDBOX_PATHS = "/bin /usr /lib /lib64"
+NIX_COMMAND = ("--extra-experimental-features", "nix-command")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$")
+
+
+def require_tool(name: str) -> str:
+    """Path of `name` on PATH; missing fails the test in CI and skips it elsewhere."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    message = f"required tool {name!r} is not on PATH"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI installs it, so this is an error)")
+    pytest.skip(message)
+
+
+def run_checked(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, input_text: str | None = None
+) -> str:
+    """Run a helper command; on failure raise with its stderr so the test says why."""
+    completed = subprocess.run(
+        list(argv),
+        env=dict(env) if env is not None else None,
+        input=input_text,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} exited {completed.returncode}:\n{completed.stderr}"
+        )
+    return completed.stdout
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """What to build. Same `kernel` (and `initrd`) => same kernel store paths."""
+
+    name: str
+    kernel: str = "6.1.0"
+    initrd: str | None = None  # defaults to the kernel version
+    tag: str | None = None  # kernel-params autodeploy=<tag>, nixos-version; defaults to name
+    extra: str = ""  # content of the non-kernel file `extra`
+
+    def to_json(self) -> dict[str, str]:
+        for value in (self.name, self.kernel, self.initrd or self.kernel, self.tag or self.name):
+            if not _VERSION_RE.match(value):
+                raise ValueError(f"not usable in a store path name: {value!r}")
+        return {
+            "name": self.name,
+            "kernel": self.kernel,
+            "initrd": self.initrd or self.kernel,
+            "tag": self.tag or self.name,
+            "extra": self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class System:
+    """A built synthetic system: `path` is its /nix/store output."""
+
+    spec: SystemSpec
+    path: str
+    signed: bool
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def basename(self) -> str:
+        return os.path.basename(self.path)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    name: str
+    secret_file: Path
+    public: str  # "name:base64"
+
+    @classmethod
+    def generate(cls, directory: Path, name: str) -> SigningKey:
+        require_tool("nix-store")
+        secret, public = directory / "secret-key", directory / "public-key"
+        run_checked(
+            ["nix-store", "--generate-binary-cache-key", name, str(secret), str(public)]
+        )
+        return cls(name=name, secret_file=secret, public=public.read_text().strip())
+
+
+def nix_env_vars(nix_config: str, cache_home: Path) -> dict[str, str]:
+    """Environment for a Nix process: our config on top of /etc/nix, own narinfo cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
+    env["NIX_CONFIG"] = nix_config
+    # Nix caches narinfo lookups per user; keep them per test.
+    env["XDG_CACHE_HOME"] = str(cache_home)
+    return env
+
+
+@dataclass
+class NixBuilder:
+    """Builds systems in a chroot store and copies them into a file:// binary cache."""
+
+    build_store: Path  # chroot store (`nix-build --store DIR`)
+    cache_dir: Path  # the binary cache the HTTP server serves
+    key: SigningKey
+    root: Path  # sandbox root baked into switch-to-configuration
+    salt: str
+    cache_home: Path
+
+    def _env(self) -> dict[str, str]:
+        # No substituters while building: the chroot store must not go online.
+        return nix_env_vars("substituters =\n", self.cache_home)
+
+    def build(self, *specs: SystemSpec, signed: bool = True) -> dict[str, System]:
+        """Build all `specs` in ONE nix-build call and copy their closures to the cache.
+
+        Unsigned systems get their own salt so no path of their closure is
+        shared with (and already signed by) a signed system.
+        """
+        require_tool("nix-build")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate system names: {names}")
+        salt = self.salt if signed else self.salt + "-unsigned"
+        spec_json = json.dumps(
+            {"root": str(self.root), "salt": salt, "systems": [s.to_json() for s in specs]}
+        )
+        argv = [
+            "nix-build",
+            "--store",
+            str(self.build_store),
+            "--option",
+            "sandbox-paths",
+            SANDBOX_PATHS,
+            "--no-out-link",
+            "--quiet",
+            str(SYSTEM_NIX),
+            "--argstr",
+            "specJSON",
+            spec_json,
+        ]
+        for name in names:
+            argv += ["-A", name]
+        paths = run_checked(argv, env=self._env()).split()
+        if len(paths) != len(specs):
+            raise RuntimeError(f"nix-build printed {paths} for {names}")
+        self.copy_to_cache(paths, signed=signed)
+        return {
+            spec.name: System(spec=spec, path=path, signed=signed)
+            for spec, path in zip(specs, paths, strict=True)
+        }
+
+    def copy_to_cache(self, paths: Sequence[str], signed: bool) -> None:
+        target = f"file://{self.cache_dir}"
+        if signed:
+            target += f"?secret-key={self.key.secret_file}"
+        run_checked(
+            ["nix", *NIX_COMMAND, "copy", "--from", str(self.build_store), "--to", target, *paths],
+            env=self._env(),
+        )

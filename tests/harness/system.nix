@@ -1,0 +1,77 @@
+# Synthetic NixOS-like systems for the tests; no nixpkgs needed.
+# specJSON: {"root": DIR, "salt": S, "systems": [{"name","kernel","initrd","tag","extra"}]}
+# Result: one attribute per system name.
+{ specJSON }:
+let
+  spec = builtins.fromJSON specJSON;
+
+  # Every derivation carries the per-test salt so nothing is already valid
+  # in the machine's /nix/store.
+  mk = name: script: env: derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-e" "-c" script ];
+    PATH = "/usr/bin:/bin";
+    salt = spec.salt;
+  } // env);
+
+  # Separate store paths, as on NixOS: systems with the same kernel version
+  # share them, so "kernel differs" is visible both by link target and content.
+  kernel = version: mk "linux-${version}" ''
+    mkdir -p "$out/lib/modules/$version"
+    printf 'Linux version %s (synthetic test kernel)\n' "$version" > "$out/bzImage"
+  '' { inherit version; };
+
+  kernelModules = version: mk "kernel-modules-${version}" ''
+    mkdir -p "$out/lib/modules/$version"
+    printf 'kernel/drivers/synthetic.ko:\n' > "$out/lib/modules/$version/modules.dep"
+  '' { inherit version; };
+
+  initrd = version: mk "initrd-${version}" ''
+    mkdir -p "$out"
+    printf 'synthetic initrd %s\n' "$version" > "$out/initrd"
+  '' { inherit version; };
+
+  switchToConfiguration = ''
+    set -eu
+    action="''${1:-}"
+    case "$action" in
+      switch|boot|test|dry-activate) ;;
+      *) echo "Usage: $0 [switch|boot|test|dry-activate]" >&2; exit 1 ;;
+    esac
+    if [ -e "$root/slow-activation" ]; then sleep "$(cat "$root/slow-activation")"; fi
+    echo "$action $out" >> "$root/activations.log"
+    if [ -e "$root/fail-activation" ]; then cat "$root/fail-activation" >&2; exit 1; fi
+    # Atomic like NixOS: a temporary link renamed over the old one.
+    point() { ln -sfn "$out" "$1.tmp-$$"; mv -fT "$1.tmp-$$" "$1"; }
+    case "$action" in
+      switch) point "$root/boot/default"; point "$root/run/current-system" ;;
+      boot) point "$root/boot/default" ;;
+      test) point "$root/run/current-system" ;;
+    esac
+  '';
+
+  system = s: mk "nixos-system-${s.name}-${s.tag}" ''
+    mkdir -p "$out/bin"
+    ln -s "$kernel/bzImage" "$out/kernel"
+    ln -s "$initrd/initrd" "$out/initrd"
+    ln -s "$kernelModules" "$out/kernel-modules"
+    printf 'loglevel=4 autodeploy=%s\n' "$tag" > "$out/kernel-params"
+    printf '%s\n' "$tag" > "$out/nixos-version"
+    printf '%s\n' "$extra" > "$out/extra"
+    printf 'x86_64-linux' > "$out/system"
+    printf '#!/bin/sh\necho "synthetic init of %s"\n' "$out" > "$out/init"
+    { printf "#!/bin/sh\nroot='%s'\nout='%s'\n" "$root" "$out"; printf '%s' "$stc"; } \
+      > "$out/bin/switch-to-configuration"
+    chmod +x "$out/init" "$out/bin/switch-to-configuration"
+  '' {
+    kernel = kernel s.kernel;
+    initrd = initrd s.initrd;
+    kernelModules = kernelModules s.kernel;
+    inherit (s) tag extra;
+    root = spec.root;
+    stc = switchToConfiguration;
+  };
+in
+builtins.listToAttrs (map (s: { name = s.name; value = system s; }) spec.systems)
