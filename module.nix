@@ -35,6 +35,7 @@ let
   credentials =
     optional (cfg.bearerTokenFile != null) "bearer-token:${cfg.bearerTokenFile}"
     ++ optional (cfg.netrcFile != null) "netrc:${cfg.netrcFile}";
+  credentialConfig = optionalAttrs (credentials != [ ]) { LoadCredential = credentials; };
   # Not escaped on purpose: systemd must expand the %d specifier.
   credentialArgs =
     optionals (cfg.bearerTokenFile != null) [
@@ -328,7 +329,6 @@ in
         serviceConfig = {
           Type = "oneshot";
           ExecStart = collectorCommand;
-          LoadCredential = credentials;
           StateDirectory = "nixos-autodeploy";
           CacheDirectory = "nixos-autodeploy";
           UMask = "0022"; # node_exporter must read the metrics file
@@ -360,7 +360,8 @@ in
             "AF_INET"
             "AF_INET6"
           ];
-        };
+        }
+        // credentialConfig;
       };
 
       systemd.timers.nixos-autodeploy-collector = {
@@ -408,9 +409,9 @@ in
         serviceConfig = {
           Type = "oneshot";
           ExecStart = actuatorCommand;
-          LoadCredential = credentials;
           StateDirectory = "nixos-autodeploy";
-        };
+        }
+        // credentialConfig;
       };
 
       systemd.timers.nixos-autodeploy = {

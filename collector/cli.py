@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from . import __version__
 from .collect import collect
 from .config import Settings, settings_from
-from .errors import AutodeployError, LockHeld, StateError
+from .errors import AutodeployError, LockHeld, StateError, UpstreamError
 from .lock import locked
 from .snapshot import load_snapshot
 
@@ -77,10 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _collect(settings: Settings) -> int:
     try:
         with locked(settings.paths.state_dir):
-            collect(settings)
+            snapshot = collect(settings)
     except LockHeld as e:
         # The other run reports the same host; it is not a failure of this one.
         log.info("%s; not collecting this time", e)
+        return 0
+    if snapshot.upstream.error:
+        # Reported after snapshot and metrics are written, so the unit shows as failed.
+        raise UpstreamError(snapshot.upstream.error)
     return 0
 
 

@@ -9,7 +9,7 @@ import time
 
 from . import metrics, nix, upstream
 from .config import Settings
-from .errors import AutodeployError, ConfigError, StateError, UpstreamError
+from .errors import AutodeployError, ConfigError, StateError
 from .snapshot import (
     Snapshot,
     Upstream,
@@ -62,29 +62,20 @@ def _known_upstream(settings: Settings) -> Upstream | None:
         return None
 
 
-def collect(settings: Settings) -> Snapshot:
-    """Write the snapshot (and metrics) even when upstream fails, then raise that failure
-    so the unit shows as failed."""
-    if not settings.url:
-        raise ConfigError("no upstream URL: give --url or set url in the config file")
-    started = time.monotonic()
+def observe(settings: Settings, upstream_record: Upstream, duration: float) -> Snapshot:
+    """Read the local facts, classify, write snapshot and metrics. The actuator calls this
+    after acting, so what operators see never lags behind what was done; it passes on the
+    duration of the collect it acted on."""
     now = time.time()
     paths = settings.paths
-    known = _known_upstream(settings)
-    error: str | None = None
-    try:
-        current_upstream = _refresh_upstream(settings, known, now)
-    except (AutodeployError, OSError) as e:
-        error = str(e)
-        current_upstream = dataclasses.replace(known or Upstream(url=settings.url), error=error)
     links = read_links(paths)
     deployed = load_deployed(paths)
     state = classify(links, deployed)
     deploys = load_deploys(paths)
     snapshot = Snapshot(
         collected_at=now,
-        duration_seconds=time.monotonic() - started,
-        upstream=current_upstream,
+        duration_seconds=duration,
+        upstream=upstream_record,
         links=links,
         deployed=deployed,
         state=state,
@@ -101,6 +92,18 @@ def collect(settings: Settings) -> Snapshot:
         links.current.name if links.current else "unknown",
         links.upstream.name if links.upstream else "unknown",
     )
-    if error is not None:
-        raise UpstreamError(error)
     return snapshot
+
+
+def collect(settings: Settings) -> Snapshot:
+    """Fetch and realise upstream, then observe. A fetch or realise failure is kept in the
+    snapshot (upstream.error) and the metrics; the last known upstream stays."""
+    if not settings.url:
+        raise ConfigError("no upstream URL: give --url or set url in the config file")
+    started = time.monotonic()
+    known = _known_upstream(settings)
+    try:
+        record = _refresh_upstream(settings, known, time.time())
+    except (AutodeployError, OSError) as e:
+        record = dataclasses.replace(known or Upstream(url=settings.url), error=str(e))
+    return observe(settings, record, time.monotonic() - started)

@@ -57,8 +57,9 @@ def resolve_link(link: str, root: str) -> StorePath | None:
             return None
         except OSError:  # not a symlink
             return None
-        if not os.path.isabs(target):
-            target = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        if not os.path.isabs(target):  # e.g. the profile's system -> system-42-link
+            path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+            continue
         if target.startswith(store + "/"):
             top = target[len(store) + 1 :].split("/", 1)[0]
             try:

@@ -284,3 +284,8 @@ def test_server_can_hang_and_delay(host: Host) -> None:
     server.route("/slow", Reply(delay=0.2, body=b"late"))
     assert get(server.url("/slow"))[2] == b"late"
     assert server.count("/hang") == 1
+
+
+def test_system_spec_refuses_names_nix_would_refuse() -> None:
+    with pytest.raises(ValueError, match="store path name"):
+        SystemSpec("bad name").to_json()

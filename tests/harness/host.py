@@ -188,12 +188,18 @@ class Host:
         return self.builder.build(SystemSpec(name=name, **spec), signed=signed)[name]
 
     def realise(self, system: System | str) -> str:
-        """Substitute `system` from the cache into the real store, with a GC root."""
+        """Substitute `system` from the binary cache into the real store, with a GC root."""
         path = str(system)
         root = self.gcroots / os.path.basename(path)
-        run_checked(
-            ["nix-store", "--realise", path, "--add-root", str(root)], env=self.nix_env()
+        # Straight from the cache directory, not over HTTP: the server's request log
+        # then holds only what the agent (or the test) asked for.
+        env = nix_env_vars(
+            f"substituters = file://{self.builder.cache_dir}\n"
+            f"trusted-public-keys = {self.builder.key.public}\n"
+            "require-sigs = true\n",
+            self.tmp / "xdg-cache",
         )
+        run_checked(["nix-store", "--realise", path, "--add-root", str(root)], env=env)
         return path
 
     # ---- situations ------------------------------------------------------
@@ -262,6 +268,24 @@ class Host:
     def read_json(self, name: str) -> Any:
         return json.loads((self.state_dir / name).read_text())
 
+    def write_deployed(
+        self,
+        system: System | str,
+        mode: str = "switch",
+        previous: System | str | None = None,
+        at: float = 1_700_000_000.0,
+    ) -> None:
+        """The deployed record as the actuator writes it (docs/CONTRACT.md)."""
+        record = {
+            "version": 1,
+            "path": str(system),
+            "mode": mode,
+            "previous": None if previous is None else str(previous),
+            "at": at,
+            "reboot_issued_at": None,
+        }
+        (self.state_dir / "deployed.json").write_text(json.dumps(record))
+
     def snapshot(self) -> Any:
         return self.read_json("snapshot.json")
 
@@ -278,9 +302,7 @@ class Host:
             if real is None:
                 continue
             self.real_tools[name] = real
-            self._write_script(
-                name, COUNTER.format(log=self.log_dir / f"{name}.log", real=real)
-            )
+            self._write_script(name, COUNTER.format(log=self.log_dir / f"{name}.log", real=real))
 
     def _write_script(self, name: str, text: str) -> None:
         script = self.bin_dir / name
@@ -303,9 +325,7 @@ class Host:
         env = self.nix_env()
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
         env["HOME"] = str(self.home)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env.pop("NETRC", None)
         env.update(extra or {})
         return env
@@ -349,4 +369,3 @@ class Host:
 
     def status(self, *args: str) -> AgentResult:
         return self.run_agent("status", *args)
-

@@ -44,9 +44,7 @@ def run_checked(
         timeout=300,
     )
     if completed.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} exited {completed.returncode}:\n{completed.stderr}"
-        )
+        raise RuntimeError(f"{' '.join(argv)} exited {completed.returncode}:\n{completed.stderr}")
     return completed.stdout
 
 
@@ -103,9 +101,7 @@ class SigningKey:
     def generate(cls, directory: Path, name: str) -> SigningKey:
         require_tool("nix-store")
         secret, public = directory / "secret-key", directory / "public-key"
-        run_checked(
-            ["nix-store", "--generate-binary-cache-key", name, str(secret), str(public)]
-        )
+        run_checked(["nix-store", "--generate-binary-cache-key", name, str(secret), str(public)])
         return cls(name=name, secret_file=secret, public=public.read_text().strip())
 
 

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job end to end, on a fresh Debian/Ubuntu machine as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python scripts/demo.py

@@ -1,0 +1,143 @@
+"""The actuator's gate as a table: snapshot facts and settings in, one decision out."""
+
+from __future__ import annotations
+
+import pytest
+
+from actuator.gate import Action, decide
+from collector.config import RebootMode, SwitchMode
+from collector.snapshot import Deploys, Snapshot, Upstream
+from collector.state import Deployed, Links, State, classify
+from collector.store import StorePath
+
+
+def sp(name: str) -> StorePath:
+    return StorePath(f"/nix/store/{name * 32}-nixos-system-{name}")
+
+
+A, B, C = sp("a"), sp("b"), sp("c")
+
+
+def snapshot(
+    current: StorePath,
+    deployed: Deployed | None,
+    upstream: StorePath | None,
+    *,
+    profile: StorePath | None = None,
+    reboot_required: bool = False,
+    error: str | None = None,
+) -> Snapshot:
+    links = Links(current=current, booted=current, profile=profile or current, upstream=upstream)
+    return Snapshot(
+        collected_at=0.0,
+        duration_seconds=0.0,
+        upstream=Upstream(url="http://127.0.0.1/upstream", path=upstream, error=error),
+        links=links,
+        deployed=deployed,
+        state=classify(links, deployed),
+        reboot_required=reboot_required,
+    )
+
+
+def rec(path: StorePath, mode: str = "switch", previous: StorePath | None = None) -> Deployed:
+    return Deployed(path=path, mode=mode, previous=previous or path, at=0.0)
+
+
+def rebooted_once(d: Deployed) -> Deployed:
+    return Deployed(d.path, d.mode, d.previous, d.at, reboot_issued_at=1.0)
+
+
+SWITCH, SMART = SwitchMode.SWITCH, SwitchMode.SMART
+REBOOT = RebootMode.REBOOT
+PENDING = rec(B, "boot", A)
+
+CASES = [
+    # snapshot, deploys, force, reboot mode -> action, activation, words in the reason
+    (snapshot(A, None, A), Deploys(), False, None, Action.TRACK, None, "tracking"),
+    (snapshot(A, None, B), Deploys(), False, None, Action.NOTHING, None, "--force overrides"),
+    (snapshot(A, None, B), Deploys(), True, None, Action.DEPLOY, "switch", "because of --force"),
+    (snapshot(A, rec(B), A), Deploys(), False, None, Action.TRACK, None, "tracking"),
+    (snapshot(A, rec(A), A), Deploys(), False, None, Action.NOTHING, None, "up to date"),
+    (snapshot(A, rec(A), A), Deploys(), False, REBOOT, Action.NOTHING, None, "up to date"),
+    (snapshot(A, rec(A), B), Deploys(), False, None, Action.DEPLOY, "switch", "deploying"),
+    (snapshot(A, rec(A), None), Deploys(), False, None, Action.NOTHING, None, "not known"),
+    (snapshot(A, rec(A), B, error="boom"), Deploys(), False, None, Action.NOTHING, None, "boom"),
+    (
+        snapshot(A, rec(A), B),
+        Deploys(failed_path=B),
+        False,
+        None,
+        Action.NOTHING,
+        None,
+        "not retried until upstream changes",
+    ),
+    (snapshot(A, rec(A), C), Deploys(failed_path=B), False, None, Action.DEPLOY, "switch", ""),
+    (snapshot(A, rec(A), B), Deploys(failed_path=B), True, None, Action.DEPLOY, "switch", ""),
+    (
+        snapshot(A, PENDING, B, profile=B, reboot_required=True),
+        Deploys(),
+        False,
+        REBOOT,
+        Action.REBOOT,
+        None,
+        "pending reboot",
+    ),
+    (
+        snapshot(A, PENDING, B, profile=B, reboot_required=True),
+        Deploys(),
+        False,
+        None,
+        Action.NOTHING,
+        None,
+        "no --reboot-mode",
+    ),
+    (
+        snapshot(A, rebooted_once(PENDING), B, profile=B, reboot_required=True),
+        Deploys(),
+        False,
+        REBOOT,
+        Action.NOTHING,
+        None,
+        "not rebooting again",
+    ),
+    (
+        snapshot(B, rec(B, "switch", A), B, reboot_required=True),
+        Deploys(),
+        False,
+        REBOOT,
+        Action.REBOOT,
+        None,
+        "kernel differs",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("snap", "deploys", "force", "reboot", "action", "activation", "words"), CASES
+)
+def test_decide(
+    snap: Snapshot,
+    deploys: Deploys,
+    force: bool,
+    reboot: RebootMode | None,
+    action: Action,
+    activation: str | None,
+    words: str,
+) -> None:
+    decision = decide(snap, deploys, SWITCH, force, reboot)
+    assert decision.action is action
+    assert decision.activation == activation
+    assert words in decision.reason
+
+
+def test_dirty_reason_names_the_paths() -> None:
+    decision = decide(snapshot(C, rec(A), B), Deploys(), SWITCH, False, None)
+    assert snapshot(C, rec(A), B).state is State.DIRTY
+    for path in (A, B, C):
+        assert path.name in decision.reason
+
+
+def test_smart_mode_boots_when_boot_files_cannot_be_compared() -> None:
+    # Store paths missing on disk: booting is the side that cannot break the running system.
+    decision = decide(snapshot(A, rec(A), B), Deploys(), SMART, False, None)
+    assert decision.activation == "boot"

@@ -1,0 +1,347 @@
+"""The upstream URL over real HTTP: bad bodies, bad servers, credentials, redirects.
+
+Every rejected input must leave the host as it was (upstream GC root, current, profile)
+and still write the metrics, with fetch_success 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import AgentResult, Host, Reply, System, SystemSpec
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.nix
+
+TOKEN = "tok-3f9a1c7e-never-printed"
+PASSWORD = "pw-8d2b4e61-never-printed"
+
+
+def error_lines(result: AgentResult) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def fetch_success(host: Host) -> float:
+    for family in text_string_to_metric_families(host.metrics()):
+        for sample in family.samples:
+            if sample.name == "nixos_autodeploy_upstream_fetch_success":
+                return float(sample.value)
+    raise AssertionError("no nixos_autodeploy_upstream_fetch_success")
+
+
+@dataclass
+class Collected:
+    """A host that collected `good` once; a later bad answer must not move anything."""
+
+    host: Host
+    good: System
+    before: dict[str, str | None]
+    nix_runs: int  # Nix processes spawned so far
+
+
+@pytest.fixture
+def collected(host: Host) -> Iterator[Collected]:
+    good = host.build_one("good")
+    host.install(good)
+    host.write_deployed(good)
+    host.publish(good)
+    first = host.collect()
+    assert first.returncode == 0, first
+    assert host.upstream() == good.path
+    host.server.reset_requests()
+    yield Collected(host, good, host.links(), host.spawn_count("nix-store", "nix-env", "nix"))
+
+
+def rejected(c: Collected, result: AgentResult, *words: str) -> str:
+    """Exit 1, one error line naming `words`; nothing moved; metrics say fetch failed."""
+    assert result.returncode == 1, result
+    lines = error_lines(result)
+    assert len(lines) == 1, result
+    for word in words:
+        assert word in lines[0], result
+    assert c.host.links() == c.before
+    assert fetch_success(c.host) == 0
+    snapshot = c.host.snapshot()
+    assert snapshot["upstream"]["error"], snapshot
+    assert snapshot["upstream"]["path"] == c.good.path, "the last good fetch is kept"
+    return lines[0]
+
+
+# ---- bodies -----------------------------------------------------------------
+
+
+def drv_path(good: System) -> str:
+    return good.path + ".drv"
+
+
+BAD_BODIES: dict[str, tuple[bytes, str]] = {
+    "outside the store": (b"/usr/local/nixos-system\n", "outside the Nix store"),
+    "relative": (b"nix/store/abc\n", "absolute"),
+    "dot-dot": (b"/nix/store/../etc/passwd\n", "store path"),
+    "second line": (b"", "more than one line"),  # body filled in per test
+    "nul": (b"", "NUL"),
+    "html": (b"<!DOCTYPE html><html><body>Sign in</body></html>\n", "HTML"),
+    "empty": (b"", "empty body"),
+    "whitespace only": (b" \n\t\n", "empty body"),
+    "drv": (b"", "derivation"),
+    "not utf-8": (b"/nix/store/\xff\xfe\n", "UTF-8"),
+    "bad hash": (b"/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x\n", "store path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_invalid_body_is_rejected(collected: Collected, case: str) -> None:
+    body, word = BAD_BODIES[case]
+    good = collected.good.path
+    if case == "second line":
+        body = f"{good}\n{good}\n".encode()
+    elif case == "nul":
+        body = f"{good}\0\n".encode()
+    elif case == "drv":
+        body = f"{drv_path(collected.good)}\n".encode()
+    collected.host.server.publish_body(body)
+    result = collected.host.collect()
+    rejected(collected, result, word, collected.host.url)
+    assert collected.host.spawn_count("nix-store", "nix-env", "nix") == collected.nix_runs
+
+
+# ---- status codes and retries -------------------------------------------------
+
+
+def test_5xx_is_retried_then_fails(collected: Collected) -> None:
+    collected.host.server.route("/upstream", Reply(status=500, body=b"boom"))
+    result = collected.host.collect()
+    line = rejected(collected, result, "500", collected.host.url)
+    assert collected.host.server.count("/upstream") > 1, "a 5xx is retried"
+    assert "attempts" in line or "retry" in line
+
+
+def test_503_then_success(collected: Collected) -> None:
+    host = collected.host
+    new = host.build_one("new")
+    body = (new.path + "\n").encode()
+    host.server.route(
+        "/upstream", [Reply(status=503, headers=[("Retry-After", "0")]), Reply(body=body)]
+    )
+    result = host.collect()
+    assert result.returncode == 0, result
+    assert host.server.count("/upstream") == 2
+    assert host.upstream() == new.path
+    assert fetch_success(host) == 1
+
+
+def test_429_honours_retry_after(collected: Collected) -> None:
+    host = collected.host
+    new = host.build_one("new")
+    host.server.route(
+        "/upstream",
+        [Reply(status=429, headers=[("Retry-After", "1")]), Reply(body=(new.path + "\n").encode())],
+    )
+    result = host.collect()
+    assert result.returncode == 0, result
+    assert host.server.count("/upstream") == 2
+    assert "retrying in 1s" in result.stderr
+    assert host.upstream() == new.path
+
+
+def test_429_retry_after_beyond_the_deadline_gives_up(collected: Collected) -> None:
+    collected.host.server.route("/upstream", Reply(status=429, headers=[("Retry-After", "3600")]))
+    result = collected.host.collect(timeout=5)
+    rejected(collected, result, "429")
+    assert collected.host.server.count("/upstream") == 1
+
+
+def test_404_is_not_retried(collected: Collected) -> None:
+    collected.host.server.route("/upstream", Reply(status=404, body=b"no such thing"))
+    result = collected.host.collect()
+    rejected(collected, result, "404", collected.host.url)
+    assert collected.host.server.count("/upstream") == 1
+
+
+# ---- redirects ----------------------------------------------------------------
+
+
+def test_redirect_to_file_url_is_refused(collected: Collected) -> None:
+    collected.host.server.route(
+        "/upstream", Reply(status=302, headers=[("Location", "file:///etc/passwd")])
+    )
+    result = collected.host.collect()
+    rejected(collected, result, "file")
+    assert collected.host.server.count() == 1
+
+
+def test_five_redirects_are_followed(collected: Collected) -> None:
+    host = collected.host
+    new = host.build_one("new")
+    for i in range(5):
+        host.server.route(
+            "/upstream" if i == 0 else f"/r{i}",
+            Reply(status=307, headers=[("Location", f"/r{i + 1}")]),
+        )
+    host.server.route("/r5", Reply(body=(new.path + "\n").encode()))
+    result = host.collect()
+    assert result.returncode == 0, result
+    assert host.upstream() == new.path
+
+
+def test_more_than_five_redirects_fail(collected: Collected) -> None:
+    collected.host.server.route("/upstream", Reply(status=302, headers=[("Location", "/upstream")]))
+    result = collected.host.collect()
+    rejected(collected, result, "redirects")
+    assert collected.host.server.count("/upstream") == 6
+
+
+def test_credentials_are_not_sent_to_another_host(collected: Collected, tmp_path: Path) -> None:
+    host = collected.host
+    new = host.build_one("new")
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    elsewhere = host.server.url("/moved", host="localhost")
+    host.server.route("/upstream", Reply(status=302, headers=[("Location", elsewhere)]))
+    host.server.route("/moved", Reply(body=(new.path + "\n").encode()))
+    result = host.collect("--bearer-token-file", str(token), "--header", "X-Fleet-Key: k-42")
+    assert result.returncode == 0, result
+    (first,) = host.server.requests("/upstream")
+    (moved,) = host.server.requests("/moved")
+    assert first.headers["authorization"] == f"Bearer {TOKEN}"
+    assert first.headers["x-fleet-key"] == "k-42"
+    assert moved.host.startswith("localhost:")
+    assert "authorization" not in moved.headers
+    assert "x-fleet-key" not in moved.headers
+    assert host.upstream() == new.path
+
+
+# ---- bodies that are too big, slow, or encoded ---------------------------------
+
+
+def test_50_mib_body_is_aborted(collected: Collected) -> None:
+    size = 50 * 1024 * 1024
+    collected.host.server.route(
+        "/upstream", Reply(stream_bytes=size, headers=[("Content-Length", str(size))])
+    )
+    rejected(collected, collected.host.collect(), "65536 bytes", collected.host.url)
+
+
+def test_endless_body_is_aborted(collected: Collected) -> None:
+    # Without Content-Length and without end: only counting what arrives stops this.
+    collected.host.server.route("/upstream", Reply(endless=True))
+    rejected(collected, collected.host.collect(), "65536 bytes")
+
+
+def test_server_that_never_answers_hits_the_deadline(collected: Collected) -> None:
+    collected.host.server.route("/upstream", Reply(hang=True))
+    result = collected.host.collect(timeout=2)
+    rejected(collected, result, collected.host.url)
+
+
+def test_content_encoding_is_refused(collected: Collected) -> None:
+    body = gzip.compress((collected.good.path + "\n").encode())
+    collected.host.server.route(
+        "/upstream", Reply(body=body, headers=[("Content-Encoding", "gzip")])
+    )
+    rejected(collected, collected.host.collect(), "gzip")
+
+
+def test_connection_refused(collected: Collected) -> None:
+    port = collected.host.server.port
+    collected.host.server.stop()
+    result = collected.host.collect(url=f"http://127.0.0.1:{port}/upstream", timeout=5)
+    rejected(collected, result, f"127.0.0.1:{port}")
+
+
+# ---- Nix refuses --------------------------------------------------------------
+
+
+def test_unsigned_path_is_refused_by_nix(collected: Collected) -> None:
+    host = collected.host
+    unsigned = host.build_one("unsigned", signed=False)
+    host.publish(unsigned)
+    result = host.collect()
+    line = rejected(collected, result, unsigned.path)
+    assert "signed" in line, "the error line carries Nix's reason"
+
+
+def test_path_missing_from_cache_is_refused_by_nix(collected: Collected) -> None:
+    host = collected.host
+    path = f"/nix/store/{'0' * 32}-nixos-system-never-built"
+    host.server.publish_body((path + "\n").encode())
+    rejected(collected, host.collect(), path)
+
+
+# ---- credentials arrive, and never leak ------------------------------------------
+
+
+def test_bearer_token_and_header_arrive(host: Host, tmp_path: Path) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    result = host.collect(
+        "--bearer-token-file", str(token), "--header", "X-Fleet-Key: k-1", "--debug"
+    )
+    assert result.returncode == 0, result
+    (request,) = host.server.requests("/upstream")
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["x-fleet-key"] == "k-1"
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_netrc_credentials_arrive(host: Host, tmp_path: Path) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login deployer password {PASSWORD}\n")
+    netrc.chmod(0o600)
+    result = host.collect("--netrc-file", str(netrc), "--debug")
+    assert result.returncode == 0, result
+    (request,) = host.server.requests("/upstream")
+    expected = base64.b64encode(f"deployer:{PASSWORD}".encode()).decode()
+    assert request.headers["authorization"] == f"Basic {expected}"
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_config_file_credentials_and_headers(host: Host, tmp_path: Path) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    config = tmp_path / "autodeploy.toml"
+    config.write_text(
+        f'url = "{host.url}"\nbearer_token_file = "{token}"\nheaders = ["X-From: config"]\n'
+    )
+    result = host.run_agent(
+        "collect", "--config", str(config), "--prometheus-path", str(host.metrics_path)
+    )
+    assert result.returncode == 0, result
+    (request,) = host.server.requests("/upstream")
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["x-from"] == "config"
+
+
+@pytest.mark.parametrize("status", [401, 403, 500])
+def test_secrets_stay_out_of_failure_output(host: Host, tmp_path: Path, status: int) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.server.route("/upstream", Reply(status=status, headers=[("Retry-After", "0")]))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    url = host.server.url("/upstream").replace("http://", f"http://deployer:{PASSWORD}@")
+    with_token = host.collect("--bearer-token-file", str(token), "--debug")
+    with_userinfo = host.collect("--debug", url=url)
+    for result in (with_token, with_userinfo):
+        assert result.returncode == 1, result
+        assert str(status) in error_lines(result)[0]
+        output = result.stdout + result.stderr
+        assert TOKEN not in output and PASSWORD not in output, result
+    snapshot_text = (host.state_dir / "snapshot.json").read_text()
+    assert TOKEN not in snapshot_text and PASSWORD not in snapshot_text
+    assert PASSWORD not in (host.state_dir / "snapshot.json").read_text()
+

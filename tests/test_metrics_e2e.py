@@ -1,0 +1,343 @@
+"""Dashboards and alert rules against the real thing.
+
+The real collector writes its textfile for a sandbox host (real Nix, a signed
+binary cache on loopback); Debian's node_exporter serves it; Debian's Prometheus
+scrapes it every second and evaluates the alert rules. Then every panel query of
+every dashboard (template variables substituted as Grafana would) must parse and
+return data, and every alert expression must parse and select existing series.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness import Host, SystemSpec, require_tool
+
+pytestmark = [pytest.mark.prometheus, pytest.mark.nix]
+
+GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
+DASHBOARDS = ("fleet.json", "host.json")
+RULES = GRAFANA / "alerts.rules.yml"
+JOB = "nixos-autodeploy-e2e"
+# What Grafana would put in for a short time range over 1s scrapes.
+BUILTINS = {
+    "__interval": "2s",
+    "__interval_ms": "2000",
+    "__rate_interval": "20s",
+    "__range": "1m",
+    "__range_s": "60",
+    "__range_ms": "60000",
+}
+READY_DEADLINE = 60.0  # seconds; a bound on waiting, not an assertion about speed
+SAMPLES_WANTED = 5  # scrapes per series before querying: enough for increase() over 20s
+SELECTOR = re.compile(r"\b(?:nixos_autodeploy|node_textfile)_\w+(?:\{[^}]*\})?")
+VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def get_json(url: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    full = f"{url}?{query}" if query else url
+    try:
+        with urllib.request.urlopen(full, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:  # Prometheus explains a bad query in the body
+        return json.loads(e.read())
+
+
+def wait_for(what: str, check: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
+    """Poll `check` until true; fail with the server's log if it exits or never gets there."""
+    deadline = time.monotonic() + READY_DEADLINE
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{what}: server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if check():
+                return
+        except (OSError, ValueError):
+            pass  # not listening yet
+        time.sleep(0.2)
+    pytest.fail(f"{what}: not within {READY_DEADLINE}s; server log:\n{log.read_text()}")
+
+
+@contextmanager
+def server(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server for the duration of the block; stop it however the block ends."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def node_exporter(textfile_dir: Path, log: Path) -> Iterator[str]:
+    port = free_port()
+    argv = [
+        require_tool("prometheus-node-exporter"),
+        "--collector.disable-defaults",
+        "--collector.textfile",
+        f"--collector.textfile.directory={textfile_dir}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with server(argv, log) as process:
+
+        def serves_our_metrics() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return b"nixos_autodeploy_dirty" in r.read()
+
+        wait_for("node_exporter", serves_our_metrics, process, log)
+        yield f"127.0.0.1:{port}"
+
+
+@dataclass(frozen=True)
+class Prometheus:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def api(self, endpoint: str, **params: str) -> Any:
+        return get_json(f"{self.url}/api/v1/{endpoint}", **params)
+
+    def query(self, expr: str) -> Any:
+        return self.api("query", query=expr)
+
+    def query_range(self, expr: str, seconds: int = 60) -> Any:
+        end = time.time()
+        return self.api(
+            "query_range", query=expr, start=str(end - seconds), end=str(end), step="1"
+        )
+
+    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
+        wait_for(what, check, self.process, self.log)
+
+
+@contextmanager
+def prometheus(target: str, tmp: Path) -> Iterator[Prometheus]:
+    port = free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [
+                    {"job_name": JOB, "static_configs": [{"targets": [target]}]}
+                ],
+            }
+        )
+    )
+    argv = [
+        require_tool("prometheus"),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    log = tmp / "prometheus.log"
+    with server(argv, log) as process:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as r:
+                return r.status == 200
+
+        wait_for("prometheus", ready, process, log)
+        yield Prometheus(url, process, log)
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Replace Grafana template variables; an unknown one is a test failure."""
+
+    def one(match: re.Match[str]) -> str:
+        name = next(group for group in match.groups() if group)
+        assert name in values, f"unknown template variable ${name} in {expr}"
+        return values[name]
+
+    return VARIABLE.sub(one, expr)
+
+
+def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def result_of(response: Any) -> list[Any]:
+    assert response["status"] == "success", response.get("error")
+    result: list[Any] = response["data"]["result"]
+    return result
+
+
+def has_data(response: Any) -> bool:
+    return response["status"] == "success" and bool(response["data"]["result"])
+
+
+# ---- the world --------------------------------------------------------------
+
+
+def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
+    """A host someone deployed by hand (dirty), on a new kernel it has not booted
+    (reboot required), whose last deploy by the actuator failed; CI published a third
+    system. Every metric of docs/CONTRACT.md then exists."""
+    systems = host.build(
+        SystemSpec("ours", kernel="6.1.7"),
+        SystemSpec("theirs", kernel="6.6.1"),
+        SystemSpec("ci", kernel="6.1.7", extra="published"),
+    )
+    ours, ci = systems["ours"], systems["ci"]
+    host.install(ours)
+    host.write_deployed(ours)
+    host.deploy_by_hand(systems["theirs"], "switch")
+    host.publish(ci)
+    deploys = {
+        "version": 1,
+        "last": {
+            "at": time.time() - 3600,
+            "path": ci.path,
+            "mode": "switch",
+            "result": "failure",
+            "message": "switch-to-configuration exited with 4",
+        },
+        "totals": {"success": 3, "failure": 1},
+        "failed_path": ci.path,
+    }
+    (host.state_dir / "deploys.json").write_text(json.dumps(deploys))
+    collected = host.collect()
+    assert collected.returncode == 0, collected
+    assert host.snapshot()["state"] == "dirty"
+
+
+# ---- the test ---------------------------------------------------------------
+
+
+def test_dashboards_and_alerts_against_real_node_exporter_and_prometheus(
+    host: Host, tmp_path: Path
+) -> None:
+    make_dirty_host_with_a_failed_deploy(host)
+    with (
+        node_exporter(host.metrics_path.parent, tmp_path / "node_exporter.log") as target,
+        prometheus(target, tmp_path) as prom,
+    ):
+        check_against(prom, target)
+    # Both servers are stopped, also when a check above failed (the with-block's exit).
+
+
+def check_against(prom: Prometheus, instance: str) -> None:
+    ours = f'job="{JOB}", instance="{instance}"'
+    prom.wait_for(
+        f"{SAMPLES_WANTED} scrapes",
+        lambda: has_data(
+            prom.query(f"count_over_time(nixos_autodeploy_dirty{{{ours}}}[1m]) >= {SAMPLES_WANTED}")
+        ),
+    )
+    # node_exporter parsed the collector's file without complaint.
+    assert [s["value"][1] for s in result_of(prom.query("node_textfile_scrape_error"))] == ["0"]
+
+    values = {"datasource": "unused", "job": JOB, "instance": instance, **BUILTINS}
+    failures: list[str] = []
+    checked = 0
+    for name in DASHBOARDS:
+        dashboard = json.loads((GRAFANA / name).read_text())
+        for variable in dashboard["templating"]["list"]:
+            if variable["type"] == "query":
+                failures += check_variable(prom, name, variable, values)
+        for panel in all_panels(dashboard):
+            for target in panel.get("targets", []):
+                checked += 1
+                failures += check_panel_target(prom, f"{name} {panel['title']!r}", target, values)
+    assert checked > 20, "the dashboards lost their panels"
+    assert not failures, "\n".join(failures)
+
+    check_alert_rules(prom, ours)
+
+
+def check_variable(
+    prom: Prometheus, dashboard: str, variable: dict[str, Any], values: dict[str, str]
+) -> list[str]:
+    """`label_values(SELECTOR, LABEL)` as Grafana asks it: the series API, by label."""
+    definition = substitute(variable["definition"], values)
+    match = re.fullmatch(r"label_values\((.+), (\w+)\)", definition)
+    if match is None:
+        return [f"{dashboard} ${variable['name']}: not label_values(...): {definition}"]
+    selector, label = match.groups()
+    found = prom.api(f"label/{label}/values", **{"match[]": selector})
+    if found["status"] != "success" or values[variable["name"]] not in found["data"]:
+        return [f"{dashboard} ${variable['name']}: {definition} -> {found}"]
+    return []
+
+
+def check_panel_target(
+    prom: Prometheus, where: str, target: dict[str, Any], values: dict[str, str]
+) -> list[str]:
+    expr = substitute(target["expr"], values)
+    response = prom.query(expr) if target.get("instant") else prom.query_range(expr)
+    if response["status"] != "success":
+        return [f"{where} {target['refId']}: does not parse: {response.get('error')}\n  {expr}"]
+    if not response["data"]["result"]:
+        return [f"{where} {target['refId']}: no data\n  {expr}"]
+    return []
+
+
+def check_alert_rules(prom: Prometheus, ours: str) -> None:
+    rules = [
+        rule
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    failures: list[str] = []
+    for rule in rules:
+        response = prom.query(rule["expr"])
+        if response["status"] != "success":
+            failures.append(f"{rule['alert']}: does not parse: {response.get('error')}")
+        # Each series an alert looks at exists, so its label matchers fit the real metrics.
+        for selector in SELECTOR.findall(rule["expr"]):
+            if not has_data(prom.query(selector)):
+                failures.append(f"{rule['alert']}: selects nothing: {selector}")
+    assert not failures, "\n".join(failures)
+
+    # Prometheus loaded and evaluates the same file; our dirty host's alerts go off.
+    def evaluated() -> bool:
+        groups = prom.api("rules")["data"]["groups"]
+        return all(r["health"] != "unknown" for g in groups for r in g["rules"])
+
+    prom.wait_for("rule evaluation", evaluated)
+    loaded = [r for g in prom.api("rules")["data"]["groups"] for r in g["rules"]]
+    assert sorted(r["name"] for r in loaded) == sorted(r["alert"] for r in rules)
+    assert [(r["name"], r["health"], r.get("lastError", "")) for r in loaded if r["health"] != "ok"] == []
+    states = {
+        a["labels"]["alertname"]: a["state"]
+        for a in prom.api("alerts")["data"]["alerts"]
+        if a["labels"].get("job") == JOB
+    }
+    assert states == {
+        "NixosAutodeployDeployFailed": "firing",  # no `for`: fires at once
+        "NixosAutodeployDirty": "pending",  # for 1h
+        "NixosAutodeployRebootRequired": "pending",  # for 1d
+    }

@@ -1,0 +1,137 @@
+"""The classification table and the store path rules: pure functions, no Nix needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from collector.state import Deployed, Links, State, boot_differs, classify, reboot_required
+from collector.store import StorePath
+
+
+def sp(name: str) -> StorePath:
+    return StorePath(f"/nix/store/{name * 32}-nixos-system-{name}")
+
+
+A, B, C = sp("a"), sp("b"), sp("c")
+
+
+def switched(path: StorePath) -> Deployed:
+    return Deployed(path=path, mode="switch", previous=path, at=0.0)
+
+
+def booted_into(path: StorePath, previous: StorePath) -> Deployed:
+    return Deployed(path=path, mode="boot", previous=previous, at=0.0)
+
+
+CASES = [
+    # current, profile, deployed, upstream -> state
+    pytest.param(A, A, None, None, State.UNKNOWN, id="no-upstream-yet"),
+    pytest.param(None, None, switched(A), A, State.UNKNOWN, id="no-current-link"),
+    pytest.param(A, A, None, A, State.UNTRACKED, id="fresh-host-matching-upstream"),
+    pytest.param(A, A, None, B, State.DIRTY, id="fresh-host-differing"),
+    pytest.param(A, A, switched(B), A, State.UNTRACKED, id="record-differs-upstream-matches"),
+    pytest.param(A, A, switched(B), C, State.DIRTY, id="record-differs-upstream-differs"),
+    pytest.param(A, A, switched(A), A, State.UP_TO_DATE, id="tracking-same-upstream"),
+    pytest.param(A, A, switched(A), B, State.UPDATE_AVAILABLE, id="tracking-new-upstream"),
+    pytest.param(B, B, switched(A), C, State.DIRTY, id="manual-deploy-while-tracking"),
+    pytest.param(A, B, booted_into(B, A), B, State.PENDING_REBOOT, id="boot-deploy-waits"),
+    pytest.param(A, B, booted_into(B, A), C, State.PENDING_REBOOT, id="waits-upstream-moved"),
+    pytest.param(A, C, booted_into(B, A), B, State.DIRTY, id="profile-changed-by-hand"),
+    pytest.param(B, B, booted_into(B, A), B, State.UP_TO_DATE, id="rebooted-into-deploy"),
+    pytest.param(B, B, booted_into(B, A), C, State.UPDATE_AVAILABLE, id="rebooted-upstream-moved"),
+]
+
+
+@pytest.mark.parametrize(("current", "profile", "deployed", "upstream", "expected"), CASES)
+def test_classify(
+    current: StorePath | None,
+    profile: StorePath | None,
+    deployed: Deployed | None,
+    upstream: StorePath | None,
+    expected: State,
+) -> None:
+    links = Links(current=current, booted=current, profile=profile, upstream=upstream)
+    assert classify(links, deployed) is expected
+
+
+def _system(tmp: Path, name: str, kernel: str, initrd: str = "initrd", modules: str = "m") -> str:
+    root = tmp / name
+    (root / "kernel-modules" / "lib").mkdir(parents=True)
+    (root / "kernel").write_text(kernel)
+    (root / "initrd").write_text(initrd)
+    (root / "kernel-modules" / "lib" / "mod.ko").write_text(modules)
+    return str(root)
+
+
+def test_boot_differs_compares_kernel_initrd_and_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NIX_STORE_DIR", str(tmp_path))
+    a = StorePath(_system(tmp_path, "a" * 32 + "-a", "6.1"))
+    same = StorePath(_system(tmp_path, "b" * 32 + "-b", "6.1"))
+    kernel = StorePath(_system(tmp_path, "c" * 32 + "-c", "6.6"))
+    initrd = StorePath(_system(tmp_path, "d" * 32 + "-d", "6.1", initrd="other"))
+    modules = StorePath(_system(tmp_path, "f" * 32 + "-f", "6.1", modules="other"))
+    assert not boot_differs(a, same)
+    assert boot_differs(a, kernel)
+    assert boot_differs(a, initrd)
+    assert boot_differs(a, modules)
+    assert not boot_differs(a, None)
+    # A kernel shared by symlink, as NixOS systems share their kernel package.
+    linked = tmp_path / ("g" * 32 + "-g")
+    linked.mkdir()
+    for f in ("kernel", "initrd", "kernel-modules"):
+        os.symlink(os.path.join(a.path, f), linked / f)
+    assert not boot_differs(a, StorePath(str(linked)))
+    links = Links(current=kernel, booted=a, profile=kernel, upstream=kernel)
+    assert reboot_required(links, State.UP_TO_DATE)
+    assert not reboot_required(Links(a, same, a, a), State.UP_TO_DATE)
+    assert reboot_required(Links(a, a, same, same), State.PENDING_REBOOT)
+
+
+VALID = "/nix/store/" + "0" * 32 + "-nixos-system-host-24.05"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("/etc/passwd", "outside the Nix store"),
+        ("/nix/store/../etc/passwd", "not a top-level store path"),
+        ("/nix/store/" + "0" * 32 + "-..", "not a valid store path name"),
+        ("/nix/store/" + "e" * 32 + "-x", "not a valid store path name"),
+        ("/nix/store/short-x", "not a valid store path name"),
+        ("nix/store/" + "0" * 32 + "-x", "not an absolute store path"),
+        (VALID + "/bin", "not a top-level store path"),
+        ("/nix/store/" + "0" * 32 + "-system.drv", "is a derivation"),
+        ("/nix/store/" + "0" * 32 + "-" + "x" * 212, "not a valid store path name"),
+    ],
+)
+def test_store_path_rejects(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        StorePath.parse(text)
+
+
+def test_store_path_accepts_and_names() -> None:
+    path = StorePath.parse(VALID)
+    assert path.name == "0" * 32 + "-nixos-system-host-24.05"
+
+
+def test_resolve_link_follows_profile_chains_under_root(tmp_path: Path) -> None:
+    from collector.store import resolve_link
+
+    root = tmp_path / "root"
+    profiles = root / "nix/var/nix/profiles"
+    profiles.mkdir(parents=True)
+    os.symlink(VALID + "/sw", profiles / "system-2-link")
+    os.symlink("system-2-link", profiles / "system")
+    (root / "run").mkdir()
+    # An absolute link outside the store is read under the root, as on the real host.
+    os.symlink("/nix/var/nix/profiles/system", root / "run/current-system")
+    assert resolve_link(str(profiles / "system"), str(root)) == StorePath(VALID)
+    assert resolve_link(str(root / "run/current-system"), str(root)) == StorePath(VALID)
+    assert resolve_link(str(root / "run/missing"), str(root)) is None
+    os.symlink("/etc/hostname", root / "run/elsewhere")
+    assert resolve_link(str(root / "run/elsewhere"), str(root)) is None
