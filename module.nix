@@ -54,7 +54,7 @@ let
   // optionalAttrs (cfg.extraHeaders != { }) {
     headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
   }
-  // optionalAttrs (cfg.caFile != null) { ca_file = toString cfg.caFile; }
+  // optionalAttrs (cfg.caFile != null) { ca_file = "${cfg.caFile}"; }
   // optionalAttrs (cfg.prometheusFilePath != null) { prometheus_path = cfg.prometheusFilePath; };
 
   collectorSettings = upstreamSettings;

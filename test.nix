@@ -30,7 +30,6 @@ let
 
       environment.systemPackages = [
         pkgs.curl
-        pkgs.darkhttpd
         pkgs.jq
       ];
 
@@ -88,7 +87,7 @@ pkgs.testers.runNixOSTest {
       def start_upstream(host):
           host.succeed("mkdir -p /srv/upstream")
           host.succeed(
-              "systemd-run --unit upstream-http darkhttpd /srv/upstream"
+              "systemd-run --unit upstream-http ${pkgs.darkhttpd}/bin/darkhttpd /srv/upstream"
               " --addr 127.0.0.1 --port ${toString upstreamPort}"
           )
           host.wait_for_open_port(${toString upstreamPort})

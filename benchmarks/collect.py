@@ -47,7 +47,10 @@ done
 {
   echo "nixos_autodeploy_dirty $dirty"
   echo "nixos_autodeploy_reboot_required $reboot"
-  echo "nixos_autodeploy_info{current_generation=\"${current##*/}\",booted_generation=\"${booted##*/}\",deployed_generation=\"${deployed##*/}\",upstream_generation=\"${upstream##*/}\"} 1"
+  printf 'nixos_autodeploy_info{current_generation="%s",booted_generation="%s",' \
+    "${current##*/}" "${booted##*/}"
+  printf 'deployed_generation="%s",upstream_generation="%s"} 1\n' \
+    "${deployed##*/}" "${upstream##*/}"
 } > "$prom.tmp"
 mv "$prom.tmp" "$prom"
 """

@@ -291,4 +291,3 @@ def test_status_without_snapshot_says_run_collect(host: Host) -> None:
     result = host.status()
     assert result.returncode == 1
     assert len(result.stderr_lines) == 1 and "collect" in result.stderr_lines[0]
-

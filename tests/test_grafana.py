@@ -52,7 +52,7 @@ def test_dashboard_identity(name: str, uid: str) -> None:
     # An id would clash with the importing instance's own ids.
     assert dashboard.get("id") is None
     assert dashboard["title"].startswith("nixos-autodeploy / ")
-    assert SHARED_TAGS <= set(dashboard["tags"])
+    assert set(dashboard["tags"]) >= SHARED_TAGS
     assert dashboard["schemaVersion"] >= MIN_SCHEMA_VERSION
 
 
@@ -62,7 +62,7 @@ def test_dashboards_share_their_tags_and_link_each_other() -> None:
     for dashboard in (fleet, host):
         tag_links = [link for link in dashboard["links"] if link["type"] == "dashboards"]
         assert tag_links, dashboard["uid"]
-        assert all(SHARED_TAGS <= set(link["tags"]) for link in tag_links)
+        assert all(set(link["tags"]) >= SHARED_TAGS for link in tag_links)
 
 
 @pytest.mark.parametrize("name", DASHBOARDS)
@@ -76,7 +76,9 @@ def test_no_export_placeholders(name: str) -> None:
     assert "DS_PROMETHEUS" not in text
 
 
-@pytest.mark.parametrize(("name", "expected"), [("fleet.json", {"job"}), ("host.json", {"job", "instance"})])
+@pytest.mark.parametrize(
+    ("name", "expected"), [("fleet.json", {"job"}), ("host.json", {"job", "instance"})]
+)
 def test_template_variables(name: str, expected: set[str]) -> None:
     found = variables(load(name))
     assert set(found) == {"datasource"} | expected
@@ -93,7 +95,7 @@ def test_template_variables(name: str, expected: set[str]) -> None:
     if "instance" in found:
         assert not found["instance"]["multi"], "a host dashboard shows one host"
         assert not found["instance"]["includeAll"]
-        assert '$job' in found["instance"]["definition"]
+        assert "$job" in found["instance"]["definition"]
 
 
 @pytest.mark.parametrize("name", DASHBOARDS)
@@ -120,19 +122,27 @@ def test_panel_ids_are_unique_and_placed(name: str) -> None:
     occupied: set[tuple[int, int]] = set()
     for panel in panels:
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
-        cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
-                 for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
+        cells = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
         assert not cells & occupied, f"{panel['title']!r} overlaps another panel"
         occupied |= cells
 
 
-@pytest.mark.parametrize(("name", "selector"), [("fleet.json", 'job=~"$job"'), ("host.json", 'job=~"$job", instance="$instance"')])
+@pytest.mark.parametrize(
+    ("name", "selector"),
+    [("fleet.json", 'job=~"$job"'), ("host.json", 'job=~"$job", instance="$instance"')],
+)
 def test_every_selector_is_filtered_by_the_variables(name: str, selector: str) -> None:
     """A selector without `$job` would mix in other jobs' (or, on the host view, hosts') series."""
     for panel in all_panels(load(name)):
         for target in panel.get("targets", []):
-            selectors = re.findall(r"\b(?:nixos_autodeploy|node_textfile)_\w+(\{[^}]*\})?", target["expr"])
+            selectors = re.findall(
+                r"\b(?:nixos_autodeploy|node_textfile)_\w+(\{[^}]*\})?", target["expr"]
+            )
             assert selectors, target["expr"]
             for found in selectors:
                 assert selector in found, f"{panel['title']!r}: {target['expr']}"

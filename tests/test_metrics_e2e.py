@@ -65,7 +65,9 @@ def get_json(url: str, **params: str) -> Any:
         return json.loads(e.read())
 
 
-def wait_for(what: str, check: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_for(
+    what: str, check: Callable[[], bool], process: subprocess.Popen[bytes], log: Path
+) -> None:
     """Poll `check` until true; fail with the server's log if it exits or never gets there."""
     deadline = time.monotonic() + READY_DEADLINE
     while time.monotonic() < deadline:
@@ -130,9 +132,7 @@ class Prometheus:
 
     def query_range(self, expr: str, seconds: int = 60) -> Any:
         end = time.time()
-        return self.api(
-            "query_range", query=expr, start=str(end - seconds), end=str(end), step="1"
-        )
+        return self.api("query_range", query=expr, start=str(end - seconds), end=str(end), step="1")
 
     def wait_for(self, what: str, check: Callable[[], bool]) -> None:
         wait_for(what, check, self.process, self.log)
@@ -147,9 +147,7 @@ def prometheus(target: str, tmp: Path) -> Iterator[Prometheus]:
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(RULES)],
-                "scrape_configs": [
-                    {"job_name": JOB, "static_configs": [{"targets": [target]}]}
-                ],
+                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
             }
         )
     )
@@ -165,21 +163,25 @@ def prometheus(target: str, tmp: Path) -> Iterator[Prometheus]:
 
         def ready() -> bool:
             with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as r:
-                return r.status == 200
+                status: int = r.status
+                return status == 200
 
         wait_for("prometheus", ready, process, log)
         yield Prometheus(url, process, log)
 
 
-def substitute(expr: str, values: dict[str, str]) -> str:
-    """Replace Grafana template variables; an unknown one is a test failure."""
+def substitute(expr: str, values: dict[str, str]) -> tuple[str, list[str]]:
+    """Replace Grafana template variables; also return the names it does not know."""
+    unknown: list[str] = []
 
     def one(match: re.Match[str]) -> str:
         name = next(group for group in match.groups() if group)
-        assert name in values, f"unknown template variable ${name} in {expr}"
+        if name not in values:
+            unknown.append(name)
+            return match.group(0)
         return values[name]
 
-    return VARIABLE.sub(one, expr)
+    return VARIABLE.sub(one, expr), unknown
 
 
 def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -281,7 +283,9 @@ def check_variable(
     prom: Prometheus, dashboard: str, variable: dict[str, Any], values: dict[str, str]
 ) -> list[str]:
     """`label_values(SELECTOR, LABEL)` as Grafana asks it: the series API, by label."""
-    definition = substitute(variable["definition"], values)
+    definition, unknown = substitute(variable["definition"], values)
+    if unknown:
+        return [f"{dashboard} ${variable['name']}: unknown variables {unknown}: {definition}"]
     match = re.fullmatch(r"label_values\((.+), (\w+)\)", definition)
     if match is None:
         return [f"{dashboard} ${variable['name']}: not label_values(...): {definition}"]
@@ -295,7 +299,9 @@ def check_variable(
 def check_panel_target(
     prom: Prometheus, where: str, target: dict[str, Any], values: dict[str, str]
 ) -> list[str]:
-    expr = substitute(target["expr"], values)
+    expr, unknown = substitute(target["expr"], values)
+    if unknown:
+        return [f"{where} {target['refId']}: unknown variables {unknown}\n  {expr}"]
     response = prom.query(expr) if target.get("instant") else prom.query_range(expr)
     if response["status"] != "success":
         return [f"{where} {target['refId']}: does not parse: {response.get('error')}\n  {expr}"]
@@ -330,7 +336,9 @@ def check_alert_rules(prom: Prometheus, ours: str) -> None:
     prom.wait_for("rule evaluation", evaluated)
     loaded = [r for g in prom.api("rules")["data"]["groups"] for r in g["rules"]]
     assert sorted(r["name"] for r in loaded) == sorted(r["alert"] for r in rules)
-    assert [(r["name"], r["health"], r.get("lastError", "")) for r in loaded if r["health"] != "ok"] == []
+    assert [
+        (r["name"], r["health"], r.get("lastError", "")) for r in loaded if r["health"] != "ok"
+    ] == []
     states = {
         a["labels"]["alertname"]: a["state"]
         for a in prom.api("alerts")["data"]["alerts"]

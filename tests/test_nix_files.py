@@ -64,7 +64,9 @@ def normalize(name: str) -> str:
 def pyproject_dependencies() -> set[str]:
     with open(REPO / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
-    return {normalize(re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]) for spec in project["dependencies"]}
+    return {
+        normalize(re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]) for spec in project["dependencies"]
+    }
 
 
 def package_nix_dependencies() -> set[str]:
@@ -122,7 +124,10 @@ def nixpkgs_lib() -> str:
 
 
 def nix_eval(lib: str, expression: Path, **args: str) -> subprocess.CompletedProcess[str]:
-    argv = [require_tool("nix-instantiate"), "--eval", "--strict", "--json", str(expression)]
+    # --read-write-mode: the generated config files (builtins.toFile) must really be
+    # written to the store, so the test can read them back.
+    argv = [require_tool("nix-instantiate"), "--eval", "--strict", "--json", "--read-write-mode"]
+    argv.append(str(expression))
     argv += ["--argstr", "libPath", lib]
     for name, value in args.items():
         argv += ["--argstr", name, value]
@@ -174,6 +179,30 @@ def config_file(argv: list[str]) -> dict[str, Any]:
 def test_exec_argv_follows_systemd_quoting() -> None:
     argv = exec_argv('"/bin/x" "a b" "100%%" --f %d/token "$$HOME"')
     assert argv == ["/bin/x", "a b", "100%", "--f", f"{CREDENTIALS_DIR}/token", "$HOME"]
+
+
+ORIGINAL_OPTIONS = {
+    "enable",
+    "package",
+    "url",
+    "extraArgs",
+    "interval",
+    "randomizedDelay",
+    "switchMode",
+    "rebootMode",
+    "prometheusFilePath",
+}
+
+
+@pytest.mark.nix
+def test_options_are_documented_and_keep_the_original_names(evaluate: Evaluate) -> None:
+    (record,) = evaluate(BASE)
+    options = {o["name"].removeprefix("system.autoDeploy."): o for o in record["options"]}
+    assert ORIGINAL_OPTIONS | {"actuator.enable", "collectInterval"} <= set(options)
+    for name, option in options.items():
+        assert option["description"].strip(), f"{name} has no description"
+        assert option["type"], f"{name} has no type"
+    assert options["rebootMode"]["type"] == 'null or one of "reboot", "kexec"'
 
 
 @pytest.mark.nix
@@ -288,7 +317,9 @@ def test_original_defaults(evaluate: Evaluate) -> None:
     timer = record["timers"][ACTUATOR]["timerConfig"]
     assert timer["OnCalendar"] == "04:42"
     assert timer["RandomizedDelaySec"] == "0"
-    settings = program_settings(exec_argv(record["services"][ACTUATOR]["serviceConfig"]["ExecStart"]))
+    settings = program_settings(
+        exec_argv(record["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
     assert settings.switch_mode is SwitchMode.SWITCH
     assert settings.reboot_mode is None
     assert settings.prometheus_path is None
@@ -346,8 +377,7 @@ def test_monitoring_only_host_has_only_the_collector(evaluate: Evaluate) -> None
 
 @pytest.mark.nix
 def test_disabled_module_configures_nothing(evaluate: Evaluate) -> None:
-    (record,) = evaluate({"url": BASE["url"]}, {})
-    for disabled in (record, evaluate({})[0]):
+    for disabled in evaluate({"url": BASE["url"]}, {}):
         assert disabled["services"] == {} and disabled["timers"] == {}
         assert disabled["activationScripts"] == {} and disabled["systemPackages"] == []
         assert disabled["failedAssertions"] == []
@@ -385,7 +415,9 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
             assert len(failed) == 1 and failed[0].startswith(REBOOT_WITHOUT_ACTUATOR), case
         else:
             assert failed == [], case
-        collector = program_settings(exec_argv(record["services"][COLLECTOR]["serviceConfig"]["ExecStart"]))
+        collector = program_settings(
+            exec_argv(record["services"][COLLECTOR]["serviceConfig"]["ExecStart"])
+        )
         assert collector.prometheus_path == metrics, case
         if actuator:
             unit = record["services"][ACTUATOR]["serviceConfig"]
@@ -429,7 +461,9 @@ def test_assertions_explain_what_is_wrong(
         ({"timeout": 0}, "system.autoDeploy.timeout"),
     ],
 )
-def test_invalid_values_are_rejected(nixpkgs_lib: str, settings: dict[str, Any], option: str) -> None:
+def test_invalid_values_are_rejected(
+    nixpkgs_lib: str, settings: dict[str, Any], option: str
+) -> None:
     result = nix_eval(nixpkgs_lib, EVAL_MODULE, casesJson=json.dumps([BASE | settings]))
     assert result.returncode != 0
     assert option in result.stderr

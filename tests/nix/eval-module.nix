@@ -114,10 +114,16 @@ let
           specialArgs = { inherit pkgs; };
         })
         config
+        options
         ;
       package = config.system.autoDeploy.package;
     in
     {
+      # Rendering the documentation reads every option's type and description.
+      options = map (option: {
+        inherit (option) name description type;
+        hasExample = option ? example;
+      }) (lib.optionAttrSetToDocList options.system.autoDeploy);
       failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
       services = config.systemd.services;
       timers = config.systemd.timers;
