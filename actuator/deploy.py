@@ -18,7 +18,7 @@ from collector.fsutil import atomic_write
 from collector.lock import locked
 from collector.process import run
 from collector.snapshot import Deploys, Snapshot, load_deploys, load_snapshot, save_deploys
-from collector.state import Deployed, read_links, save_deployed
+from collector.state import Deployed, boot_differs, read_links, save_deployed
 from collector.store import StorePath
 
 from .gate import Action, Decision, decide, may_reboot
@@ -142,9 +142,14 @@ def _deploy(settings: Settings, snapshot: Snapshot, deploys: Deploys, activation
     except ProcessError as e:
         message = f"switch-to-configuration {activation} of {system.name} failed: {e.message}"
         # Back to the generation that was the next boot's before, so a failed system is
-        # not what the machine boots into; the deployed record stays as it was.
-        if before.profile is not None and before.profile != system:
-            nix.set_profile(paths.profile, before.profile)
+        # not what the machine boots into; the deployed record stays as it was. A run
+        # killed after `nix-env --set` left the failed system there already: then back to
+        # what was deployed, or what runs.
+        fallback = before.profile
+        if fallback in (None, system):
+            fallback = snapshot.deployed.path if snapshot.deployed else before.current
+        if fallback is not None and fallback != system:
+            nix.set_profile(paths.profile, fallback)
         _record_result(paths, deploys, system, activation, message)
         raise ActuatorError(message) from None
     save_deployed(paths, Deployed(system, activation, before.current, time.time()))
@@ -173,7 +178,11 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
             ["nix-env", "--profile", paths.profile, "--set", upstream.path],
             switch_argv(paths, upstream, decision.activation),
         ]
-        if settings.reboot_mode and (decision.activation == "boot" or snapshot.reboot_required):
+        # What the real run would find afterwards: a boot waiting, or a new kernel running.
+        leaves_reboot = decision.activation == "boot" or boot_differs(
+            snapshot.links.booted, upstream
+        )
+        if settings.reboot_mode and leaves_reboot:
             commands += reboot_argvs(settings, upstream)
     elif decision.action is Action.REBOOT and snapshot.deployed is not None:
         commands = reboot_argvs(settings, snapshot.deployed.path)

@@ -18,7 +18,7 @@ from .snapshot import (
     save_snapshot,
     save_upstream,
 )
-from .state import classify, load_deployed, read_links, reboot_required
+from .state import classify, load_deployed, mirror_deployed, read_links, reboot_required
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) ->
     if changed:
         log.info("upstream is now %s", path)
     record = Upstream(
-        url=settings.url,
+        url=upstream.shown(settings.url),
         path=path,
         etag=fetched.etag,
         last_modified=fetched.last_modified,
@@ -70,6 +70,7 @@ def observe(settings: Settings, upstream_record: Upstream, duration: float) -> S
     paths = settings.paths
     links = read_links(paths)
     deployed = load_deployed(paths)
+    mirror_deployed(paths, deployed)
     state = classify(links, deployed)
     deploys = load_deploys(paths)
     snapshot = Snapshot(
@@ -105,5 +106,7 @@ def collect(settings: Settings) -> Snapshot:
     try:
         record = _refresh_upstream(settings, known, time.time())
     except (AutodeployError, OSError) as e:
-        record = dataclasses.replace(known or Upstream(url=settings.url), error=str(e))
+        record = dataclasses.replace(
+            known or Upstream(url=upstream.shown(settings.url)), error=str(e)
+        )
     return observe(settings, record, time.monotonic() - started)

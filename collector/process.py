@@ -24,11 +24,16 @@ class Result:
 
 
 def _error_line(stderr: str) -> str:
-    """Nix and most tools end with the reason; keep it on one line."""
+    """The tool's reason on one line: its error lines, with the warnings that explain them
+    (Nix 2.8 gives "is not signed by any of the keys" only as a warning)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith("error:"):
-            return " ".join(lines[i:]).removeprefix("error:").strip()
+    said = [
+        line.split(":", 1)[1].strip()
+        for line in lines
+        if line.startswith(("error:", "warning:")) and line.split(":", 1)[1].strip()
+    ]
+    if said:
+        return "; ".join(said[-4:])
     return lines[-1] if lines else "no message"
 
 
@@ -62,8 +67,10 @@ def run(
     if stream_stderr:
         assert proc.stderr is not None
         kept: deque[str] = deque(maxlen=200)
+        # Named, so that the tool's own "error:" lines are not taken for ours.
+        prefix = f"{os.path.basename(args[0])}: "
         for line in proc.stderr:
-            sys.stderr.write(line)
+            sys.stderr.write(prefix + line)
             sys.stderr.flush()
             kept.append(line)
         proc.wait()

@@ -75,7 +75,14 @@ def load_deployed(paths: Paths) -> Deployed | None:
 
 def save_deployed(paths: Paths, deployed: Deployed) -> None:
     atomic_write_json(paths.state("deployed.json"), deployed.to_json())
-    atomic_symlink(deployed.path.path, paths.deployed_link)  # the original tool's location
+    mirror_deployed(paths, deployed)
+
+
+def mirror_deployed(paths: Paths, deployed: Deployed | None) -> None:
+    """Keep /run/deployed-system (the original tool's record, read by existing scripts) in
+    step with the record; /run starts empty after every boot."""
+    if deployed is not None and resolve_link(paths.deployed_link, paths.root) != deployed.path:
+        atomic_symlink(deployed.path.path, paths.deployed_link)
 
 
 @dataclass(frozen=True)

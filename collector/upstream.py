@@ -170,7 +170,7 @@ def _fetch(
         if urlsplit(url).netloc.rpartition("@")[2].lower() == origin:
             headers.update(dict(settings.headers))
             headers.update(credentials)
-        if cached is not None and cached.url == settings.url:
+        if cached is not None and cached.url == shown(settings.url):
             if cached.etag:
                 headers["If-None-Match"] = cached.etag
             if cached.last_modified:

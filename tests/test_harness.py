@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import signal
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -140,7 +141,9 @@ def test_slow_activation_waits_before_acting(host: Host) -> None:
     host.realise(system)
     host.slow_activation(600)
     process = subprocess.Popen(
-        [f"{system.path}/bin/switch-to-configuration", "switch"], env=host.agent_env()
+        [f"{system.path}/bin/switch-to-configuration", "switch"],
+        env=host.agent_env(),
+        start_new_session=True,  # so its `sleep` child goes too
     )
     try:
         # Still sleeping: nothing logged or pointed yet.
@@ -148,7 +151,7 @@ def test_slow_activation_waits_before_acting(host: Host) -> None:
         assert host.activations() == []
         assert host.current() is None
     finally:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 

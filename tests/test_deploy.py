@@ -1,0 +1,850 @@
+"""`deploy` end to end: real Nix, a signed binary cache on loopback, a sandbox root.
+
+The original tool's NixOS VM test scenarios as operations on a sandbox host, then
+everything the actuator adds: switch modes, reboot and kexec, failures, snapshots,
+dry runs, the lock, and runs killed half way. Only `systemctl` and `kexec` are
+replaced (by the harness' recorders); everything else is the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import AgentResult, Host, System, SystemSpec, point_link, read_link, run_checked
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.nix
+
+NEW_KERNEL = "6.6.1"  # the default SystemSpec kernel is 6.1.0
+
+
+# ---- helpers -------------------------------------------------------------------
+
+
+def deploy(host: Host, *args: str) -> AgentResult:
+    """`nixos-autodeploy deploy` against the host's server, writing the host's metrics."""
+    return host.run_agent("deploy", *deploy_args(host, *args))
+
+
+def deploy_args(host: Host, *args: str) -> list[str]:
+    return [
+        "--url",
+        host.url,
+        "--timeout",
+        "30",
+        "--prometheus-path",
+        str(host.metrics_path),
+        *args,
+    ]
+
+
+def error_lines(result: AgentResult) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def record(host: Host) -> Any:
+    """The deployed record (deployed.json), or None when there is none."""
+    path = host.state_dir / "deployed.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def deployed_mirror(host: Host) -> str | None:
+    return read_link(host.root / "run/deployed-system")
+
+
+def history(host: Host) -> list[dict[str, Any]]:
+    path = host.state_dir / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def decisions(host: Host) -> list[tuple[str, str]]:
+    """(action, state) of each decision in the history."""
+    return [(e["action"], e["state"]) for e in history(host) if e["event"] == "decision"]
+
+
+def state_files(host: Host) -> dict[str, bytes]:
+    """Everything in the state dir but the lock file, for before/after comparison."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(host.state_dir.iterdir())
+        if p.is_file() and p.name != "lock"
+    }
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series, parsed with Prometheus' own text parser."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no series {name}{labels} in:\n{text}")
+
+
+def assert_links(
+    host: Host, *, current: System, profile: System, booted: System | None = None
+) -> None:
+    assert host.current() == current.path
+    assert host.profile() == profile.path
+    if booted is not None:
+        assert host.booted() == booted.path
+
+
+def assert_record(
+    host: Host, path: System, mode: str, previous: System | None, rebooted: bool = False
+) -> None:
+    """deployed.json and its /run/deployed-system mirror point at `path`."""
+    deployed = record(host)
+    assert deployed is not None, "no deployed record"
+    assert (deployed["version"], deployed["path"], deployed["mode"]) == (1, path.path, mode)
+    assert deployed["previous"] == (previous.path if previous else None)
+    assert (deployed["reboot_issued_at"] is not None) is rebooted
+    assert deployed_mirror(host) == path.path
+
+
+def switch_by_hand(host: Host, system: System) -> None:
+    """`switch-to-configuration switch` alone, without touching the profile (as colmena's
+    `apply-local` or a hand-run activation does)."""
+    path = host.realise(system)
+    run_checked([f"{path}/bin/switch-to-configuration", "switch"], env=host.agent_env())
+
+
+def log_reboot_call_order(host: Host) -> Path:
+    """Make the harness' systemctl and kexec recorders also append their name to one log,
+    so a test sees the order of the calls across both (kexec must load first)."""
+    order = host.tmp / "reboot-order.log"
+    for name in ("kexec", "systemctl"):
+        script = host.bin_dir / name
+        script.write_text(script.read_text() + f"printf '%s\\n' {name} >> '{order}'\n")
+    return order
+
+
+def reboot_calls(order: Path) -> list[str]:
+    return order.read_text().split() if order.exists() else []
+
+
+def start_deploy(host: Host, *args: str) -> subprocess.Popen[str]:
+    """`deploy` in the background, in a session of its own so a test can kill it the way
+    systemd stops a unit: the agent and everything it started."""
+    argv = [sys.executable, "-m", "collector.cli", "deploy", "--root", str(host.root)]
+    return subprocess.Popen(
+        argv + deploy_args(host, *args),
+        env=host.agent_env(),
+        cwd=host.tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@contextmanager
+def held_activation(host: Host, deploy_run: subprocess.Popen[str]) -> Iterator[None]:
+    """Hold `deploy_run` inside switch-to-configuration until the block ends.
+
+    The synthetic switch-to-configuration sleeps for `cat <root>/slow-activation` seconds
+    (what `host.slow_activation` writes) before it acts. Made a FIFO, that `cat` blocks
+    until we write: opening the FIFO for writing succeeds once the activation has it open,
+    so the test knows, without guessing a duration, that the deploy is inside the
+    activation, with the profile set and the lock held. Leaving the block lets it go on.
+    """
+    fifo = host.root / "slow-activation"
+    writer = -1
+    give_up = time.monotonic() + 300  # a safety net against a hung test, not an assertion
+    while writer < 0:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+            if deploy_run.poll() is not None:
+                out, err = deploy_run.communicate()
+                raise AssertionError(f"deploy ended before its activation:\n{out}{err}") from None
+            assert time.monotonic() < give_up, "deploy never reached its activation"
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        # sleep 0: the activation goes on (unless the test killed it: no reader left)
+        with contextlib.suppress(BrokenPipeError):
+            os.write(writer, b"0\n")
+        os.close(writer)
+
+
+def stop(deploy_run: subprocess.Popen[str]) -> None:
+    """Make sure a background deploy this test started is gone."""
+    if deploy_run.poll() is None:
+        os.killpg(deploy_run.pid, signal.SIGKILL)
+    deploy_run.communicate()
+
+
+def tracking(host: Host, installed: System, upstream: System) -> None:
+    """A host the agent tracks: it runs `installed`, recorded as deployed; CI publishes
+    `upstream`."""
+    host.install(installed)
+    host.write_deployed(installed, previous=installed)
+    host.publish(upstream)
+
+
+# ---- the original tool's scenarios ------------------------------------------------
+
+
+def test_fresh_host_matching_upstream_starts_tracking(host: Host) -> None:
+    a = host.build_one("a")
+    host.install(a)
+    host.publish(a)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_record(host, a, "switch", previous=a)
+    assert_links(host, current=a, profile=a, booted=a)
+    assert host.activations() == []
+    assert host.recorded("nix-env") == []
+    assert decisions(host) == [("track", "untracked")]
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["dirty"]) == ("up-to-date", False)
+    assert snapshot["deployed"]["path"] == a.path
+
+
+def test_fresh_host_differing_from_upstream_is_dirty_and_changes_nothing(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    host.install(a)
+    host.publish(b)
+    before = host.links()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.links() == {**before, "upstream": b.path}, "only the collection pinned upstream"
+    assert record(host) is None and deployed_mirror(host) is None
+    assert host.activations() == [] and host.recorded("nix-env") == []
+    assert decisions(host) == [("nothing", "dirty")]
+    assert host.snapshot()["dirty"] is True
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 1
+
+
+def test_differing_record_and_matching_upstream_resumes_tracking(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    host.install(a)
+    host.write_deployed(b)
+    host.publish(a)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_record(host, a, "switch", previous=a)
+    assert_links(host, current=a, profile=a)
+    assert host.activations() == []
+    assert decisions(host) == [("track", "untracked")]
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_differing_record_and_differing_upstream_is_dirty(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    host.install(a)
+    host.write_deployed(b)
+    host.publish(c)
+    before_record = (host.state_dir / "deployed.json").read_bytes()
+    before = host.links()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.links() == {**before, "upstream": c.path}
+    assert (host.state_dir / "deployed.json").read_bytes() == before_record
+    assert host.activations() == [] and host.recorded("nix-env") == []
+    assert decisions(host) == [("nothing", "dirty")]
+    (reason,) = [line for line in result.stderr.splitlines() if "dirty:" in line]
+    for name in (a.basename, b.basename, c.basename, "--force overrides"):
+        assert name in reason, reason
+
+
+def test_tracking_and_same_upstream_is_up_to_date_and_runs_nothing(host: Host) -> None:
+    a = host.build_one("a")
+    tracking(host, a, a)
+    before = host.links()
+    before_record = (host.state_dir / "deployed.json").read_bytes()
+    result = deploy(host, "--reboot-mode", "reboot")
+    assert result.returncode == 0, result
+    assert host.links() == {**before, "upstream": a.path}
+    assert (host.state_dir / "deployed.json").read_bytes() == before_record
+    assert host.activations() == []
+    assert host.recorded("nix-env") == [] and host.recorded("systemd-run") == []
+    assert host.recorded("systemctl") == [] and host.recorded("kexec") == []
+    assert decisions(host) == [("nothing", "up-to-date")]
+    assert not (host.state_dir / "deploys.json").exists()
+
+
+def test_tracking_and_new_upstream_deploys(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.activations() == [("switch", b.path)]
+    assert host.recorded("nix-env") == [["--profile", str(host.profile_link), "--set", b.path]]
+    assert_links(host, current=b, profile=b, booted=a)
+    assert host.boot_default() == b.path
+    assert_record(host, b, "switch", previous=a)
+    assert host.recorded("systemctl") == [] and host.recorded("kexec") == []
+    # One history line per decision and per action.
+    events = history(host)
+    assert [e["event"] for e in events] == ["decision", "deploy"]
+    assert (events[0]["action"], events[0]["state"]) == ("deploy", "update-available")
+    assert b.basename in events[0]["reason"]
+    assert {k: events[1][k] for k in ("path", "mode", "result", "message")} == {
+        "path": b.path,
+        "mode": "switch",
+        "result": "success",
+        "message": "",
+    }
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": 1, "failure": 0}
+    assert deploys["failed_path"] is None
+    assert deploys["last"]["result"] == "success"
+    # The snapshot and metrics were refreshed after the deploy.
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["current"]) == ("up-to-date", b.path)
+    text = host.metrics()
+    assert metric(text, "nixos_autodeploy_state", state="up-to-date") == 1
+    assert metric(text, "nixos_autodeploy_last_deploy_success") == 1
+    assert metric(text, "nixos_autodeploy_deployments_total", result="success") == 1
+    assert metric(text, "nixos_autodeploy_deployments_total", result="failure") == 0
+    assert metric(text, "nixos_autodeploy_last_deploy_timestamp_seconds") == pytest.approx(
+        deploys["last"]["at"]
+    )
+    # `status` shows the last deploy.
+    shown = json.loads(host.status("--json").stdout)
+    assert (shown["state"], shown["deployed"]) == ("up-to-date", b.path)
+    assert shown["last_deploy"]["path"] == b.path
+    assert shown["last_deploy"]["result"] == "success"
+    table = host.run_agent("status", env={"COLUMNS": "250"})
+    assert table.returncode == 0, table
+    assert "last deploy: success (switch)" in table.stdout
+
+
+@pytest.mark.parametrize("with_profile", [False, True], ids=["switch-only", "nix-env-then-switch"])
+def test_manual_deploy_while_tracking_is_dirty_and_left_alone(
+    host: Host, with_profile: bool
+) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("manual"))
+    a, manual = systems["a"], systems["manual"]
+    tracking(host, a, a)
+    assert deploy(host).returncode == 0
+    assert decisions(host) == [("nothing", "up-to-date")]
+    if with_profile:
+        host.deploy_by_hand(manual, "switch")  # what nixos-rebuild switch and colmena do
+    else:
+        switch_by_hand(host, manual)
+    activations = host.activations()
+    before = host.links()
+    before_record = (host.state_dir / "deployed.json").read_bytes()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.links() == before
+    assert before["current"] == manual.path
+    assert before["profile"] == (manual.path if with_profile else a.path)
+    assert (host.state_dir / "deployed.json").read_bytes() == before_record
+    assert host.activations() == activations
+    assert host.recorded("nix-env") == []
+    assert decisions(host)[-1] == ("nothing", "dirty")
+    (reason,) = [line for line in result.stderr.splitlines() if "dirty:" in line]
+    assert manual.basename in reason and a.basename in reason, reason
+    assert "--force overrides" in reason
+    assert host.snapshot()["dirty"] is True
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 1
+
+
+# ---- beyond them -----------------------------------------------------------------
+
+
+def test_force_deploys_a_dirty_host(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    host.install(a)
+    host.publish(b)
+    result = deploy(host, "--force")
+    assert result.returncode == 0, result
+    assert host.activations() == [("switch", b.path)]
+    assert_links(host, current=b, profile=b)
+    assert_record(host, b, "switch", previous=a)
+    assert decisions(host) == [("deploy", "dirty")]
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_reboot_while_upstream_moved_on_deploys_the_new_upstream(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    assert deploy(host, "--switch-mode", "boot").returncode == 0
+    assert host.activations() == [("boot", b.path)]
+    assert_links(host, current=a, profile=b)
+    assert_record(host, b, "boot", previous=a)
+    assert host.snapshot()["state"] == "pending-reboot"
+    host.reboot()  # /run starts empty; the record lives in the state dir
+    host.publish(c)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.activations() == [("boot", b.path), ("switch", c.path)]
+    assert_links(host, current=c, profile=c, booted=b)
+    assert_record(host, c, "switch", previous=b)
+    assert decisions(host)[-1] == ("deploy", "update-available")
+    assert host.snapshot()["dirty"] is False
+
+
+@pytest.mark.parametrize(
+    ("kernel", "activation"), [(NEW_KERNEL, "boot"), ("6.1.0", "switch")], ids=["kernel", "same"]
+)
+def test_smart_mode_boots_a_new_kernel_and_switches_otherwise(
+    host: Host, kernel: str, activation: str
+) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=kernel, extra="changed"))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    result = deploy(host, "--switch-mode", "smart")
+    assert result.returncode == 0, result
+    assert host.activations() == [(activation, new.path)]
+    assert host.profile() == new.path and host.boot_default() == new.path
+    assert_record(host, new, activation, previous=old)
+    snapshot = host.snapshot()
+    if activation == "boot":
+        assert host.current() == old.path
+        assert (snapshot["state"], snapshot["reboot_required"]) == ("pending-reboot", True)
+        assert snapshot["dirty"] is False
+        assert metric(host.metrics(), "nixos_autodeploy_reboot_required") == 1
+    else:
+        assert host.current() == new.path
+        assert (snapshot["state"], snapshot["reboot_required"]) == ("up-to-date", False)
+    assert host.recorded("systemctl") == []
+
+
+def test_pending_reboot_then_reboot_into_it_is_up_to_date(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    assert deploy(host, "--switch-mode", "smart").returncode == 0
+    assert host.snapshot()["state"] == "pending-reboot"
+    host.reboot()
+    result = deploy(host, "--switch-mode", "smart", "--reboot-mode", "reboot")
+    assert result.returncode == 0, result
+    assert_links(host, current=new, profile=new, booted=new)
+    deployed = record(host)
+    assert (deployed["path"], deployed["mode"], deployed["previous"]) == (
+        new.path,
+        "boot",
+        old.path,
+    )
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["reboot_required"]) == ("up-to-date", False)
+    assert decisions(host)[-1] == ("nothing", "up-to-date")
+    assert host.activations() == [("boot", new.path)]
+    assert host.recorded("systemctl") == [] and host.recorded("kexec") == []
+    assert metric(host.metrics(), "nixos_autodeploy_reboot_required") == 0
+    assert deployed_mirror(host) == new.path, "the reboot wiped /run; its record mirror is back"
+
+
+@pytest.mark.parametrize("reboot_mode", ["reboot", "kexec"])
+def test_reboot_mode_reboots_once_into_a_boot_deploy(host: Host, reboot_mode: str) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    order = log_reboot_call_order(host)
+    args = ("--switch-mode", "boot", "--reboot-mode", reboot_mode)
+    result = deploy(host, *args)
+    assert result.returncode == 0, result
+    assert host.activations() == [("boot", new.path)]
+    if reboot_mode == "reboot":
+        assert host.recorded("systemctl") == [["reboot"]]
+        assert host.recorded("kexec") == []
+        assert reboot_calls(order) == ["systemctl"]
+    else:
+        assert host.recorded("kexec") == [
+            [
+                "--load",
+                f"{new}/kernel",
+                f"--initrd={new}/initrd",
+                f"--append=loglevel=4 autodeploy=new init={new}/init",
+            ]
+        ]
+        assert host.recorded("systemctl") == [["kexec"]]
+        assert reboot_calls(order) == ["kexec", "systemctl"]
+    assert_record(host, new, "boot", previous=old, rebooted=True)
+    assert [e["event"] for e in history(host)] == ["decision", "deploy", reboot_mode]
+    # The reboot did not take: the boot menu picked the old generation.
+    point_link(host.boot_default_link, old.path)
+    host.reboot()
+    again = deploy(host, *args)
+    assert again.returncode == 0, again
+    assert "not rebooting again" in again.stderr
+    assert len(reboot_calls(order)) == (1 if reboot_mode == "reboot" else 2)
+    assert host.activations() == [("boot", new.path)]
+    assert_links(host, current=old, profile=new, booted=old)
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["reboot_required"]) == ("pending-reboot", True)
+    assert decisions(host)[-1] == ("nothing", "pending-reboot")
+
+
+@pytest.mark.parametrize("reboot_mode", ["reboot", "kexec"])
+def test_reboot_mode_does_not_reboot_when_nothing_requires_it(host: Host, reboot_mode: str) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", extra="same kernel"))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    for _ in range(2):  # a switch-mode deploy, then a run on the up-to-date host
+        result = deploy(host, "--switch-mode", "switch", "--reboot-mode", reboot_mode)
+        assert result.returncode == 0, result
+        assert host.recorded("systemctl") == [] and host.recorded("kexec") == []
+    assert host.activations() == [("switch", new.path)]
+    assert decisions(host) == [("deploy", "update-available"), ("nothing", "up-to-date")]
+    assert_record(host, new, "switch", previous=old)
+    assert host.snapshot()["reboot_required"] is False
+
+
+def test_switch_into_a_new_kernel_reboots_once(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    result = deploy(host, "--switch-mode", "switch", "--reboot-mode", "reboot")
+    assert result.returncode == 0, result
+    assert host.activations() == [("switch", new.path)]
+    assert_links(host, current=new, profile=new, booted=old)
+    assert host.recorded("systemctl") == [["reboot"]]
+    assert_record(host, new, "switch", previous=old, rebooted=True)
+    # The machine did not reboot: still booted on the old kernel, reported, not rebooted.
+    again = deploy(host, "--switch-mode", "switch", "--reboot-mode", "reboot")
+    assert again.returncode == 0, again
+    assert host.recorded("systemctl") == [["reboot"]]
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["reboot_required"]) == ("up-to-date", True)
+
+
+def test_pending_reboot_reboots_once_when_a_reboot_mode_is_configured_later(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    assert deploy(host, "--switch-mode", "boot").returncode == 0
+    assert host.recorded("systemctl") == []
+    dry = deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot", "--dry-run")
+    assert dry.returncode == 0, dry
+    assert dry.stdout.splitlines()[0].startswith("decision: reboot: pending reboot into")
+    assert dry.stdout.splitlines()[1:] == ["would run: systemctl reboot"]
+    assert host.recorded("systemctl") == []
+    for _ in range(2):
+        result = deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot")
+        assert result.returncode == 0, result
+    assert host.recorded("systemctl") == [["reboot"]]
+    assert decisions(host) == [
+        ("deploy", "update-available"),
+        ("reboot", "pending-reboot"),
+        ("nothing", "pending-reboot"),
+    ]
+    assert host.activations() == [("boot", new.path)]
+    assert_record(host, new, "boot", previous=old, rebooted=True)
+
+
+def test_failing_activation_is_reported_recorded_and_not_retried(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    before_record = (host.state_dir / "deployed.json").read_bytes()
+    host.fail_activation("unit nginx.service failed to start")
+    result = deploy(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert "unit nginx.service failed to start" in error
+    assert b.basename in error
+    assert host.activations() == [("switch", b.path)]
+    assert (host.state_dir / "deployed.json").read_bytes() == before_record
+    # The mirror follows the unchanged record (the test wrote the record without it).
+    assert deployed_mirror(host) == a.path
+    assert_links(host, current=a, profile=a, booted=a)
+    assert host.boot_default() == a.path
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": 0, "failure": 1}
+    assert deploys["failed_path"] == b.path
+    last = deploys["last"]
+    assert (last["path"], last["mode"], last["result"]) == (b.path, "switch", "failure")
+    assert "unit nginx.service failed to start" in last["message"]
+    assert [e["event"] for e in history(host)] == ["decision", "deploy"]
+    assert history(host)[-1]["result"] == "failure"
+    text = host.metrics()
+    assert metric(text, "nixos_autodeploy_last_deploy_success") == 0
+    assert metric(text, "nixos_autodeploy_deployments_total", result="failure") == 1
+    assert metric(text, "nixos_autodeploy_deployments_total", result="success") == 0
+    assert host.snapshot()["last_deploy"]["result"] == "failure"
+
+    # Not retried: the same upstream path would fail the same way.
+    (host.root / "fail-activation").unlink()
+    again = deploy(host)
+    assert again.returncode == 0, again
+    assert host.activations() == [("switch", b.path)]
+    assert "not retried" in again.stderr
+    assert host.read_json("deploys.json") == deploys
+    assert_links(host, current=a, profile=a)
+
+    # Upstream moved on: deployed.
+    host.publish(c)
+    assert host.collect().returncode == 0
+    third = deploy(host)
+    assert third.returncode == 0, third
+    assert host.activations() == [("switch", b.path), ("switch", c.path)]
+    assert_links(host, current=c, profile=c)
+    assert_record(host, c, "switch", previous=a)
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": 1, "failure": 1}
+    assert deploys["failed_path"] is None
+    assert metric(host.metrics(), "nixos_autodeploy_last_deploy_success") == 1
+
+
+def test_failing_activation_after_an_interrupted_run_leaves_the_deployed_system_bootable(
+    host: Host,
+) -> None:
+    """A run was killed after `nix-env --set` (the profile already names upstream); the
+    next run's activation fails. The profile must not keep naming the failed system, or
+    the next reboot boots it (and the agent would then track it as deployed)."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    host.set_profile(b)  # the killed run's nix-env --set
+    host.fail_activation("unit nginx.service failed to start")
+    result = deploy(host)
+    assert result.returncode == 1, result
+    assert host.activations() == [("switch", b.path)]
+    assert host.current() == a.path
+    assert host.profile() == a.path, "the profile still names the system that failed"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"version": 99}', b'{"version": 1, "state": "x"}'],
+    ids=["truncated", "binary", "list", "version", "fields"],
+)
+def test_corrupt_snapshot_is_one_error_line_and_changes_nothing(host: Host, content: bytes) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    assert host.collect().returncode == 0
+    (host.state_dir / "snapshot.json").write_bytes(content)
+    before, before_files = host.links(), state_files(host)
+    before_metrics = host.metrics()
+    host.server.reset_requests()
+    result = deploy(host)
+    assert result.returncode == 1, result
+    assert len(result.stderr_lines) == 1, result
+    assert result.stderr_lines[0].startswith("error:")
+    assert "snapshot" in result.stderr_lines[0]
+    assert host.links() == before
+    assert state_files(host) == before_files
+    assert host.metrics() == before_metrics
+    assert host.activations() == [] and host.recorded("nix-env") == []
+    assert host.server.count() == 0
+
+
+def test_fresh_snapshot_is_used_and_a_stale_one_is_collected_again(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, a)
+    assert host.collect().returncode == 0
+    host.publish(b)  # CI moved on since the collector's last run
+    host.server.reset_requests()
+
+    fresh = deploy(host, "--max-snapshot-age", "600")
+    assert fresh.returncode == 0, fresh
+    assert host.server.count() == 0, "a fresh snapshot needs no fetch"
+    assert decisions(host) == [("nothing", "up-to-date")]
+    assert host.activations() == []
+
+    path = host.state_dir / "snapshot.json"
+    snapshot = json.loads(path.read_text())
+    snapshot["collected_at"] -= 3600  # an hour older than --max-snapshot-age allows
+    path.write_text(json.dumps(snapshot))
+    stale = deploy(host, "--max-snapshot-age", "600")
+    assert stale.returncode == 0, stale
+    assert host.server.count("/upstream") == 1, "a stale snapshot is collected again first"
+    assert decisions(host)[-1] == ("deploy", "update-available")
+    assert host.activations() == [("switch", b.path)]
+    assert_record(host, b, "switch", previous=a)
+
+
+# The switch-reboot case: a switch into a new kernel leaves a reboot required, so the real
+# run reboots after it (test_switch_into_a_new_kernel_reboots_once); a dry run says so too.
+DRY_RUNS = {
+    "switch": (["--switch-mode", "switch"], "switch", []),
+    "boot-kexec": (["--switch-mode", "boot", "--reboot-mode", "kexec"], "boot", ["kexec"]),
+    "switch-reboot": (["--switch-mode", "switch", "--reboot-mode", "reboot"], "switch", ["reboot"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DRY_RUNS))
+def test_dry_run_prints_the_decision_and_commands_and_changes_nothing(
+    host: Host, case: str
+) -> None:
+    args, activation, reboot = DRY_RUNS[case]
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    assert host.collect().returncode == 0
+    before, before_files = host.links(), state_files(host)
+    before_metrics = host.metrics()
+    host.server.reset_requests()
+    nix_runs = host.spawn_count("nix-store", "nix-env", "nix")
+    result = deploy(host, "--dry-run", *args)
+    assert result.returncode == 0, result
+    expected = [
+        ["nix-env", "--profile", str(host.profile_link), "--set", new.path],
+        [f"{new}/bin/switch-to-configuration", activation],
+    ]
+    if reboot == ["reboot"]:
+        expected.append(["systemctl", "reboot"])
+    if reboot == ["kexec"]:
+        expected += [
+            [
+                "kexec",
+                "--load",
+                f"{new}/kernel",
+                f"--initrd={new}/initrd",
+                f"--append=loglevel=4 autodeploy=new init={new}/init",
+            ],
+            ["systemctl", "kexec"],
+        ]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("decision: deploy: "), result
+    assert new.basename in lines[0] and f"({activation})" in lines[0]
+    assert lines[1:] == ["would run: " + shlex.join(argv) for argv in expected]
+    assert host.links() == before
+    assert state_files(host) == before_files
+    assert host.metrics() == before_metrics
+    assert host.activations() == []
+    assert host.spawn_count("nix-store", "nix-env", "nix") == nix_runs
+    assert host.recorded("systemctl") == [] and host.recorded("kexec") == []
+    assert host.server.count() == 0
+
+
+def test_dry_run_under_systemd_runs_the_activation_in_its_own_unit(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    (host.root / "run/systemd/system").mkdir(parents=True)  # systemd is PID 1 on this host
+    result = deploy(host, "--dry-run")
+    assert result.returncode == 0, result
+    switch = shlex.split(result.stdout.splitlines()[-1].removeprefix("would run: "))
+    assert switch[0] == "systemd-run"
+    assert {"--wait", "--pipe", "--collect"} <= set(switch)
+    assert any(arg.startswith("--unit=") for arg in switch)
+    assert switch[-3:] == ["--", f"{b}/bin/switch-to-configuration", "switch"]
+    assert host.recorded("systemd-run") == [] and host.activations() == []
+
+
+def test_collect_racing_a_deploy_finds_the_lock_held_and_changes_nothing(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    os.mkfifo(host.root / "slow-activation")
+    deploy_run = start_deploy(host)
+    try:
+        with held_activation(host, deploy_run):
+            before, before_files = host.links(), state_files(host)
+            before_metrics = host.metrics()
+            host.server.reset_requests()
+            racing = host.collect()
+            assert racing.returncode == 0, racing
+            assert "holds" in racing.stderr and str(host.state_dir / "lock") in racing.stderr
+            assert host.server.count() == 0
+            assert host.links() == before
+            assert state_files(host) == before_files
+            assert host.metrics() == before_metrics
+            assert host.activations() == [], "the deploy is still inside its activation"
+        out, err = deploy_run.communicate(timeout=300)
+    finally:
+        stop(deploy_run)
+    assert deploy_run.returncode == 0, out + err
+    assert host.activations() == [("switch", b.path)]
+    assert_links(host, current=b, profile=b)
+    assert_record(host, b, "switch", previous=a)
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+# ---- crash safety ------------------------------------------------------------------
+
+
+def test_killed_after_set_profile_before_switch_deploys_again(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    assert host.collect().returncode == 0
+    host.set_profile(b)  # the killed run got this far
+    assert host.collect().returncode == 0
+    assert host.snapshot()["state"] == "update-available"
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert decisions(host) == [("deploy", "update-available")]
+    assert host.activations() == [("switch", b.path)]
+    assert_links(host, current=b, profile=b)
+    assert_record(host, b, "switch", previous=a)
+
+
+def test_killed_after_switch_before_record_resumes_tracking(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    assert host.collect().returncode == 0
+    host.deploy_by_hand(b, "switch")  # profile and switch done; the record still says a
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("untracked", False)
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 0
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert decisions(host) == [("track", "untracked")]
+    assert host.activations() == [("switch", b.path)], "no second activation"
+    assert_record(host, b, "switch", previous=b)
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_sigkill_during_activation_then_the_next_run_converges(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    os.mkfifo(host.root / "slow-activation")
+    deploy_run = start_deploy(host)
+    try:
+        with held_activation(host, deploy_run):
+            # As systemd stops a unit: the agent and the activation it started.
+            os.killpg(deploy_run.pid, signal.SIGKILL)
+            deploy_run.wait()
+    finally:
+        stop(deploy_run)
+    assert deploy_run.returncode == -signal.SIGKILL
+    assert host.activations() == []
+    assert_links(host, current=a, profile=b)  # killed between nix-env --set and the switch
+    assert record(host)["path"] == a.path
+    (host.root / "slow-activation").unlink()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert decisions(host)[-1] == ("deploy", "update-available")
+    assert host.activations() == [("switch", b.path)]
+    assert_links(host, current=b, profile=b)
+    assert_record(host, b, "switch", previous=a)
+    assert host.snapshot()["dirty"] is False
+
+
+def test_history_stays_bounded(host: Host) -> None:
+    a = host.build_one("a")
+    tracking(host, a, a)
+    old = json.dumps({"at": 1.0, "event": "decision", "filler": "x" * 200}) + "\n"
+    (host.state_dir / "history.jsonl").write_text(old * ((1 << 20) // len(old) + 1))
+    result = deploy(host)
+    assert result.returncode == 0, result
+    path = host.state_dir / "history.jsonl"
+    assert path.stat().st_size <= 1 << 20
+    events = history(host)  # every line is still JSON
+    assert (events[-1]["event"], events[-1]["action"]) == ("decision", "nothing")
+    assert events[0]["event"] == "decision"
