@@ -23,8 +23,11 @@ def atomic_write(path: str, data: str, mode: int = 0o644) -> None:
     """Write to a temporary name in the same directory, fsync, rename. On any failure
     (a full disk included) the old file stays and the temporary one is removed."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    except OSError as e:
+        raise StateError(f"cannot write {path}: {e.strerror}") from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
@@ -32,11 +35,13 @@ def atomic_write(path: str, data: str, mode: int = 0o644) -> None:
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(directory)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise StateError(f"cannot write {path}: {e.strerror}") from e
         raise
-    _fsync_dir(directory)
 
 
 def atomic_write_json(path: str, value: Any) -> None:

@@ -848,3 +848,21 @@ def test_history_stays_bounded(host: Host) -> None:
     events = history(host)  # every line is still JSON
     assert (events[-1]["event"], events[-1]["action"]) == ("decision", "nothing")
     assert events[0]["event"] == "decision"
+
+
+def test_upstream_that_is_not_a_nixos_system_is_refused(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b", nixos=False))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    before_record = (host.state_dir / "deployed.json").read_bytes()
+    result = deploy(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert b.path in error and "not a NixOS system" in error
+    # Realised and pinned (the collector's preview), but nothing else moved.
+    assert host.upstream() == b.path
+    assert host.activations() == []
+    assert host.recorded("nix-env") == []
+    assert (host.state_dir / "deployed.json").read_bytes() == before_record
+    assert_links(host, current=a, profile=a, booted=a)
+    assert host.snapshot()["state"] == "update-available"

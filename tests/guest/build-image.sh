@@ -27,6 +27,7 @@ if [ ! -f "$TARBALL" ]; then
   debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR"
   chroot "$ROOT" apt-get clean
   tar -C "$ROOT" -cf "$TMP/rootfs.tar" .
+  rm -f "$CACHE"/debootstrap-*.tar  # a changed package list leaves no stale root behind
   mv "$TMP/rootfs.tar" "$TARBALL"
 else
   mkdir "$ROOT"

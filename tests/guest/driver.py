@@ -253,7 +253,7 @@ def phase_restart() -> None:
     started = wait_for_line(STATE / "activations.log", f"start {SYSTEMS['slow']}", 300)
     restart = run("systemctl", "restart", AGENT_UNIT, check=False) if started else None
     finished = wait_for_line(STATE / "activations.log", f"done {SYSTEMS['slow']}", 300)
-    # Let whatever the restarted agent does settle before looking.
+    # The agent's next run (as its timer would start it), so the state has settled.
     run("systemctl", "start", AGENT_UNIT, check=False)
     report(
         "restart",

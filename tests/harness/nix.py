@@ -57,6 +57,7 @@ class SystemSpec:
     initrd: str | None = None  # defaults to the kernel version
     tag: str | None = None  # kernel-params autodeploy=<tag>, nixos-version; defaults to name
     extra: str = ""  # content of the non-kernel file `extra`
+    nixos: bool = True  # False: no bin/switch-to-configuration
 
     def to_json(self) -> dict[str, str]:
         for value in (self.name, self.kernel, self.initrd or self.kernel, self.tag or self.name):
@@ -68,6 +69,7 @@ class SystemSpec:
             "initrd": self.initrd or self.kernel,
             "tag": self.tag or self.name,
             "extra": self.extra,
+            "nixos": "1" if self.nixos else "",
         }
 
 

@@ -1,5 +1,6 @@
 # Synthetic NixOS-like systems for the tests; no nixpkgs needed.
-# specJSON: {"root": DIR, "salt": S, "systems": [{"name","kernel","initrd","tag","extra"}]}
+# specJSON: {"root": DIR, "salt": S, "systems": [{"name","kernel","initrd","tag","extra","nixos"}]}
+# nixos = "": no bin/switch-to-configuration (a store path that is not a NixOS system).
 # Result: one attribute per system name.
 { specJSON }:
 let
@@ -62,14 +63,17 @@ let
     printf '%s\n' "$extra" > "$out/extra"
     printf 'x86_64-linux' > "$out/system"
     printf '#!/bin/sh\necho "synthetic init of %s"\n' "$out" > "$out/init"
-    { printf "#!/bin/sh\nroot='%s'\nout='%s'\n" "$root" "$out"; printf '%s' "$stc"; } \
-      > "$out/bin/switch-to-configuration"
-    chmod +x "$out/init" "$out/bin/switch-to-configuration"
+    chmod +x "$out/init"
+    if [ -n "$nixos" ]; then
+      { printf "#!/bin/sh\nroot='%s'\nout='%s'\n" "$root" "$out"; printf '%s' "$stc"; } \
+        > "$out/bin/switch-to-configuration"
+      chmod +x "$out/bin/switch-to-configuration"
+    fi
   '' {
     kernel = kernel s.kernel;
     initrd = initrd s.initrd;
     kernelModules = kernelModules s.kernel;
-    inherit (s) tag extra;
+    inherit (s) tag extra nixos;
     root = spec.root;
     stc = switchToConfiguration;
   };
