@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import Host, NixBuilder, SigningKey, SystemSpec, TestServer  # noqa: E402
+from harness import Host, SystemSpec, standalone_host  # noqa: E402
 
 NIX_TOOLS = ("nix-store", "nix-env", "nix")
 
@@ -121,49 +120,41 @@ def main() -> int:
         if shutil.which(tool) is None:
             raise SystemExit(f"the benchmark needs {tool}")
     work = Path(tempfile.mkdtemp(prefix="nixos-autodeploy-bench-"))
-    (work / "cache").mkdir()
-    (work / "key").mkdir()
-    server = TestServer(cache_dir=work / "cache")
-    server.start()
     try:
-        builder = NixBuilder(
-            build_store=work / "build-store",
-            cache_dir=work / "cache",
-            key=SigningKey.generate(work / "key", "bench-1"),
-            root=work / "root",
-            salt=uuid.uuid4().hex[:12],
-            cache_home=work / "xdg-cache",
-        )
-        host = Host(tmp=work, builder=builder, server=server)
-        # A fresh system for every "changed" run of each side, all built in one nix-build.
-        systems = host.build(*(SystemSpec(f"s{i}", extra=str(i)) for i in range(2 * runs + 1)))
-        base = systems["s0"]
-        host.install(base)
-        host.write_deployed(base)
-        os.symlink(str(base), host.root / "run/deployed-system")
-        script = work / "original.sh"
-        script.write_text(ORIGINAL)
-        ours = [str(REPO / ".venv/bin/nixos-autodeploy"), "collect", "--root", str(host.root)]
-        ours += ["--url", host.url, "--prometheus-path", str(host.metrics_path)]
-        original = ["sh", str(script), host.url, str(host.root), str(work / "original.prom")]
-
-        results: dict[str, list[Sample]] = {}
-        for i in range(runs):
-            for name, argv, system in (
-                ("ours", ours, systems[f"s{2 * i + 1}"]),
-                ("original", original, systems[f"s{2 * i + 2}"]),
-            ):
-                host.publish(system)
-                body = (str(system) + "\n").encode()
-                for case in ("upstream changed", "nothing changed"):
-                    results.setdefault(f"{name}, {case}", []).append(measure(host, argv, body))
-        print(f"collect, median of {runs} runs each:")
-        for label in sorted(results, key=lambda k: (k.split(", ")[1], k)):
-            report(label, results[label])
+        with standalone_host(work, "bench-1") as host:
+            measure_all(host, runs)
     finally:
-        server.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def measure_all(host: Host, runs: int) -> None:
+    work = host.tmp
+    # A fresh system for every "changed" run of each side, all built in one nix-build.
+    systems = host.build(*(SystemSpec(f"s{i}", extra=str(i)) for i in range(2 * runs + 1)))
+    base = systems["s0"]
+    host.install(base)
+    host.write_deployed(base)
+    os.symlink(str(base), host.root / "run/deployed-system")
+    script = work / "original.sh"
+    script.write_text(ORIGINAL)
+    ours = [str(REPO / ".venv/bin/nixos-autodeploy"), "collect", "--root", str(host.root)]
+    ours += ["--url", host.url, "--prometheus-path", str(host.metrics_path)]
+    original = ["sh", str(script), host.url, str(host.root), str(work / "original.prom")]
+
+    results: dict[str, list[Sample]] = {}
+    for i in range(runs):
+        for name, argv, system in (
+            ("ours", ours, systems[f"s{2 * i + 1}"]),
+            ("original", original, systems[f"s{2 * i + 2}"]),
+        ):
+            host.publish(system)
+            body = (str(system) + "\n").encode()
+            for case in ("upstream changed", "nothing changed"):
+                results.setdefault(f"{name}, {case}", []).append(measure(host, argv, body))
+    print(f"collect, median of {runs} runs each:")
+    for label in sorted(results, key=lambda k: (k.split(", ")[1], k)):
+        report(label, results[label])
 
 
 if __name__ == "__main__":

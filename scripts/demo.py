@@ -10,13 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import Host, NixBuilder, SigningKey, SystemSpec, TestServer  # noqa: E402
+from harness import Host, SystemSpec, standalone_host  # noqa: E402
 
 AGENT = REPO / ".venv" / "bin" / "nixos-autodeploy"
 
@@ -34,25 +33,11 @@ def agent(host: Host, *args: str) -> None:
 def main() -> int:
     work = REPO / ".cache" / "demo"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / "cache").mkdir()
-    server = TestServer(cache_dir=work / "cache")
-    server.start()
-    try:
+    with standalone_host(work, "demo-cache-1") as host:
         step("building two synthetic NixOS systems with real Nix, signing them into a cache")
-        (work / "key").mkdir()
-        builder = NixBuilder(
-            build_store=work / "build-store",
-            cache_dir=work / "cache",
-            key=SigningKey.generate(work / "key", "demo-cache-1"),
-            root=work / "root",
-            salt=uuid.uuid4().hex[:12],
-            cache_home=work / "xdg-cache",
-        )
-        host = Host(tmp=work, builder=builder, server=server)
         systems = host.build(SystemSpec("v1"), SystemSpec("v2", extra="a new service"))
         v1, v2 = systems["v1"], systems["v2"]
-        print(f"v1: {v1}\nv2: {v2}\nbinary cache: {server.base_url} (signed, loopback only)")
+        print(f"v1: {v1}\nv2: {v2}\nbinary cache: {host.server.base_url} (signed, loopback only)")
 
         step("the host runs v1; CI publishes v1")
         host.install(v1)
@@ -76,8 +61,6 @@ def main() -> int:
 
         step(f"metrics for node_exporter ({host.metrics_path.relative_to(REPO)})")
         print(host.metrics_path.read_text(), end="")
-    finally:
-        server.stop()
     print(f"\ndemo done; the sandbox host is under {work.relative_to(REPO)}/root")
     return 0
 

@@ -6,23 +6,9 @@ import json
 import subprocess
 
 import pytest
-from harness import AgentResult, Host, SystemSpec, etag_for, require_tool
-from prometheus_client.parser import text_string_to_metric_families
+from harness import Host, SystemSpec, etag_for, metric, require_tool
 
 pytestmark = pytest.mark.nix
-
-
-def error_lines(result: AgentResult) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series, parsed with Prometheus' own text parser."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"no series {name}{labels} in:\n{text}")
 
 
 def store_path_is_valid(host: Host, path: str) -> bool:

@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import AgentResult, Host, System, SystemSpec, point_link, read_link, run_checked
-from prometheus_client.parser import text_string_to_metric_families
+from harness import (
+    AgentResult,
+    Host,
+    System,
+    SystemSpec,
+    error_lines,
+    metric,
+    point_link,
+    read_link,
+    run_checked,
+)
 
 pytestmark = pytest.mark.nix
 
@@ -49,10 +58,6 @@ def deploy_args(host: Host, *args: str) -> list[str]:
         str(host.metrics_path),
         *args,
     ]
-
-
-def error_lines(result: AgentResult) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
 def record(host: Host) -> Any:
@@ -84,15 +89,6 @@ def state_files(host: Host) -> dict[str, bytes]:
         for p in sorted(host.state_dir.iterdir())
         if p.is_file() and p.name != "lock"
     }
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series, parsed with Prometheus' own text parser."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"no series {name}{labels} in:\n{text}")
 
 
 def assert_links(

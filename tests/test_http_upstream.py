@@ -13,17 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import AgentResult, Host, Reply, System
+from harness import AgentResult, Host, Reply, System, error_lines
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.nix
 
 TOKEN = "tok-3f9a1c7e-never-printed"
 PASSWORD = "pw-8d2b4e61-never-printed"
-
-
-def error_lines(result: AgentResult) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
 def fetch_success(host: Host) -> float:

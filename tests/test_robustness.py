@@ -11,11 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, require_tool
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+from harness import Host, error_lines, require_tool
 
 
 @pytest.fixture
@@ -55,7 +51,7 @@ def test_full_disk_is_one_error_line_and_leaves_the_last_snapshot(
     result = host.collect()
 
     assert result.returncode == 1, result
-    (error,) = error_lines(result.stderr)
+    (error,) = error_lines(result)
     assert "No space left on device" in error and "snapshot.json" in error, error
     assert "Traceback" not in result.stderr, result
     assert (full_state_dir / "snapshot.json").read_bytes() == snapshot
@@ -118,11 +114,11 @@ def test_flags_win_over_the_config_file_and_unknown_keys_are_refused(
     before = (host.state_dir / "snapshot.json").read_bytes()
     refused = host.run_agent("deploy", "--config", str(config))
     assert refused.returncode == 1
-    (error,) = error_lines(refused.stderr)
+    (error,) = error_lines(refused)
     assert "unknown key 'swtich_mode'" in error
     assert (host.state_dir / "snapshot.json").read_bytes() == before
 
     config.write_text("url = [")
     broken = host.run_agent("collect", "--config", str(config))
     assert broken.returncode == 1
-    assert len(error_lines(broken.stderr)) == 1
+    assert len(error_lines(broken)) == 1

@@ -1,6 +1,15 @@
 """Test harness: real Nix, a signed binary cache over HTTP, a sandbox host."""
 
-from .host import AgentResult, Host, point_link, read_link, resolve_link
+from .host import (
+    AgentResult,
+    Host,
+    error_lines,
+    metric,
+    point_link,
+    read_link,
+    resolve_link,
+    standalone_host,
+)
 from .nix import NixBuilder, SigningKey, System, SystemSpec, require_tool, run_checked
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
@@ -14,10 +23,13 @@ __all__ = [
     "System",
     "SystemSpec",
     "TestServer",
+    "error_lines",
     "etag_for",
+    "metric",
     "point_link",
     "read_link",
     "require_tool",
     "resolve_link",
     "run_checked",
+    "standalone_host",
 ]

@@ -8,13 +8,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .nix import NixBuilder, System, SystemSpec, nix_env_vars, require_tool, run_checked
+from prometheus_client.parser import text_string_to_metric_families
+
+from .nix import NixBuilder, SigningKey, System, SystemSpec, nix_env_vars, require_tool, run_checked
 from .server import TestServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +51,20 @@ class AgentResult:
             f"$ {' '.join(self.argv)}\nexit {self.returncode}\n"
             f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
         )
+
+
+def error_lines(result: AgentResult) -> list[str]:
+    """The agent's own error lines (tools it runs are prefixed with their name)."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series, parsed with Prometheus' own text parser."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no series {name}{labels} in:\n{text}")
 
 
 def point_link(link: Path, target: str) -> None:
@@ -369,3 +386,25 @@ class Host:
 
     def status(self, *args: str) -> AgentResult:
         return self.run_agent("status", *args)
+
+
+@contextmanager
+def standalone_host(work: Path, key_name: str) -> Iterator[Host]:
+    """A Host outside pytest (the demo, the benchmark): its own chroot store, signing key,
+    binary cache and server under `work`; the server stops on the way out."""
+    (work / "cache").mkdir(parents=True)
+    (work / "key").mkdir()
+    server = TestServer(cache_dir=work / "cache")
+    server.start()
+    try:
+        builder = NixBuilder(
+            build_store=work / "build-store",
+            cache_dir=work / "cache",
+            key=SigningKey.generate(work / "key", key_name),
+            root=work / "root",
+            salt=uuid.uuid4().hex[:12],
+            cache_home=work / "xdg-cache",
+        )
+        yield Host(tmp=work, builder=builder, server=server)
+    finally:
+        server.stop()
