@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 LOCK_WAIT = 600.0  # a collect (fetch + realise) is bounded by its own deadline
 SWITCH_UNIT = "nixos-autodeploy-switch-to-configuration"
+ACTIVATION_WAIT = 3600.0  # a slow activation; far longer means something hangs
 HISTORY_MAX = 1 << 20
 
 
@@ -49,6 +50,23 @@ def _fresh_snapshot(settings: Settings) -> Snapshot:
         else:
             return snapshot
     return collect(settings)
+
+
+def _wait_for_running_activation(paths: Paths) -> None:
+    """An activation that restarts our own unit keeps running in its unit while a new run
+    of ours starts: wait for it to end, then decide afresh, rather than start a second."""
+    if not paths.systemd_running:
+        return
+    unit = f"{SWITCH_UNIT}.service"
+    give_up = time.monotonic() + ACTIVATION_WAIT
+    waited = False
+    while run(["systemctl", "is-active", "--quiet", unit], check=False).returncode == 0:
+        if not waited:
+            log.info("%s from an earlier run is still activating; waiting for it", unit)
+            waited = True
+        if time.monotonic() > give_up:
+            raise ActuatorError(f"{unit} still runs after {ACTIVATION_WAIT:.0f}s; not deploying")
+        time.sleep(1)
 
 
 def switch_argv(paths: Paths, system: StorePath, activation: str) -> list[str]:
@@ -194,6 +212,8 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
 def deploy(settings: Settings) -> int:
     paths = settings.paths
     with locked(paths.state_dir, wait=LOCK_WAIT):
+        if not settings.dry_run:
+            _wait_for_running_activation(paths)
         snapshot = _fresh_snapshot(settings)
         deploys = load_deploys(paths)
         decision = decide(
