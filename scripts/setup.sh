@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nix-bin prometheus prometheus-node-exporter qemu-system-x86 debootstrap
+packages=(nix-bin prometheus prometheus-node-exporter qemu-system-x86 qemu-utils debootstrap
   python3 python3-venv util-linux e2fsprogs cpio curl time)
 missing=()
 for p in "${packages[@]}"; do

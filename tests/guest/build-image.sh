@@ -11,7 +11,16 @@
 set -eu
 CACHE=$1
 OUT=$2
-MIRROR=${GUEST_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror this machine's apt already uses (deb822 or one-line sources).
+host_mirror() {
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    awk '$1 == "URIs:" { print $2; exit }' /etc/apt/sources.list.d/debian.sources
+  elif [ -f /etc/apt/sources.list ]; then
+    awk '$1 == "deb" && $0 !~ /security/ { print ($2 ~ /^\[/ ? $3 : $2); exit }' /etc/apt/sources.list
+  fi
+}
+MIRROR=${GUEST_MIRROR:-$(host_mirror)}
+[ -n "$MIRROR" ] || { echo "no Debian mirror in apt's sources; set GUEST_MIRROR" >&2; exit 1; }
 SUITE=bookworm
 PACKAGES=systemd,systemd-sysv,dbus,linux-image-amd64,kexec-tools,nix-bin,libdbi-perl,python3,python3-requests,python3-prometheus-client,python3-rich
 HERE=$(cd "$(dirname "$0")" && pwd)
