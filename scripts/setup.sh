@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(nix-bin prometheus prometheus-node-exporter qemu-system-x86 qemu-utils debootstrap
-  python3 python3-venv util-linux e2fsprogs cpio curl time)
+  python3 python3-venv util-linux e2fsprogs cpio curl time openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

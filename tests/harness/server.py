@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -69,12 +70,15 @@ def etag_for(body: bytes) -> str:
 class TestServer:
     """Run with `start()`; `stop()` also releases hanging handlers."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     cache_dir: Path
     host: str = "127.0.0.1"
     routes: dict[str, _Route] = field(default_factory=dict)
     recorded: list[RecordedRequest] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    tls: ssl.SSLContext | None = None  # serve https with this server-side context
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -82,6 +86,8 @@ class TestServer:
         handler = _make_handler(self)
         httpd = ThreadingHTTPServer((self.host, 0), handler)
         httpd.daemon_threads = True
+        if self.tls is not None:
+            httpd.socket = self.tls.wrap_socket(httpd.socket, server_side=True)
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -101,11 +107,15 @@ class TestServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     def url(self, path: str = "/upstream", host: str | None = None) -> str:
         """URL of `path`; `host="localhost"` gives a different host name, same server."""
-        return f"http://{host or self.host}:{self.port}{path}"
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     def route(self, path: str, reply: ReplySource) -> None:
         """Answer `path` (without query) with `reply`; replaces an earlier route."""
