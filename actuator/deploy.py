@@ -18,7 +18,7 @@ from collector.fsutil import atomic_write
 from collector.lock import locked
 from collector.process import run
 from collector.snapshot import Deploys, Snapshot, load_deploys, load_snapshot, save_deploys
-from collector.state import Deployed, boot_differs, read_links, save_deployed
+from collector.state import Deployed, boot_differs, load_deployed, read_links, save_deployed
 from collector.store import StorePath
 
 from .gate import Action, Decision, decide, may_reboot
@@ -37,16 +37,22 @@ class ActuatorError(AutodeployError):
 
 def _fresh_snapshot(settings: Settings) -> Snapshot:
     """The collector's snapshot, or a new collection when it is missing, too old, or no
-    longer matches the links the actuator acts on."""
+    longer matches the live facts the actuator acts on (current, upstream, the record)."""
     paths = settings.paths
-    snapshot = load_snapshot(paths)  # a corrupt one stops here, before anything changes
+    # A corrupt snapshot or record stops here, before anything changes.
+    snapshot = load_snapshot(paths)
+    deployed = load_deployed(paths)
     if snapshot is not None:
         live = read_links(paths)
         age = time.time() - snapshot.collected_at
         if not 0 <= age <= settings.max_snapshot_age:
             log.info("snapshot is %.0fs old; collecting first", age)
-        elif (live.current, live.upstream) != (snapshot.links.current, snapshot.links.upstream):
-            log.info("snapshot no longer matches the system links; collecting first")
+        elif (live.current, live.upstream, deployed) != (
+            snapshot.links.current,
+            snapshot.links.upstream,
+            snapshot.deployed,
+        ):
+            log.info("snapshot no longer matches the system; collecting first")
         else:
             return snapshot
     return collect(settings)

@@ -69,8 +69,12 @@ class Deployed:
 
 def load_deployed(paths: Paths) -> Deployed | None:
     source = paths.state("deployed.json")
-    data = read_json(source)
-    return None if data is None else Deployed.from_json(data, source)
+    try:
+        data = read_json(source)
+        return None if data is None else Deployed.from_json(data, source)
+    except StateError as e:
+        # Nothing can be decided without it; the operator knows what ran and can restart.
+        raise StateError(f"{e}; remove it to let the agent start tracking afresh") from None
 
 
 def save_deployed(paths: Paths, deployed: Deployed) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, error_lines, require_tool
+from harness import Host, SystemSpec, error_lines, require_tool
 
 
 @pytest.fixture
@@ -122,3 +122,30 @@ def test_flags_win_over_the_config_file_and_unknown_keys_are_refused(
     broken = host.run_agent("collect", "--config", str(config))
     assert broken.returncode == 1
     assert len(error_lines(broken)) == 1
+
+
+@pytest.mark.parametrize("content", [b"{", b'{"version": 1, "path": "/etc"}', b'{"version": 9}'])
+def test_corrupt_deployed_record_stops_collect_and_deploy(host: Host, content: bytes) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    host.install(a)
+    host.write_deployed(a, previous=a)
+    host.publish(a)
+    assert host.collect().returncode == 0
+    host.publish(b)
+    (host.state_dir / "deployed.json").write_bytes(content)
+    snapshot = (host.state_dir / "snapshot.json").read_bytes()
+
+    for result in (
+        host.collect(),
+        host.run_agent("deploy", "--url", host.url, "--prometheus-path", str(host.metrics_path)),
+    ):
+        assert result.returncode == 1, result
+        (error,) = error_lines(result)
+        assert "deployed.json" in error and "remove it" in error, error
+        assert "Traceback" not in result.stderr
+
+    assert (host.state_dir / "deployed.json").read_bytes() == content
+    assert (host.state_dir / "snapshot.json").read_bytes() == snapshot
+    assert (host.current(), host.profile()) == (a.path, a.path)
+    assert not (host.root / "activations.log").exists()
