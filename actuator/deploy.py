@@ -8,20 +8,29 @@ import logging
 import os
 import shlex
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from collector import nix
-from collector.collect import collect, observe
-from collector.config import Paths, Settings
-from collector.errors import AutodeployError, ProcessError
+from collector.collect import assess, collect, report
+from collector.config import Paths, RebootMode, Settings
+from collector.errors import AutodeployError, StateError
 from collector.fsutil import atomic_write
 from collector.lock import locked
 from collector.process import run
 from collector.snapshot import Deploys, Snapshot, load_deploys, load_snapshot, save_deploys
-from collector.state import Deployed, boot_differs, load_deployed, read_links, save_deployed
+from collector.state import (
+    Activation,
+    Deployed,
+    Links,
+    forget_deployed,
+    pinned,
+    read_links,
+    save_deployed,
+)
 from collector.store import StorePath
 
-from .gate import Action, Decision, decide, may_reboot
+from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +44,29 @@ class ActuatorError(AutodeployError):
     pass
 
 
-def _fresh_snapshot(settings: Settings) -> Snapshot:
-    """The collector's snapshot, or a new collection when it is missing, too old, or no
-    longer matches the live facts the actuator acts on (current, upstream, the record)."""
+def _current_snapshot(settings: Settings, deploys: Deploys) -> Snapshot:
+    """The live facts, judged against the snapshot's upstream when that was fetched within
+    --max-snapshot-age and the links the actuator acts on (current, upstream) are still as
+    the snapshot saw them; otherwise collect first. A dry run never collects: it says so."""
     paths = settings.paths
-    # A corrupt snapshot or record stops here, before anything changes.
-    snapshot = load_snapshot(paths)
-    deployed = load_deployed(paths)
+    snapshot = load_snapshot(paths)  # a corrupt one stops here, before anything changes
     if snapshot is not None:
-        live = read_links(paths)
-        age = time.time() - snapshot.collected_at
-        if not 0 <= age <= settings.max_snapshot_age:
-            log.info("snapshot is %.0fs old; collecting first", age)
-        elif (live.current, live.upstream, deployed) != (
+        fetched_at = snapshot.upstream.fetched_at
+        age = None if fetched_at is None else time.time() - fetched_at
+        live = assess(settings, snapshot.upstream, snapshot.duration_seconds, deploys)
+        fresh = age is not None and 0 <= age <= settings.max_snapshot_age
+        same = (live.links.current, live.links.upstream) == (
             snapshot.links.current,
             snapshot.links.upstream,
-            snapshot.deployed,
-        ):
-            log.info("snapshot no longer matches the system; collecting first")
-        else:
-            return snapshot
+        )
+        if fresh and same and not snapshot.upstream.error:
+            return live
+        if settings.dry_run:
+            log.warning("the snapshot is out of date; a real run would collect first")
+            return live
+        log.info("the snapshot is out of date; collecting first")
+    elif settings.dry_run:
+        raise StateError("no snapshot yet: a dry run fetches nothing; run collect first")
     return collect(settings)
 
 
@@ -75,8 +87,8 @@ def _wait_for_running_activation(paths: Paths) -> None:
         time.sleep(1)
 
 
-def switch_argv(paths: Paths, system: StorePath, activation: str) -> list[str]:
-    argv = [os.path.join(system.path, "bin/switch-to-configuration"), activation]
+def switch_argv(paths: Paths, system: StorePath, activation: Activation) -> list[str]:
+    argv = [os.path.join(system.path, "bin/switch-to-configuration"), activation.value]
     if not paths.systemd_running:
         return argv
     # In a unit of its own, a restart of our unit (by this very activation) cannot kill it.
@@ -95,9 +107,10 @@ def switch_argv(paths: Paths, system: StorePath, activation: str) -> list[str]:
 
 
 def reboot_argvs(settings: Settings, system: StorePath) -> list[list[str]]:
+    """The commands that boot system; all but the last prepare, the last reboots."""
     if settings.reboot_mode is None:
         return []
-    if settings.reboot_mode == "reboot":
+    if settings.reboot_mode is RebootMode.REBOOT:
         return [["systemctl", "reboot"]]
     with open(os.path.join(system.path, "kernel-params"), encoding="utf-8") as f:
         params = f.read().strip()
@@ -131,67 +144,105 @@ def _append_history(paths: Paths, entry: dict[str, Any]) -> None:
 
 
 def _record_result(
-    paths: Paths, deploys: Deploys, system: StorePath, activation: str, error: str | None
+    paths: Paths, deploys: Deploys, system: StorePath, activation: Activation, error: str | None
 ) -> None:
     result = "failure" if error else "success"
     totals = dict(deploys.totals)
     totals[result] = totals.get(result, 0) + 1
-    last = {"at": time.time(), "path": system.path, "mode": activation, "result": result}
-    last["message"] = error or ""
-    save_deploys(
-        paths,
-        Deploys(last=last, totals=totals, failed_path=system if error else None),
-    )
+    last = {
+        "at": time.time(),
+        "path": system.path,
+        "mode": activation.value,
+        "result": result,
+        "message": error or "",
+    }
+    save_deploys(paths, Deploys(last=last, totals=totals, failed_path=system if error else None))
     _append_history(paths, {"event": "deploy", **last})
 
 
-def _ensure_system(paths: Paths, system: StorePath) -> None:
-    if os.path.realpath(paths.upstream) != system.path or not os.path.exists(system.path):
-        nix.realise(system, paths.upstream)
-    if not os.access(os.path.join(system.path, "bin/switch-to-configuration"), os.X_OK):
-        raise ActuatorError(
-            f"{system} is not a NixOS system (no executable bin/switch-to-configuration); refused"
-        )
+@dataclass
+class _Progress:
+    """How far a deploy got, so a failure undoes just that."""
+
+    recorded: bool = False
+    profile_set: bool = False
+    activated: bool = False
 
 
-def _deploy(settings: Settings, snapshot: Snapshot, deploys: Deploys, activation: str) -> None:
+def _roll_back(
+    paths: Paths, system: StorePath, before: Links, old: Deployed | None, done: _Progress
+) -> None:
+    """After a failed deploy: the record is the old one again, and the next boot is what
+    was deployed (or ran) before. NixOS's switch-to-configuration installs the boot loader
+    before it starts units, so a failed activation may already have made system the
+    default boot entry: the fallback's own `boot` makes it the default again."""
+    # The record first: it decides the next run, whatever else fails here.
+    if done.recorded:
+        if old is None:
+            forget_deployed(paths)
+        else:
+            save_deployed(paths, old)
+    fallback = before.profile
+    if fallback in (None, system):  # a run killed after `nix-env --set` left system there
+        fallback = old.path if old else before.current
+    if (done.profile_set or before.profile == system) and fallback not in (None, system):
+        assert fallback is not None
+        nix.set_profile(paths.profile, fallback)
+        if done.activated:
+            run(switch_argv(paths, fallback, Activation.BOOT), stream_stderr=True)
+
+
+def _deploy(
+    settings: Settings, snapshot: Snapshot, deploys: Deploys, activation: Activation
+) -> None:
     paths = settings.paths
     system = snapshot.links.upstream
     assert system is not None
-    _ensure_system(paths, system)
     before = read_links(paths)
-    nix.set_profile(paths.profile, system)
+    done = _Progress()
     try:
+        if not pinned(paths, system):
+            nix.realise(system, paths.upstream)
+        if not os.access(os.path.join(system.path, "bin/switch-to-configuration"), os.X_OK):
+            raise ActuatorError(
+                f"{system} is not a NixOS system (no executable bin/switch-to-configuration)"
+            )
+        # Recorded before anything changes: whatever step a kill interrupts, the next run
+        # knows this deploy was under way (see classify) and converges instead of seeing a
+        # hand deploy.
+        save_deployed(
+            paths, Deployed(system, activation, before.current, time.time(), complete=False)
+        )
+        done.recorded = True
+        nix.set_profile(paths.profile, system)
+        done.profile_set = done.activated = True
         run(switch_argv(paths, system, activation), stream_stderr=True)
-    except ProcessError as e:
-        message = f"switch-to-configuration {activation} of {system.name} failed: {e.message}"
-        # Back to the generation that was the next boot's before, so a failed system is
-        # not what the machine boots into; the deployed record stays as it was. A run
-        # killed after `nix-env --set` left the failed system there already: then back to
-        # what was deployed, or what runs.
-        fallback = before.profile
-        if fallback in (None, system):
-            fallback = snapshot.deployed.path if snapshot.deployed else before.current
-        if fallback is not None and fallback != system:
-            nix.set_profile(paths.profile, fallback)
+    except AutodeployError as e:
+        message = f"deploying {system.name} ({activation.value}) failed: {e}"
+        try:
+            _roll_back(paths, system, before, snapshot.deployed, done)
+        except AutodeployError as rollback:
+            message += f"; rolling back failed too: {rollback}"
         _record_result(paths, deploys, system, activation, message)
         raise ActuatorError(message) from None
     save_deployed(paths, Deployed(system, activation, before.current, time.time()))
     _record_result(paths, deploys, system, activation, None)
-    log.info("deployed %s (%s)", system.name, activation)
+    log.info("deployed %s (%s)", system.name, activation.value)
 
 
-def _reboot(settings: Settings, snapshot: Snapshot) -> None:
+def _reboot(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
     deployed = snapshot.deployed
     assert deployed is not None
-    argvs = reboot_argvs(settings, deployed.path)
-    # Recorded before the reboot: a machine that comes back still waiting is not rebooted again.
-    save_deployed(settings.paths, dataclasses.replace(deployed, reboot_issued_at=time.time()))
-    _append_history(settings.paths, {"event": settings.reboot_mode, "path": deployed.path.path})
-    observe(settings, snapshot.upstream, snapshot.duration_seconds)
-    log.info("rebooting (%s) into %s", settings.reboot_mode, deployed.path.name)
-    for argv in argvs:
+    *prepare, reboot = reboot_argvs(settings, deployed.path)
+    for argv in prepare:  # kexec --load: when it fails, nothing rebooted and nothing is recorded
         run(argv, stream_stderr=True)
+    # Recorded before the reboot: a machine that comes back still waiting is not rebooted again.
+    rebooting = dataclasses.replace(deployed, reboot_issued_at=time.time())
+    save_deployed(settings.paths, rebooting)
+    _append_history(settings.paths, {"event": settings.reboot_mode, "path": deployed.path.path})
+    report(settings, dataclasses.replace(snapshot, deployed=rebooting), deploys)
+    log.info("rebooting (%s) into %s", settings.reboot_mode, deployed.path.name)
+    run(reboot, stream_stderr=True)
 
 
 def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None:
@@ -202,11 +253,7 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
             ["nix-env", "--profile", paths.profile, "--set", upstream.path],
             switch_argv(paths, upstream, decision.activation),
         ]
-        # What the real run would find afterwards: a boot waiting, or a new kernel running.
-        leaves_reboot = decision.activation == "boot" or boot_differs(
-            snapshot.links.booted, upstream
-        )
-        if settings.reboot_mode and leaves_reboot:
+        if leaves_reboot_required(decision.activation, snapshot.links.booted, upstream):
             commands += reboot_argvs(settings, upstream)
     elif decision.action is Action.REBOOT and snapshot.deployed is not None:
         commands = reboot_argvs(settings, snapshot.deployed.path)
@@ -215,13 +262,27 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         print("would run: " + shlex.join(argv))
 
 
+def _finish_interrupted(paths: Paths, snapshot: Snapshot) -> Snapshot:
+    """A deploy killed after its switch took effect: record it as done."""
+    deployed = snapshot.deployed
+    if deployed is None or deployed.complete or snapshot.links.current != deployed.path:
+        return snapshot
+    done = dataclasses.replace(deployed, complete=True)
+    save_deployed(paths, done)
+    _append_history(paths, {"event": "completed-interrupted-deploy", "path": done.path.path})
+    log.info("the deploy of %s was interrupted after its switch; recorded it", done.path.name)
+    return dataclasses.replace(snapshot, deployed=done)
+
+
 def deploy(settings: Settings) -> int:
     paths = settings.paths
     with locked(paths.state_dir, wait=LOCK_WAIT):
         if not settings.dry_run:
             _wait_for_running_activation(paths)
-        snapshot = _fresh_snapshot(settings)
         deploys = load_deploys(paths)
+        snapshot = _current_snapshot(settings, deploys)
+        if not settings.dry_run:
+            snapshot = _finish_interrupted(paths, snapshot)
         decision = decide(
             snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
         )
@@ -242,15 +303,17 @@ def deploy(settings: Settings) -> int:
             if decision.action is Action.TRACK:
                 current = snapshot.links.current
                 assert current is not None
-                save_deployed(paths, Deployed(current, "switch", current, time.time()))
+                save_deployed(paths, Deployed(current, Activation.SWITCH, current, time.time()))
             elif decision.action is Action.DEPLOY:
                 assert decision.activation is not None
                 _deploy(settings, snapshot, deploys, decision.activation)
         finally:
             # Whatever happened, what operators see must not lag behind what was done.
-            snapshot = observe(settings, snapshot.upstream, snapshot.duration_seconds)
+            deploys = load_deploys(paths)
+            snapshot = assess(settings, snapshot.upstream, snapshot.duration_seconds, deploys)
+            report(settings, snapshot, deploys)
         if decision.action is Action.REBOOT or (
             decision.action is Action.DEPLOY and may_reboot(snapshot, settings.reboot_mode)
         ):
-            _reboot(settings, snapshot)
+            _reboot(settings, snapshot, deploys)
     return 0

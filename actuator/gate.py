@@ -7,8 +7,8 @@ from enum import StrEnum
 
 from collector.config import RebootMode, SwitchMode
 from collector.snapshot import Deploys, Snapshot
-from collector.state import State, boot_differs
-from collector.store import StorePath
+from collector.state import Activation, State, boot_differs
+from collector.store import StorePath, name_of
 
 
 class Action(StrEnum):
@@ -22,28 +22,34 @@ class Action(StrEnum):
 class Decision:
     action: Action
     reason: str
-    activation: str | None = None  # "switch" or "boot", for DEPLOY
+    activation: Activation | None = None  # for DEPLOY
 
 
-def _name(path: StorePath | None) -> str:
-    return path.name if path else "unknown"
-
-
-def activation_for(mode: SwitchMode, current: StorePath | None, upstream: StorePath) -> str:
+def activation_for(mode: SwitchMode, current: StorePath | None, upstream: StorePath) -> Activation:
     """smart boots when the kernel, initrd or modules change, and switches otherwise."""
     if mode is SwitchMode.SMART:
-        return "boot" if boot_differs(current, upstream) else "switch"
-    return mode.value
+        return Activation.BOOT if boot_differs(current, upstream) else Activation.SWITCH
+    return Activation(mode.value)
+
+
+def leaves_reboot_required(
+    activation: Activation, booted: StorePath | None, system: StorePath
+) -> bool:
+    """Whether deploying system this way leaves a reboot required: a boot waits, or the
+    running kernel is no longer the booted one."""
+    return activation is Activation.BOOT or boot_differs(booted, system)
 
 
 def may_reboot(snapshot: Snapshot, reboot_mode: RebootMode | None) -> bool:
-    """At most one reboot per deploy: a machine that comes back still waiting is reported,
-    never rebooted again (a reboot loop is worse than a late update)."""
+    """Only for a reboot the agent's own deploy needs (a hand deploy it merely tracks is
+    its owner's to reboot), and at most once per deploy: a machine that comes back still
+    waiting is reported, never rebooted again (a reboot loop is worse than a late update)."""
     deployed = snapshot.deployed
     return (
         reboot_mode is not None
         and snapshot.reboot_required
         and deployed is not None
+        and not deployed.tracked
         and deployed.reboot_issued_at is None
     )
 
@@ -59,32 +65,41 @@ def decide(
     if upstream is None or links.current is None:
         return Decision(Action.NOTHING, "upstream or the current system is not known yet")
     state = snapshot.state
+    failed = deploys.failed_path == upstream and not force
     if state is State.DIRTY and not force:
         deployed = snapshot.deployed.path if snapshot.deployed else None
         return Decision(
             Action.NOTHING,
-            f"dirty: current {_name(links.current)} is neither the deployed "
-            f"{_name(deployed)} nor upstream {_name(upstream)}; someone deployed by hand, "
-            "leaving it alone (--force overrides)",
+            f"dirty: current {name_of(links.current, 'unknown')} is neither the deployed "
+            f"{name_of(deployed, 'unknown')} nor upstream {upstream.name}; someone deployed "
+            "by hand, leaving it alone (--force overrides)",
         )
     if state is State.UNTRACKED:
+        if failed:
+            # Its activation failed half way (NixOS switches the links before it starts
+            # units): running, but not to be adopted as deployed.
+            return Decision(
+                Action.NOTHING,
+                f"current {upstream.name} failed to activate; not tracking it until upstream "
+                "changes (--force overrides)",
+            )
         return Decision(Action.TRACK, f"current is upstream {upstream.name}: tracking it")
     if state is State.PENDING_REBOOT:
-        waiting = f"pending reboot into {_name(links.profile)}"
+        waiting = f"pending reboot into {name_of(links.profile, 'unknown')}"
         if may_reboot(snapshot, reboot):
             return Decision(Action.REBOOT, waiting)
         if reboot is None:
             return Decision(Action.NOTHING, f"{waiting}; no --reboot-mode, the operator reboots")
         return Decision(
             Action.NOTHING,
-            f"{waiting}: rebooted once already and came back on {_name(links.current)}; "
+            f"{waiting}: rebooted once already and came back on {links.current.name}; "
             "not rebooting again",
         )
     if state is State.UP_TO_DATE:
         if may_reboot(snapshot, reboot):
             return Decision(Action.REBOOT, "up to date, but the booted kernel differs")
         return Decision(Action.NOTHING, f"up to date with {upstream.name}")
-    if deploys.failed_path == upstream and not force:
+    if failed:
         return Decision(
             Action.NOTHING,
             f"{upstream.name} failed to activate before; not retried until upstream changes "
@@ -92,4 +107,6 @@ def decide(
         )
     activation = activation_for(mode, links.current, upstream)
     why = "dirty, deploying anyway because of --force" if state is State.DIRTY else state.value
-    return Decision(Action.DEPLOY, f"{why}: deploying {upstream.name} ({activation})", activation)
+    return Decision(
+        Action.DEPLOY, f"{why}: deploying {upstream.name} ({activation.value})", activation
+    )

@@ -10,7 +10,6 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .collect import collect
 from .config import Settings, settings_from
 from .errors import AutodeployError, LockHeld, StateError, UpstreamError
 from .lock import locked
@@ -75,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _collect(settings: Settings) -> int:
+    from .collect import collect  # requests and prometheus_client: not for `status`
+
     try:
         with locked(settings.paths.state_dir):
             snapshot = collect(settings)

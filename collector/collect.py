@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 
 from . import metrics, nix, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, StateError
 from .snapshot import (
+    Deploys,
     Snapshot,
     Upstream,
     load_deploys,
@@ -18,7 +18,15 @@ from .snapshot import (
     save_snapshot,
     save_upstream,
 )
-from .state import classify, load_deployed, mirror_deployed, read_links, reboot_required
+from .state import (
+    classify,
+    load_deployed,
+    mirror_deployed,
+    pinned,
+    read_links,
+    reboot_required,
+)
+from .store import name_of
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +41,8 @@ def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) ->
         validators = upstream.Validators(known.url, known.etag, known.last_modified)
     fetched = upstream.fetch(settings, validators)
     path = fetched.path or (known.path if known else None)
-    assert path is not None  # a 304 is only accepted when validators were sent
-    pinned = os.path.realpath(paths.upstream) == path.path and os.path.exists(path.path)
-    if not pinned:
+    assert path is not None  # fetch accepts a 304 only in answer to our validators
+    if not pinned(paths, path):
         log.info("realising upstream %s", path)
         nix.realise(path, paths.upstream)
     changed = known is None or known.path != path
@@ -49,7 +56,9 @@ def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) ->
         fetched_at=now,
         changed_at=known.changed_at if known is not None and not changed else now,
     )
-    save_upstream(paths, record)
+    # On the no-change path only fetched_at moved; the snapshot carries that.
+    if known is None or dataclasses.replace(known, fetched_at=now, error=None) != record:
+        save_upstream(paths, record)
     return record
 
 
@@ -62,19 +71,20 @@ def _known_upstream(settings: Settings) -> Upstream | None:
         return None
 
 
-def observe(settings: Settings, upstream_record: Upstream, duration: float) -> Snapshot:
-    """Read the local facts, classify, write snapshot and metrics. The actuator calls this
-    after acting, so what operators see never lags behind what was done; it passes on the
-    duration of the collect it acted on."""
-    now = time.time()
+def assess(
+    settings: Settings, upstream_record: Upstream, duration: float, deploys: Deploys
+) -> Snapshot:
+    """The live facts, classified; writes nothing."""
     paths = settings.paths
     links = read_links(paths)
+    if links.upstream is None:
+        # /run is empty after a reboot: until the next fetch pins it again, the last
+        # known upstream still says where the host stands.
+        links = dataclasses.replace(links, upstream=upstream_record.path)
     deployed = load_deployed(paths)
-    mirror_deployed(paths, deployed)
     state = classify(links, deployed)
-    deploys = load_deploys(paths)
-    snapshot = Snapshot(
-        collected_at=now,
+    return Snapshot(
+        collected_at=time.time(),
         duration_seconds=duration,
         upstream=upstream_record,
         links=links,
@@ -83,16 +93,30 @@ def observe(settings: Settings, upstream_record: Upstream, duration: float) -> S
         reboot_required=reboot_required(links, state),
         last_deploy=deploys.last,
     )
+
+
+def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
+    """Write what operators see: the snapshot, the metrics, the /run mirror, a log line."""
+    paths = settings.paths
+    mirror_deployed(paths, snapshot.deployed)
     save_snapshot(paths, snapshot)
     if settings.prometheus_path:
         metrics.write(settings.prometheus_path, snapshot, deploys)
     log.info(
         "state %s%s; current %s, upstream %s",
-        state.value,
+        snapshot.state.value,
         ", reboot required" if snapshot.reboot_required else "",
-        links.current.name if links.current else "unknown",
-        links.upstream.name if links.upstream else "unknown",
+        name_of(snapshot.links.current, "unknown"),
+        name_of(snapshot.links.upstream, "unknown"),
     )
+
+
+def observe(settings: Settings, upstream_record: Upstream, duration: float) -> Snapshot:
+    """Assess and report. The actuator calls this after acting, so what operators see never
+    lags behind what was done; it passes on the duration of the collect it acted on."""
+    deploys = load_deploys(settings.paths)
+    snapshot = assess(settings, upstream_record, duration, deploys)
+    report(settings, snapshot, deploys)
     return snapshot
 
 

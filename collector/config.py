@@ -141,17 +141,23 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """Merge the parsed flags over the config file; absent flags are None."""
     file = load_config_file(args.config) if getattr(args, "config", None) else {}
 
-    def pick(key: str) -> Any:
+    def pick(key: str, default: Any = None) -> Any:
         flag = getattr(args, key, None)
-        return flag if flag not in (None, []) else file.get(key)
+        value = flag if flag not in (None, []) else file.get(key)
+        return default if value is None else value
 
-    root = os.path.abspath(pick("root") or "/")
+    root = os.path.abspath(pick("root", "/"))
     state_dir = pick("state_dir") or os.path.join(root, STATE_DIR.lstrip("/"))
-    headers = tuple(parse_header(h) for h in (pick("headers") or []))
-    timeout = float(pick("timeout") or 60.0)
+    headers = pick("headers", [])
+    if not all(isinstance(h, str) for h in headers):
+        raise ConfigError("headers must be a list of 'Name: value' strings")
+    timeout = float(pick("timeout", 60.0))
     if timeout <= 0:
         raise ConfigError("timeout must be positive")
-    switch_mode = _enum(SwitchMode, pick("switch_mode") or "switch", "switch mode")
+    max_snapshot_age = float(pick("max_snapshot_age", 3600.0))
+    if max_snapshot_age < 0:
+        raise ConfigError("max snapshot age must not be negative")
+    switch_mode = _enum(SwitchMode, pick("switch_mode", "switch"), "switch mode")
     reboot = pick("reboot_mode")
     return Settings(
         paths=Paths(root=root, state_dir=os.path.abspath(state_dir)),
@@ -160,11 +166,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         netrc_file=pick("netrc_file"),
         bearer_token_file=pick("bearer_token_file"),
         ca_file=pick("ca_file"),
-        headers=headers,
+        headers=tuple(parse_header(h) for h in headers),
         prometheus_path=pick("prometheus_path"),
         switch_mode=switch_mode,
         reboot_mode=_enum(RebootMode, reboot, "reboot mode") if reboot else None,
-        max_snapshot_age=float(pick("max_snapshot_age") or 3600.0),
+        max_snapshot_age=max_snapshot_age,
         force=bool(getattr(args, "force", False)),
         dry_run=bool(getattr(args, "dry_run", False)),
     )

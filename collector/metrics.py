@@ -11,17 +11,13 @@ from prometheus_client.registry import Collector
 
 from .snapshot import Deploys, Snapshot
 from .state import State
-from .store import StorePath
+from .store import name_of
 
 P = "nixos_autodeploy_"
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(P + name, doc, value=value)
-
-
-def _name(path: StorePath | None) -> str:
-    return path.name if path else ""
 
 
 class _SnapshotCollector(Collector):
@@ -50,10 +46,10 @@ class _SnapshotCollector(Collector):
         )
         info.add_metric(
             [
-                _name(s.links.current),
-                _name(s.links.booted),
-                _name(s.deployed.path if s.deployed else None),
-                _name(s.links.upstream),
+                name_of(s.links.current),
+                name_of(s.links.booted),
+                name_of(s.deployed.path if s.deployed else None),
+                name_of(s.links.upstream),
             ],
             1,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,17 +10,28 @@ from .config import Paths
 from .errors import StateError
 from .fsutil import atomic_write_json, read_json
 from .state import Deployed, Links, State
-from .store import StorePath
+from .store import StorePath, path_of
 
 VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def _path(value: Any) -> StorePath | None:
     return None if value is None else StorePath.parse(value)
 
 
-def _str(p: StorePath | None) -> str | None:
-    return None if p is None else p.path
+def _last_deploy(value: Any) -> dict[str, Any] | None:
+    """The actuator's last result, checked: status and metrics read its fields."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("result") not in ("success", "failure"):
+        raise ValueError("last deploy has no result")
+    StorePath.parse(value["path"])
+    float(value["at"])
+    if not isinstance(value.get("mode"), str) or not isinstance(value.get("message"), str):
+        raise ValueError("last deploy has no mode or message")
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ class Upstream:
     def to_json(self) -> dict[str, Any]:
         return {
             "url": self.url,
-            "path": _str(self.path),
+            "path": path_of(self.path),
             "etag": self.etag,
             "last_modified": self.last_modified,
             "fetched_at": self.fetched_at,
@@ -71,7 +83,7 @@ class Deploys:
             "version": VERSION,
             "last": self.last,
             "totals": self.totals,
-            "failed_path": _str(self.failed_path),
+            "failed_path": path_of(self.failed_path),
         }
 
 
@@ -96,10 +108,10 @@ class Snapshot:
             "collected_at": self.collected_at,
             "duration_seconds": self.duration_seconds,
             "upstream": self.upstream.to_json(),
-            "current": _str(self.links.current),
-            "booted": _str(self.links.booted),
-            "profile": _str(self.links.profile),
-            "upstream_link": _str(self.links.upstream),
+            "current": path_of(self.links.current),
+            "booted": path_of(self.links.booted),
+            "profile": path_of(self.links.profile),
+            "upstream_link": path_of(self.links.upstream),
             "deployed": self.deployed.to_json() if self.deployed else None,
             "state": self.state.value,
             "dirty": self.dirty,
@@ -133,18 +145,22 @@ def save_upstream(paths: Paths, upstream: Upstream) -> None:
 
 
 def load_deploys(paths: Paths) -> Deploys:
+    """The actuator's results. Corrupt, they are started afresh with a warning: they feed
+    the metrics, which must keep coming, and decide nothing but a retry."""
     source = paths.state("deploys.json")
-    data = _load(source, "deploy results")
-    if data is None:
-        return Deploys()
     try:
+        data = _load(source, "deploy results")
+        if data is None:
+            return Deploys()
         totals = {k: int(v) for k, v in data["totals"].items()}
-        last = data["last"]
-        if last is not None and not isinstance(last, dict):
-            raise TypeError("last is not an object")
-        return Deploys(last=last, totals=totals, failed_path=_path(data["failed_path"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StateError(f"deploy results {source} are corrupt: {e}") from None
+        return Deploys(
+            last=_last_deploy(data["last"]),
+            totals=totals,
+            failed_path=_path(data["failed_path"]),
+        )
+    except (StateError, KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("warning: deploy results %s are corrupt (%s); starting them afresh", source, e)
+        return Deploys()
 
 
 def save_deploys(paths: Paths, deploys: Deploys) -> None:
@@ -175,7 +191,7 @@ def load_snapshot(paths: Paths) -> Snapshot | None:
             deployed=None if deployed is None else Deployed.from_json(deployed, source),
             state=State(data["state"]),
             reboot_required=bool(data["reboot_required"]),
-            last_deploy=data.get("last_deploy"),
+            last_deploy=_last_deploy(data.get("last_deploy")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StateError(f"snapshot {source} is corrupt: {e}") from None

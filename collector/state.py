@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import filecmp
+import contextlib
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -11,10 +11,17 @@ from typing import Any
 from .config import Paths
 from .errors import StateError
 from .fsutil import atomic_symlink, atomic_write_json, read_json
-from .store import StorePath, resolve_link
+from .store import StorePath, path_of, resolve_link
 
 # What a boot loader loads: when these differ the running system cannot simply switch.
 BOOT_FILES = ("kernel", "initrd", "kernel-modules")
+
+
+class Activation(StrEnum):
+    """How a system was (or is to be) activated by switch-to-configuration."""
+
+    SWITCH = "switch"
+    BOOT = "boot"
 
 
 class State(StrEnum):
@@ -29,22 +36,32 @@ class State(StrEnum):
 @dataclass(frozen=True)
 class Deployed:
     """What this agent last deployed or accepted. Kept in the state dir so it survives a
-    reboot (the original tool kept it in /run and turned dirty after every reboot)."""
+    reboot (the original tool kept it in /run and turned dirty after every reboot).
+
+    A deploy writes it twice: before the system changes (complete=False) and after; so a
+    run killed at any step leaves a record the next run recognises."""
 
     path: StorePath
-    mode: str  # "switch" or "boot"
+    mode: Activation
     previous: StorePath | None  # current when the record was made
     at: float
     reboot_issued_at: float | None = None
+    complete: bool = True
+
+    @property
+    def tracked(self) -> bool:
+        """Made by accepting what ran (someone else deployed it), not by a deploy."""
+        return self.previous == self.path
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": 1,
             "path": self.path.path,
-            "mode": self.mode,
-            "previous": self.previous.path if self.previous else None,
+            "mode": self.mode.value,
+            "previous": path_of(self.previous),
             "at": self.at,
             "reboot_issued_at": self.reboot_issued_at,
+            "complete": self.complete,
         }
 
     @classmethod
@@ -52,16 +69,14 @@ class Deployed:
         try:
             if data["version"] != 1:
                 raise StateError(f"{source} has unknown version {data['version']!r}")
-            if data["mode"] not in ("switch", "boot"):
-                raise ValueError(f"mode {data['mode']!r}")
+            reboot_issued_at = data.get("reboot_issued_at")
             return cls(
                 path=StorePath.parse(data["path"]),
-                mode=data["mode"],
+                mode=Activation(data["mode"]),
                 previous=StorePath.parse(data["previous"]) if data["previous"] else None,
                 at=float(data["at"]),
-                reboot_issued_at=(
-                    float(data["reboot_issued_at"]) if data.get("reboot_issued_at") else None
-                ),
+                reboot_issued_at=None if reboot_issued_at is None else float(reboot_issued_at),
+                complete=bool(data.get("complete", True)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
@@ -80,6 +95,13 @@ def load_deployed(paths: Paths) -> Deployed | None:
 def save_deployed(paths: Paths, deployed: Deployed) -> None:
     atomic_write_json(paths.state("deployed.json"), deployed.to_json())
     mirror_deployed(paths, deployed)
+
+
+def forget_deployed(paths: Paths) -> None:
+    """No record at all (a failed deploy on a host that had none before)."""
+    for path in (paths.state("deployed.json"), paths.deployed_link):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def mirror_deployed(paths: Paths, deployed: Deployed | None) -> None:
@@ -104,46 +126,41 @@ def read_links(paths: Paths) -> Links:
     return Links(at(paths.current), at(paths.booted), at(paths.profile), at(paths.upstream))
 
 
+def pinned(paths: Paths, path: StorePath) -> bool:
+    """Whether path is realised and held by the upstream GC root."""
+    return resolve_link(paths.upstream, paths.root) == path and os.path.exists(path.path)
+
+
 def classify(links: Links, deployed: Deployed | None) -> State:
-    """The gate's table (DESIGN.md), plus pending-reboot and unknown."""
+    """The gate's table (DESIGN.md), plus pending-reboot, interrupted deploys and unknown."""
     current, upstream = links.current, links.upstream
     if upstream is None or current is None:
         return State.UNKNOWN
     if deployed is not None and current == deployed.path:
         return State.UP_TO_DATE if current == upstream else State.UPDATE_AVAILABLE
-    if (
-        deployed is not None
-        and deployed.mode == "boot"
-        and current == deployed.previous
-        and links.profile == deployed.path
-    ):
-        # A boot-mode deploy waits for its reboot: the agent left it so, it is not dirty.
-        return State.PENDING_REBOOT
+    if deployed is not None and current == deployed.previous:
+        if not deployed.complete:
+            # A deploy cut short before its switch took effect: the agent goes on with it.
+            return State.UNTRACKED if current == upstream else State.UPDATE_AVAILABLE
+        if deployed.mode is Activation.BOOT and links.profile == deployed.path:
+            # A boot-mode deploy waits for its reboot: the agent left it so, it is not dirty.
+            # Should upstream have moved on meanwhile, the newer system goes first.
+            return State.PENDING_REBOOT if upstream == deployed.path else State.UPDATE_AVAILABLE
     if current == upstream:
         return State.UNTRACKED
     return State.DIRTY
 
 
-def _same(a: str, b: str) -> bool:
-    real_a, real_b = os.path.realpath(a), os.path.realpath(b)
-    if real_a == real_b:
-        return True
-    if os.path.isfile(real_a) and os.path.isfile(real_b):
-        return filecmp.cmp(real_a, real_b, shallow=False)
-    if os.path.isdir(real_a) and os.path.isdir(real_b):
-        names = sorted(os.listdir(real_a))
-        return names == sorted(os.listdir(real_b)) and all(
-            _same(os.path.join(real_a, n), os.path.join(real_b, n)) for n in names
-        )
-    return False
-
-
 def boot_differs(a: StorePath | None, b: StorePath | None) -> bool:
-    """Whether two systems need different boots: kernel, initrd or kernel modules differ.
+    """Whether two systems need different boots: their kernel, initrd or kernel modules are
+    different store paths (NixOS links them; nixos-rebuild compares them the same way).
     Unknown systems are not reported as differing."""
     if a is None or b is None or a == b:
         return False
-    return not all(_same(os.path.join(a.path, f), os.path.join(b.path, f)) for f in BOOT_FILES)
+    return any(
+        os.path.realpath(os.path.join(a.path, f)) != os.path.realpath(os.path.join(b.path, f))
+        for f in BOOT_FILES
+    )
 
 
 def reboot_required(links: Links, state: State) -> bool:

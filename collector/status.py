@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .snapshot import Snapshot
 from .state import State
-from .store import StorePath
+from .store import path_of
 
 STATE_STYLE = {
     State.UP_TO_DATE: "green",
@@ -24,21 +24,17 @@ STATE_STYLE = {
 }
 
 
-def _path(p: StorePath | None) -> str | None:
-    return p.path if p else None
-
-
 def as_json(s: Snapshot) -> dict[str, Any]:
     return {
         "state": s.state.value,
         "dirty": s.dirty,
         "reboot_required": s.reboot_required,
-        "current": _path(s.links.current),
-        "booted": _path(s.links.booted),
-        "profile": _path(s.links.profile),
-        "deployed": _path(s.deployed.path) if s.deployed else None,
+        "current": path_of(s.links.current),
+        "booted": path_of(s.links.booted),
+        "profile": path_of(s.links.profile),
+        "deployed": path_of(s.deployed.path) if s.deployed else None,
         "deployed_mode": s.deployed.mode if s.deployed else None,
-        "upstream": _path(s.links.upstream),
+        "upstream": path_of(s.links.upstream),
         "upstream_url": s.upstream.url,
         "upstream_error": s.upstream.error,
         "collected_at": s.collected_at,

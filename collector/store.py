@@ -68,3 +68,13 @@ def resolve_link(link: str, root: str) -> StorePath | None:
                 return None
         path = os.path.join(root, target.lstrip("/"))
     return None
+
+
+def path_of(path: StorePath | None) -> str | None:
+    """For JSON: the path, or null."""
+    return None if path is None else path.path
+
+
+def name_of(path: StorePath | None, unknown: str = "") -> str:
+    """For labels and messages: the basename, or what to say when there is none."""
+    return unknown if path is None else path.name

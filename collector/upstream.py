@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import netrc
@@ -12,9 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
+import urllib3
 
 from . import __version__
 from .config import Settings
@@ -24,6 +26,7 @@ from .store import StorePath
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+_TOKEN = re.compile(r"[!-~]+")  # visible ASCII: a header value that needs no encoding
 MAX_REDIRECTS = 5
 MAX_ATTEMPTS = 4
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -75,24 +78,37 @@ class _NoAuth(requests.auth.AuthBase):
         return r
 
 
-def _credentials(settings: Settings, host: str) -> dict[str, str]:
+def _credentials(settings: Settings, url: str) -> dict[str, str]:
+    """The Authorization header: a bearer token, else netrc's entry for the host, else the
+    URL's user:password. No message here may quote a secret."""
     if settings.bearer_token_file:
+        path = settings.bearer_token_file
         try:
-            with open(settings.bearer_token_file, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 token = f.read().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read bearer token file: {e.strerror}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read bearer token file {path}: {e}") from None
+        if not _TOKEN.fullmatch(token):
+            raise ConfigError(f"bearer token file {path} must hold one token of visible ASCII")
         return {"Authorization": f"Bearer {token}"}
+    parts = urlsplit(url)
+    login, password = parts.username, parts.password
     if settings.netrc_file:
+        path = settings.netrc_file
         try:
-            entry = netrc.netrc(settings.netrc_file).authenticators(host)
-        except (OSError, netrc.NetrcParseError) as e:
-            raise ConfigError(f"cannot read netrc file {settings.netrc_file}: {e}") from e
+            entry = netrc.netrc(path).authenticators(parts.hostname or "")
+        except OSError as e:
+            raise ConfigError(f"cannot read netrc file {path}: {e.strerror}") from None
+        except netrc.NetrcParseError as e:  # its message quotes the offending token
+            raise ConfigError(f"cannot parse netrc file {path} (line {e.lineno})") from None
         if entry:
             login, _, password = entry
-            auth = requests.auth._basic_auth_str(login or "", password or "")
-            return {"Authorization": auth}
-    return {}
+    if login is None:
+        return {}
+    basic = f"{unquote(login)}:{unquote(password or '')}"
+    if not basic.isprintable():
+        raise ConfigError(f"the credentials for {parts.hostname} contain control characters")
+    return {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode()}
 
 
 def shown(url: str) -> str:
@@ -131,11 +147,10 @@ def _retry_after(response: requests.Response, attempt: int) -> float:
     value = response.headers.get("Retry-After", "").strip()
     if value.isdigit():
         return float(value)
-    if value:
-        when = email.utils.parsedate_to_datetime(value)
-        if when is not None:
-            return max(0.0, when.timestamp() - time.time())
-    return float(2**attempt)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):  # absent or not a date: our own backoff
+        return float(2**attempt)
 
 
 def fetch(settings: Settings, cached: Validators | None) -> Fetched:
@@ -161,7 +176,13 @@ def _fetch(
     assert settings.url is not None
     url = settings.url
     origin = urlsplit(url).netloc.rpartition("@")[2].lower()
-    credentials = _credentials(settings, urlsplit(url).hostname or "")
+    credentials = _credentials(settings, url)
+    # A 304 means something only as the answer to the validators of this very URL.
+    conditional = (
+        cached is not None
+        and cached.url == shown(settings.url)
+        and bool(cached.etag or cached.last_modified)
+    )
     session = requests.Session()  # trust_env stays on: proxy variables are honoured
     attempt = redirects = 0
     while True:
@@ -170,7 +191,7 @@ def _fetch(
         if urlsplit(url).netloc.rpartition("@")[2].lower() == origin:
             headers.update(dict(settings.headers))
             headers.update(credentials)
-        if cached is not None and cached.url == shown(settings.url):
+        if conditional and cached is not None:
             if cached.etag:
                 headers["If-None-Match"] = cached.etag
             if cached.last_modified:
@@ -178,7 +199,7 @@ def _fetch(
         wait: float
         try:
             response = session.get(
-                url,
+                shown(url),  # credentials travel in the header above, not the URL
                 headers=headers,
                 auth=_NoAuth(),
                 allow_redirects=False,
@@ -186,6 +207,8 @@ def _fetch(
                 timeout=(max(min(10.0, remaining()), 0.1), max(remaining(), 0.1)),
                 verify=settings.ca_file or True,
             )
+        except requests.exceptions.SSLError as e:  # retrying cannot fix a certificate
+            raise UpstreamError(f"upstream {shown(url)}: {_reason(e)}") from None
         except requests.ConnectionError as e:
             failure = f"upstream {shown(url)}: connection failed: {_reason(e)}"
             wait = float(2**attempt)
@@ -202,7 +225,7 @@ def _fetch(
                             f"upstream {shown(settings.url)}: more than {MAX_REDIRECTS} redirects"
                         )
                     continue
-                if status == 304 and cached is not None:
+                if status == 304 and conditional and cached is not None:
                     return Fetched(None, cached.etag, cached.last_modified, 0)
                 if status == 200:
                     return _read(response, url)
@@ -247,11 +270,17 @@ def _read(response: requests.Response, url: str) -> Fetched:
     if encoding not in ("", "identity"):
         raise UpstreamError(f"upstream {shown(url)} sent Content-Encoding {encoding!r}, refused")
     body = bytearray()
-    # Count what arrives: Content-Length may lie.
-    for chunk in response.raw.stream(8192, decode_content=False):
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise UpstreamError(f"upstream {shown(url)} sent more than {MAX_BODY} bytes, aborted")
+    try:
+        # Count what arrives: Content-Length may lie.
+        for chunk in response.raw.stream(8192, decode_content=False):
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise UpstreamError(
+                    f"upstream {shown(url)} sent more than {MAX_BODY} bytes, aborted"
+                )
+    except urllib3.exceptions.HTTPError as e:
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__
+        raise UpstreamError(f"upstream {shown(url)}: the body broke off: {reason}") from None
     return Fetched(
         path=parse_body(bytes(body), url),
         etag=response.headers.get("ETag"),

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from harness import Host, SystemSpec, etag_for, metric, require_tool
+from harness import AgentResult, Host, Reply, SystemSpec, etag_for, metric, require_tool
 
 pytestmark = pytest.mark.nix
 
@@ -161,6 +161,27 @@ def test_second_collect_gets_304_and_runs_no_nix(host: Host) -> None:
     assert metric(host.metrics(), "nixos_autodeploy_upstream_fetch_success") == 1
 
 
+def test_conditional_get_sends_both_validators(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    body = (system.path + "\n").encode()
+    last_modified = "Wed, 01 May 2024 10:00:00 GMT"
+    host.server.route(
+        "/upstream",
+        Reply(body=body, etag=etag_for(body), headers=[("Last-Modified", last_modified)]),
+    )
+    assert host.collect().returncode == 0
+    second = host.collect()
+    assert second.returncode == 0, second
+    first_request, second_request = host.server.requests("/upstream")
+    assert "if-none-match" not in first_request.headers
+    assert "if-modified-since" not in first_request.headers
+    assert second_request.headers["if-none-match"] == etag_for(body)
+    assert second_request.headers["if-modified-since"] == last_modified
+    assert host.upstream() == system.path
+    assert metric(host.metrics(), "nixos_autodeploy_upstream_fetch_success") == 1
+
+
 def test_upstream_change_is_realised_on_the_next_collect(host: Host) -> None:
     systems = host.build(SystemSpec("a"), SystemSpec("b"))
     host.install(systems["a"])
@@ -246,6 +267,78 @@ def test_status_json_and_table(host: Host) -> None:
     assert table.returncode == 0, table
     assert "update-available" in table.stdout
     assert old.path in table.stdout and new.path in table.stdout
+
+
+def table_row(table: AgentResult, label: str) -> str:
+    """The line of the status table whose first cell is `label`."""
+    rows = [line for line in table.stdout.splitlines() if line.strip("│| ").startswith(label)]
+    assert len(rows) == 1, table
+    return rows[0]
+
+
+def status_table(host: Host) -> AgentResult:
+    # Captured stdout is not a terminal: no colour codes. Wide enough for full paths.
+    table = host.run_agent("status", env={"COLUMNS": "250"})
+    assert table.returncode == 0, table
+    assert "\x1b[" not in table.stdout, "colour codes on a stdout that is not a terminal"
+    return table
+
+
+def test_status_table_marks_what_differs_from_current(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new"))
+    old, new = systems["old"], systems["new"]
+    host.install(old)
+    host.write_deployed(old)
+    host.publish(new)
+    assert host.collect().returncode == 0
+    table = status_table(host)
+    for label in ("current", "booted", "profile", "deployed"):
+        row = table_row(table, label)
+        assert old.path in row and "≠ current" not in row, table
+    row = table_row(table, "upstream")
+    assert new.path in row and "≠ current" in row, table
+    assert "dirty: no" in table.stdout and "reboot required: no" in table.stdout, table
+    assert "upstream error" not in table.stdout, table
+
+
+def test_status_table_shows_dirty_and_reboot_required(host: Host) -> None:
+    systems = host.build(SystemSpec("ours"), SystemSpec("theirs", kernel="6.9.1"), SystemSpec("ci"))
+    ours, theirs, ci = systems["ours"], systems["theirs"], systems["ci"]
+    host.install(ours)
+    host.write_deployed(ours)
+    host.deploy_by_hand(theirs, "switch")  # a new kernel, switched to by hand
+    host.publish(ci)
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["reboot_required"]) == ("dirty", True)
+    table = status_table(host)
+    marked = {
+        "current": (theirs, False),
+        "booted": (ours, True),
+        "profile": (theirs, False),
+        "deployed": (ours, True),
+        "upstream": (ci, True),
+    }
+    for label, (system, differs) in marked.items():
+        row = table_row(table, label)
+        assert system.path in row, table
+        assert ("≠ current" in row) is differs, table
+    assert "dirty: yes" in table.stdout, table
+    assert "reboot required: yes" in table.stdout, table
+
+
+def test_status_table_shows_the_upstream_error(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.write_deployed(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    host.server.publish_body(b"<html>maintenance</html>\n")
+    failed = host.collect()
+    assert failed.returncode == 1, failed
+    table = status_table(host)
+    (line,) = [line for line in table.stdout.splitlines() if "upstream error" in line]
+    assert "HTML" in line and host.url in line, table
+    assert host.snapshot()["upstream"]["error"] in " ".join(table.stdout.split()), table
 
 
 def test_status_shows_the_upstream_error(host: Host) -> None:

@@ -552,14 +552,15 @@ def test_failing_activation_is_reported_recorded_and_not_retried(host: Host) -> 
     a, b, c = systems["a"], systems["b"], systems["c"]
     tracking(host, a, b)
     before_record = (host.state_dir / "deployed.json").read_bytes()
-    host.fail_activation("unit nginx.service failed to start")
+    host.fail_activation(b, "unit nginx.service failed to start")
     result = deploy(host)
     assert result.returncode == 1, result
     (error,) = error_lines(result)
     assert "unit nginx.service failed to start" in error
     assert b.basename in error
-    assert host.activations() == [("switch", b.path)]
-    assert (host.state_dir / "deployed.json").read_bytes() == before_record
+    # The failed switch, then the old system's `boot` making it the boot default again.
+    assert host.activations() == [("switch", b.path), ("boot", a.path)]
+    assert record(host) == {**json.loads(before_record), "complete": True}
     # The mirror follows the unchanged record (the test wrote the record without it).
     assert deployed_mirror(host) == a.path
     assert_links(host, current=a, profile=a, booted=a)
@@ -582,7 +583,7 @@ def test_failing_activation_is_reported_recorded_and_not_retried(host: Host) -> 
     (host.root / "fail-activation").unlink()
     again = deploy(host)
     assert again.returncode == 0, again
-    assert host.activations() == [("switch", b.path)]
+    assert host.activations() == [("switch", b.path), ("boot", a.path)]
     assert "not retried" in again.stderr
     assert host.read_json("deploys.json") == deploys
     assert_links(host, current=a, profile=a)
@@ -592,7 +593,7 @@ def test_failing_activation_is_reported_recorded_and_not_retried(host: Host) -> 
     assert host.collect().returncode == 0
     third = deploy(host)
     assert third.returncode == 0, third
-    assert host.activations() == [("switch", b.path), ("switch", c.path)]
+    assert host.activations() == [("switch", b.path), ("boot", a.path), ("switch", c.path)]
     assert_links(host, current=c, profile=c)
     assert_record(host, c, "switch", previous=a)
     deploys = host.read_json("deploys.json")
@@ -611,12 +612,13 @@ def test_failing_activation_after_an_interrupted_run_leaves_the_deployed_system_
     a, b = systems["a"], systems["b"]
     tracking(host, a, b)
     host.set_profile(b)  # the killed run's nix-env --set
-    host.fail_activation("unit nginx.service failed to start")
+    host.fail_activation(b, "unit nginx.service failed to start")
     result = deploy(host)
     assert result.returncode == 1, result
-    assert host.activations() == [("switch", b.path)]
+    assert host.activations() == [("switch", b.path), ("boot", a.path)]
     assert host.current() == a.path
     assert host.profile() == a.path, "the profile still names the system that failed"
+    assert host.boot_default() == a.path
 
 
 @pytest.mark.parametrize(
@@ -661,7 +663,8 @@ def test_fresh_snapshot_is_used_and_a_stale_one_is_collected_again(host: Host) -
 
     path = host.state_dir / "snapshot.json"
     snapshot = json.loads(path.read_text())
-    snapshot["collected_at"] -= 3600  # an hour older than --max-snapshot-age allows
+    # Upstream fetched an hour longer ago than --max-snapshot-age allows.
+    snapshot["upstream"]["fetched_at"] -= 3600
     path.write_text(json.dumps(snapshot))
     stale = deploy(host, "--max-snapshot-age", "600")
     assert stale.returncode == 0, stale
@@ -729,6 +732,7 @@ def test_dry_run_under_systemd_runs_the_activation_in_its_own_unit(host: Host) -
     systems = host.build(SystemSpec("a"), SystemSpec("b"))
     a, b = systems["a"], systems["b"]
     tracking(host, a, b)
+    assert host.collect().returncode == 0
     (host.root / "run/systemd/system").mkdir(parents=True)  # systemd is PID 1 on this host
     result = deploy(host, "--dry-run")
     assert result.returncode == 0, result
@@ -821,7 +825,14 @@ def test_sigkill_during_activation_then_the_next_run_converges(host: Host) -> No
     assert deploy_run.returncode == -signal.SIGKILL
     assert host.activations() == []
     assert_links(host, current=a, profile=b)  # killed between nix-env --set and the switch
-    assert record(host)["path"] == a.path
+    # The deploy's record, written before anything changed, says it was under way.
+    under_way = record(host)
+    assert (under_way["path"], under_way["previous"], under_way["complete"]) == (
+        b.path,
+        a.path,
+        False,
+    )
+    assert host.snapshot()["dirty"] is False
     (host.root / "slow-activation").unlink()
     result = deploy(host)
     assert result.returncode == 0, result
@@ -862,3 +873,126 @@ def test_upstream_that_is_not_a_nixos_system_is_refused(host: Host) -> None:
     assert (host.state_dir / "deployed.json").read_bytes() == before_record
     assert_links(host, current=a, profile=a, booted=a)
     assert host.snapshot()["state"] == "update-available"
+
+
+def test_dry_run_fetches_nothing_without_a_fresh_snapshot(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    before = host.links()
+
+    none = deploy(host, "--dry-run")
+    assert none.returncode == 1, none
+    (error,) = error_lines(none)
+    assert "no snapshot yet" in error and "run collect first" in error
+    assert host.server.count() == 0 and host.links() == before
+
+    host.publish(a)
+    assert host.collect().returncode == 0
+    host.publish(b)  # CI moved on; the snapshot does not know yet
+    path = host.state_dir / "snapshot.json"
+    snapshot = json.loads(path.read_text())
+    snapshot["upstream"]["fetched_at"] -= 7200
+    path.write_text(json.dumps(snapshot))
+    before, before_files = host.links(), state_files(host)
+    host.server.reset_requests()
+
+    stale = deploy(host, "--dry-run")
+    assert stale.returncode == 0, stale
+    assert "a real run would collect first" in stale.stderr
+    assert stale.stdout.startswith("decision: nothing: up to date")
+    assert host.server.count() == 0
+    assert host.links() == before and state_files(host) == before_files
+
+
+def test_activation_failing_after_its_switch_is_not_adopted(host: Host) -> None:
+    """NixOS's switch-to-configuration points current and the boot loader at the new
+    system before it starts units: a unit that fails leaves current on it (exit 4)."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    host.fail_activation_late(b, "nginx.service failed to start")
+    result = deploy(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert "nginx.service failed to start" in error
+    assert host.current() == b.path  # what the failed activation left running
+    assert host.profile() == a.path and host.boot_default() == a.path  # next boot: a
+    assert_record(host, a, "switch", previous=a)
+    assert host.read_json("deploys.json")["failed_path"] == b.path
+
+    again = deploy(host)
+    assert again.returncode == 0, again
+    assert "not tracking it" in again.stderr
+    assert_record(host, a, "switch", previous=a)
+    assert host.activations() == [("switch", b.path), ("boot", a.path)]
+
+    host.reboot()  # back on a; b is still what upstream names and failed: left alone
+    third = deploy(host)
+    assert third.returncode == 0, third
+    assert "not retried until upstream changes" in third.stderr
+    host.publish(c)
+    assert host.collect().returncode == 0
+    assert deploy(host).returncode == 0
+    assert_links(host, current=c, profile=c)
+
+
+def test_killed_after_the_switch_while_upstream_moves_on_is_not_dirty(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    # What a deploy killed right after its switch leaves: its record still under way.
+    under_way = {
+        "version": 1,
+        "path": b.path,
+        "mode": "switch",
+        "previous": a.path,
+        "at": 1.0,
+        "reboot_issued_at": None,
+        "complete": False,
+    }
+    (host.state_dir / "deployed.json").write_text(json.dumps(under_way))
+    host.deploy_by_hand(b)
+    host.publish(c)  # CI moved on before the next run
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
+
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert history(host)[0]["event"] == "completed-interrupted-deploy"
+    assert_links(host, current=c, profile=c)
+    assert_record(host, c, "switch", previous=b)
+
+
+def test_a_tracked_hand_deploy_of_a_new_kernel_is_not_rebooted(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    host.install(old)
+    host.deploy_by_hand(new)  # nixos-rebuild switch; its owner reboots when it suits them
+    host.publish(new)
+    for _ in range(2):
+        result = deploy(host, "--reboot-mode", "reboot")
+        assert result.returncode == 0, result
+    assert decisions(host) == [("track", "untracked"), ("nothing", "up-to-date")]
+    assert host.recorded("systemctl") == []
+    assert host.snapshot()["reboot_required"] is True
+
+
+def test_failed_kexec_load_is_not_counted_as_the_one_reboot(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    kexec = host.bin_dir / "kexec"
+    recorder = kexec.read_text()
+    kexec.write_text("#!/bin/sh\necho 'kexec_load failed: Operation not permitted' >&2\nexit 1\n")
+    failed = deploy(host, "--switch-mode", "boot", "--reboot-mode", "kexec")
+    assert failed.returncode == 1, failed
+    (error,) = error_lines(failed)
+    assert "Operation not permitted" in error
+    assert host.recorded("systemctl") == []
+    assert record(host)["reboot_issued_at"] is None
+    kexec.write_text(recorder)
+    retried = deploy(host, "--switch-mode", "boot", "--reboot-mode", "kexec")
+    assert retried.returncode == 0, retried
+    assert host.recorded("systemctl") == [["kexec"]]
+    assert record(host)["reboot_issued_at"] is not None

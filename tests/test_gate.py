@@ -7,7 +7,7 @@ import pytest
 from actuator.gate import Action, decide
 from collector.config import RebootMode, SwitchMode
 from collector.snapshot import Deploys, Snapshot, Upstream
-from collector.state import Deployed, Links, State, classify
+from collector.state import Activation, Deployed, Links, State, classify
 from collector.store import StorePath
 
 
@@ -40,7 +40,8 @@ def snapshot(
 
 
 def rec(path: StorePath, mode: str = "switch", previous: StorePath | None = None) -> Deployed:
-    return Deployed(path=path, mode=mode, previous=previous or path, at=0.0)
+    """previous defaults to path: a record made by tracking what ran."""
+    return Deployed(path=path, mode=Activation(mode), previous=previous or path, at=0.0)
 
 
 def rebooted_once(d: Deployed) -> Deployed:
@@ -108,6 +109,37 @@ CASES = [
         Action.REBOOT,
         None,
         "kernel differs",
+    ),
+    # A hand deploy the agent only tracks is its owner's to reboot.
+    (
+        snapshot(B, rec(B), B, reboot_required=True),
+        Deploys(),
+        False,
+        REBOOT,
+        Action.NOTHING,
+        None,
+        "",
+    ),
+    # An activation that failed half way left current on it: not adopted.
+    (
+        snapshot(B, rec(A), B),
+        Deploys(failed_path=B),
+        False,
+        None,
+        Action.NOTHING,
+        None,
+        "not tracking it",
+    ),
+    (snapshot(B, rec(A), B), Deploys(failed_path=B), True, None, Action.TRACK, None, "tracking"),
+    # Upstream moved on while a boot waited: the newer system goes first.
+    (
+        snapshot(A, PENDING, C, profile=B),
+        Deploys(),
+        False,
+        REBOOT,
+        Action.DEPLOY,
+        "switch",
+        "update-available",
     ),
 ]
 

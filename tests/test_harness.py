@@ -122,7 +122,7 @@ def test_failing_activation_changes_nothing(host: Host) -> None:
     systems = host.build(SystemSpec("old"), SystemSpec("new"))
     host.install(systems["old"])
     host.realise(systems["new"])
-    host.fail_activation("unit foo.service failed to start")
+    host.fail_activation(systems["new"], "unit foo.service failed to start")
     before = host.links()
     failed = subprocess.run(
         [f"{systems['new'].path}/bin/switch-to-configuration", "switch"],

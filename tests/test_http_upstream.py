@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import base64
 import gzip
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import AgentResult, Host, Reply, System, error_lines
+from harness import AgentResult, Host, Reply, System, SystemSpec, TestServer, error_lines
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.nix
 
 TOKEN = "tok-3f9a1c7e-never-printed"
 PASSWORD = "pw-8d2b4e61-never-printed"
+# How collector/upstream.py ends a failure it retried: out of attempts, or out of time.
+GAVE_UP = re.compile(r"gave up after \d+ attempts|no time left to retry")
 
 
 def fetch_success(host: Host) -> float:
@@ -242,6 +245,23 @@ def test_server_that_never_answers_hits_the_deadline(collected: Collected) -> No
     rejected(collected, result, collected.host.url)
 
 
+def test_body_dripping_forever_hits_the_total_deadline(collected: Collected) -> None:
+    # A byte every half second keeps each read under the read timeout, so only the
+    # deadline over the whole request can end this download.
+    body = (collected.good.path + "\n").encode()
+    collected.host.server.route("/upstream", Reply(body=body, drip=0.5))
+    result = collected.host.collect(timeout=3)
+    rejected(collected, result, "did not answer within 3s", collected.host.url)
+    assert collected.host.server.count("/upstream") == 1
+
+
+def test_headers_dripping_forever_hit_the_total_deadline(collected: Collected) -> None:
+    collected.host.server.route("/upstream", Reply(drip_headers=0.5))
+    result = collected.host.collect(timeout=3)
+    rejected(collected, result, "did not answer within 3s", collected.host.url)
+    assert collected.host.server.count("/upstream") == 1
+
+
 def test_content_encoding_is_refused(collected: Collected) -> None:
     body = gzip.compress((collected.good.path + "\n").encode())
     collected.host.server.route(
@@ -254,7 +274,80 @@ def test_connection_refused(collected: Collected) -> None:
     port = collected.host.server.port
     collected.host.server.stop()
     result = collected.host.collect(url=f"http://127.0.0.1:{port}/upstream", timeout=5)
-    rejected(collected, result, f"127.0.0.1:{port}")
+    line = rejected(collected, result, f"127.0.0.1:{port}", "connection failed")
+    assert GAVE_UP.search(line), line
+
+
+def test_connection_closed_without_an_answer_is_retried(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    body = (system.path + "\n").encode()
+    host.server.route("/upstream", [Reply(close=True), Reply(body=body)])
+    result = host.collect()
+    assert result.returncode == 0, result
+    assert host.server.count("/upstream") == 2
+    assert host.upstream() == system.path
+    assert fetch_success(host) == 1
+
+
+def test_connection_closed_every_time_gives_up(collected: Collected) -> None:
+    collected.host.server.route("/upstream", Reply(close=True))
+    result = collected.host.collect(timeout=5)
+    line = rejected(collected, result, collected.host.url, "connection failed")
+    assert GAVE_UP.search(line), line
+    assert collected.host.server.count("/upstream") > 1, "a connection error is retried"
+
+
+# ---- 304 only answers a conditional request ------------------------------------
+
+
+def test_304_on_a_first_fetch_is_refused(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.server.route("/upstream", Reply(status=304))
+    result = host.collect()
+    assert result.returncode == 1, result
+    (line,) = error_lines(result)
+    assert "304" in line and host.url in line, result
+    (request,) = host.server.requests("/upstream")
+    assert "if-none-match" not in request.headers
+    assert "if-modified-since" not in request.headers
+    assert host.upstream() is None
+    assert host.snapshot()["state"] == "unknown"
+    assert fetch_success(host) == 0
+
+
+def test_304_after_a_200_without_validators_is_refused(host: Host) -> None:
+    """Nothing to make the request conditional with, so a 304 cannot be an answer to it."""
+    system = host.build_one("a")
+    host.install(system)
+    host.write_deployed(system)
+    host.server.route("/upstream", Reply(body=(system.path + "\n").encode()))  # no ETag
+    assert host.collect().returncode == 0
+    before = host.links()
+    host.server.reset_requests()
+    host.server.route("/upstream", Reply(status=304))
+    result = host.collect()
+    assert result.returncode == 1, result
+    (line,) = error_lines(result)
+    assert "304" in line, result
+    (request,) = host.server.requests("/upstream")
+    assert "if-none-match" not in request.headers
+    assert "if-modified-since" not in request.headers
+    assert host.links() == before
+    assert fetch_success(host) == 0
+
+
+def test_304_from_another_url_is_refused(collected: Collected) -> None:
+    """The validators belong to the URL they came from: a new URL is fetched
+    unconditionally, and its 304 does not stand for the old URL's answer."""
+    host = collected.host
+    host.server.route("/elsewhere", Reply(status=304))
+    result = host.collect(url=host.server.url("/elsewhere"))
+    rejected(collected, result, "304")
+    (request,) = host.server.requests("/elsewhere")
+    assert "if-none-match" not in request.headers
+    assert "if-modified-since" not in request.headers
 
 
 # ---- Nix refuses --------------------------------------------------------------
@@ -309,6 +402,73 @@ def test_netrc_credentials_arrive(host: Host, tmp_path: Path) -> None:
     expected = base64.b64encode(f"deployer:{PASSWORD}".encode()).decode()
     assert request.headers["authorization"] == f"Basic {expected}"
     assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_home_netrc_is_not_used_implicitly(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    netrc = host.home / ".netrc"  # the agent runs with HOME=host.home
+    netrc.write_text(f"machine 127.0.0.1 login deployer password {PASSWORD}\n")
+    netrc.chmod(0o600)
+    implicit = host.collect()
+    assert implicit.returncode == 0, implicit
+    # The same file, named with --netrc-file, is used: it would have matched.
+    named = host.collect("--netrc-file", str(netrc))
+    assert named.returncode == 0, named
+    first, second = host.server.requests("/upstream")
+    assert "authorization" not in first.headers
+    expected = base64.b64encode(f"deployer:{PASSWORD}".encode()).decode()
+    assert second.headers["authorization"] == f"Basic {expected}"
+
+
+def test_request_asks_for_identity_encoding(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    (request,) = host.server.requests("/upstream")
+    assert request.headers["accept-encoding"] == "identity"
+
+
+def test_proxy_environment_is_honoured(host: Host, tmp_path: Path) -> None:
+    systems = host.build(SystemSpec("direct"), SystemSpec("proxied"))
+    direct, proxied = systems["direct"], systems["proxied"]
+    host.install(direct)
+    host.publish(direct)  # what the agent would get if it went around the proxy
+    # Already valid, so nix-store --realise needs no substituter (Nix honours the proxy
+    # variables too, and this proxy only knows the one URL).
+    host.realise(proxied)
+    (tmp_path / "proxy-cache").mkdir()
+    proxy = TestServer(cache_dir=tmp_path / "proxy-cache")
+    proxy.start()
+    try:
+        # A proxy is sent the absolute URL as the request target.
+        proxy.route(host.url, Reply(body=(proxied.path + "\n").encode()))
+        env = {
+            "http_proxy": proxy.base_url,
+            "HTTP_PROXY": proxy.base_url,
+            "no_proxy": "",  # whatever the test runner has must not exempt 127.0.0.1
+            "NO_PROXY": "",
+        }
+        result = host.run_agent(
+            "collect",
+            "--url",
+            host.url,
+            "--prometheus-path",
+            str(host.metrics_path),
+            "--timeout",
+            "30",
+            env=env,
+        )
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result
+    (request,) = proxy.requests(host.url)
+    assert request.method == "GET"
+    assert host.server.count() == 0, "nothing went around the proxy"
+    assert host.upstream() == proxied.path
+    assert fetch_success(host) == 1
 
 
 def test_config_file_credentials_and_headers(host: Host, tmp_path: Path) -> None:

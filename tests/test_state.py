@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from collector.state import Deployed, Links, State, boot_differs, classify, reboot_required
+from collector.state import (
+    Activation,
+    Deployed,
+    Links,
+    State,
+    boot_differs,
+    classify,
+    reboot_required,
+)
 from collector.store import StorePath
 
 
@@ -19,11 +27,19 @@ A, B, C = sp("a"), sp("b"), sp("c")
 
 
 def switched(path: StorePath) -> Deployed:
-    return Deployed(path=path, mode="switch", previous=path, at=0.0)
+    return Deployed(path=path, mode=Activation.SWITCH, previous=path, at=0.0)
 
 
 def booted_into(path: StorePath, previous: StorePath) -> Deployed:
-    return Deployed(path=path, mode="boot", previous=previous, at=0.0)
+    return Deployed(path=path, mode=Activation.BOOT, previous=previous, at=0.0)
+
+
+def under_way(path: StorePath, previous: StorePath, mode: Activation) -> Deployed:
+    """The record a deploy writes before it changes anything."""
+    return Deployed(path=path, mode=mode, previous=previous, at=0.0, complete=False)
+
+
+SWITCH, BOOT = Activation.SWITCH, Activation.BOOT
 
 
 CASES = [
@@ -38,10 +54,20 @@ CASES = [
     pytest.param(A, A, switched(A), B, State.UPDATE_AVAILABLE, id="tracking-new-upstream"),
     pytest.param(B, B, switched(A), C, State.DIRTY, id="manual-deploy-while-tracking"),
     pytest.param(A, B, booted_into(B, A), B, State.PENDING_REBOOT, id="boot-deploy-waits"),
-    pytest.param(A, B, booted_into(B, A), C, State.PENDING_REBOOT, id="waits-upstream-moved"),
+    pytest.param(A, B, booted_into(B, A), C, State.UPDATE_AVAILABLE, id="waits-upstream-moved"),
+    pytest.param(A, B, booted_into(B, A), A, State.UPDATE_AVAILABLE, id="waits-upstream-back"),
     pytest.param(A, C, booted_into(B, A), B, State.DIRTY, id="profile-changed-by-hand"),
     pytest.param(B, B, booted_into(B, A), B, State.UP_TO_DATE, id="rebooted-into-deploy"),
     pytest.param(B, B, booted_into(B, A), C, State.UPDATE_AVAILABLE, id="rebooted-upstream-moved"),
+    # A deploy killed at some step: never dirty, whatever upstream did meanwhile.
+    pytest.param(A, A, under_way(B, A, SWITCH), B, State.UPDATE_AVAILABLE, id="killed-before-set"),
+    pytest.param(A, B, under_way(B, A, SWITCH), B, State.UPDATE_AVAILABLE, id="killed-after-set"),
+    pytest.param(B, B, under_way(B, A, SWITCH), B, State.UP_TO_DATE, id="killed-after-switch"),
+    pytest.param(B, B, under_way(B, A, SWITCH), C, State.UPDATE_AVAILABLE, id="killed-then-moved"),
+    pytest.param(A, B, under_way(B, A, BOOT), B, State.UPDATE_AVAILABLE, id="killed-during-boot"),
+    pytest.param(A, A, under_way(B, A, SWITCH), A, State.UNTRACKED, id="killed-upstream-back"),
+    # A completed deploy rolled back by hand is the operator's: dirty.
+    pytest.param(A, A, Deployed(B, SWITCH, A, 0.0), B, State.DIRTY, id="rolled-back-by-hand"),
 ]
 
 
@@ -57,12 +83,14 @@ def test_classify(
     assert classify(links, deployed) is expected
 
 
-def _system(tmp: Path, name: str, kernel: str, initrd: str = "initrd", modules: str = "m") -> str:
+def _system(tmp: Path, name: str, kernel: str, initrd: str = "i1", modules: str = "m1") -> str:
+    """A system whose boot files link to shared store paths, as NixOS's do."""
     root = tmp / name
-    (root / "kernel-modules" / "lib").mkdir(parents=True)
-    (root / "kernel").write_text(kernel)
-    (root / "initrd").write_text(initrd)
-    (root / "kernel-modules" / "lib" / "mod.ko").write_text(modules)
+    root.mkdir()
+    for file, version in (("kernel", kernel), ("initrd", initrd), ("kernel-modules", modules)):
+        target = tmp / f"{file}-{version}"
+        target.mkdir(exist_ok=True)
+        os.symlink(target, root / file)
     return str(root)
 
 
@@ -73,19 +101,13 @@ def test_boot_differs_compares_kernel_initrd_and_modules(
     a = StorePath(_system(tmp_path, "a" * 32 + "-a", "6.1"))
     same = StorePath(_system(tmp_path, "b" * 32 + "-b", "6.1"))
     kernel = StorePath(_system(tmp_path, "c" * 32 + "-c", "6.6"))
-    initrd = StorePath(_system(tmp_path, "d" * 32 + "-d", "6.1", initrd="other"))
-    modules = StorePath(_system(tmp_path, "f" * 32 + "-f", "6.1", modules="other"))
+    initrd = StorePath(_system(tmp_path, "d" * 32 + "-d", "6.1", initrd="i2"))
+    modules = StorePath(_system(tmp_path, "f" * 32 + "-f", "6.1", modules="m2"))
     assert not boot_differs(a, same)
     assert boot_differs(a, kernel)
     assert boot_differs(a, initrd)
     assert boot_differs(a, modules)
     assert not boot_differs(a, None)
-    # A kernel shared by symlink, as NixOS systems share their kernel package.
-    linked = tmp_path / ("g" * 32 + "-g")
-    linked.mkdir()
-    for f in ("kernel", "initrd", "kernel-modules"):
-        os.symlink(os.path.join(a.path, f), linked / f)
-    assert not boot_differs(a, StorePath(str(linked)))
     links = Links(current=kernel, booted=a, profile=kernel, upstream=kernel)
     assert reboot_required(links, State.UP_TO_DATE)
     assert not reboot_required(Links(a, same, a, a), State.UP_TO_DATE)

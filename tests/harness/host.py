@@ -254,8 +254,14 @@ class Host:
         """CI publishes `system`: the upstream URL answers its store path + newline."""
         self.server.publish_body((str(system) + "\n").encode(), path)
 
-    def fail_activation(self, message: str = "activation failed") -> None:
-        (self.root / "fail-activation").write_text(message)
+    def fail_activation(self, system: System | str, message: str = "activation failed") -> None:
+        """system's switch-to-configuration fails at once, changing nothing."""
+        (self.root / "fail-activation").write_text(f"{system}\n{message}")
+
+    def fail_activation_late(self, system: System | str, message: str = "unit failed") -> None:
+        """system's switch-to-configuration fails like NixOS's when a unit does not start:
+        after switching the links and the boot loader, with exit code 4."""
+        (self.root / "fail-activation-late").write_text(f"{system}\n{message}")
 
     def slow_activation(self, seconds: float) -> None:
         (self.root / "slow-activation").write_text(str(seconds))

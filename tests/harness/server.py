@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +24,12 @@ class Reply:
     unless given in `headers`). `endless`: send filler until the client goes away.
     `etag`: send it and answer 304 to a matching If-None-Match.
     `delay`: seconds to wait before answering.
+    `drip`: seconds between single bytes of the body: `body`, then newlines without
+    end (no Content-Length), until the server stops or the client goes away. Every
+    read gets a byte in time, so only a deadline over the whole request ends it.
+    `drip_headers`: the same for the head: the status line, then one byte of a header
+    that never ends, every `drip_headers` seconds.
+    `close`: read the request, then close the connection without answering.
     """
 
     status: int = 200
@@ -33,6 +40,9 @@ class Reply:
     stream_bytes: int | None = None
     endless: bool = False
     etag: str | None = None
+    drip: float | None = None
+    drip_headers: float | None = None
+    close: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,8 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
             if reply.hang:
                 server.stopping.wait()
                 return
+            if reply.close:
+                return  # nothing written; the server closes the socket after the handler
             if reply.delay and server.stopping.wait(reply.delay):
                 return
             if reply.etag is not None and request.headers.get("if-none-match") == reply.etag:
@@ -192,7 +204,20 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("ETag", reply.etag)
                 self.end_headers()
                 return
+            if reply.drip_headers is not None:
+                head = f"HTTP/1.0 {reply.status} {self.responses[reply.status][0]}\r\nX-Drip: "
+                self.wfile.write(head.encode("latin-1"))
+                self._drip(itertools.repeat(ord("a")), reply.drip_headers)
+                return
             self._send(reply, send_body)
+
+        def _drip(self, data: Iterable[int], interval: float) -> None:
+            """Write `data` one byte per `interval`; a closed client ends it with an
+            OSError (BrokenPipeError, ConnectionResetError) that `_handle` expects."""
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                if server.stopping.wait(interval):
+                    return
 
         def _send(self, reply: Reply, send_body: bool) -> None:
             self.send_response(reply.status)
@@ -201,7 +226,7 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             if reply.etag is not None and "etag" not in names:
                 self.send_header("ETag", reply.etag)
-            streaming = reply.endless or reply.stream_bytes is not None
+            streaming = reply.endless or reply.stream_bytes is not None or reply.drip is not None
             if not streaming and "content-length" not in names:
                 self.send_header("Content-Length", str(len(reply.body)))
             self.end_headers()
@@ -209,6 +234,9 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
                 return
             if not streaming:
                 self.wfile.write(reply.body)
+                return
+            if reply.drip is not None:
+                self._drip(itertools.chain(reply.body, itertools.repeat(ord("\n"))), reply.drip)
                 return
             remaining = reply.stream_bytes
             filler = b"x" * CHUNK

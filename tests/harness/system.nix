@@ -43,7 +43,9 @@ let
     esac
     if [ -e "$root/slow-activation" ]; then sleep "$(cat "$root/slow-activation")"; fi
     echo "$action $out" >> "$root/activations.log"
-    if [ -e "$root/fail-activation" ]; then cat "$root/fail-activation" >&2; exit 1; fi
+    # <root>/fail-activation[-late]: the failing system's path, then the message.
+    fails() { [ -e "$root/$1" ] && [ "$(head -n 1 "$root/$1")" = "$out" ]; }
+    if fails fail-activation; then tail -n +2 "$root/fail-activation" >&2; exit 1; fi
     # Atomic like NixOS: a temporary link renamed over the old one.
     point() { ln -sfn "$out" "$1.tmp-$$"; mv -fT "$1.tmp-$$" "$1"; }
     case "$action" in
@@ -51,6 +53,8 @@ let
       boot) point "$root/boot/default" ;;
       test) point "$root/run/current-system" ;;
     esac
+    # As NixOS's does when a unit fails to start: links and boot loader already switched.
+    if fails fail-activation-late; then tail -n +2 "$root/fail-activation-late" >&2; exit 4; fi
   '';
 
   system = s: mk "nixos-system-${s.name}-${s.tag}" ''

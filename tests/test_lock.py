@@ -1,0 +1,90 @@
+"""The lock collector and actuator share: the actuator waits for it rather than failing.
+
+(The collector's side, finding it held and changing nothing, is in test_collect.py and
+test_deploy.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness import Host, SystemSpec, require_tool
+
+pytestmark = pytest.mark.nix
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open (it reached the lock and is waiting on it)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.path.realpath(fd) == str(path) for fd in fds.iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # the process ended, or closed that fd while we looked
+
+
+def test_deploy_waits_for_the_lock_then_deploys(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    host.install(a)
+    host.write_deployed(a, previous=a)
+    host.publish(b)
+    lock = host.state_dir / "lock"
+    # Held until its stdin closes, so the test decides when it ends, not a sleep.
+    holder = subprocess.Popen(
+        [
+            require_tool("flock"),
+            "--exclusive",
+            str(lock),
+            "sh",
+            "-c",
+            "echo locked; exec cat >/dev/null",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    argv = [sys.executable, "-m", "collector.cli", "deploy", "--root", str(host.root)]
+    argv += ["--url", host.url, "--timeout", "30", "--prometheus-path", str(host.metrics_path)]
+    deploy_run: subprocess.Popen[str] | None = None
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "locked"
+        deploy_run = subprocess.Popen(
+            argv,
+            env=host.agent_env(),
+            cwd=host.tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        give_up = time.monotonic() + 120  # a safety net against a hung test, not an assertion
+        while not holds_open(deploy_run.pid, lock):
+            assert deploy_run.poll() is None, "deploy ended while the lock was held"
+            assert time.monotonic() < give_up, "deploy never opened the lock"
+            time.sleep(0.05)
+        # It has the lock file open but not the lock: it must not act, nor give up.
+        assert host.activations() == [] and host.current() == a.path
+        assert deploy_run.poll() is None, "deploy gave up instead of waiting for the lock"
+        assert host.server.count() == 0, "nothing is fetched before the lock is taken"
+        holder.stdin.close()  # the holder ends and the lock is free
+        assert holder.wait(timeout=60) == 0
+        out, err = deploy_run.communicate(timeout=300)
+    finally:
+        for process in (holder, deploy_run):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    assert deploy_run.returncode == 0, out + err
+    assert not [line for line in err.splitlines() if line.startswith("error:")], err
+    assert host.activations() == [("switch", b.path)]
+    assert (host.current(), host.profile()) == (b.path, b.path)
+    assert host.read_json("deployed.json")["path"] == b.path
+    assert host.snapshot()["state"] == "up-to-date"
