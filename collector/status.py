@@ -38,6 +38,7 @@ def as_json(s: Snapshot) -> dict[str, Any]:
         "upstream_url": s.upstream.url,
         "upstream_error": s.upstream.error,
         "collected_at": s.collected_at,
+        "upstream_fetched_at": s.upstream.fetched_at,
         "last_deploy": s.last_deploy,
     }
 
@@ -84,6 +85,8 @@ def render(s: Snapshot, console: Console) -> None:
         f"reboot required: {'[magenta]yes[/magenta]' if s.reboot_required else 'no'}",
         f"last collect: {_age(time.time() - s.collected_at)} ago",
     ]
+    if s.upstream.fetched_at is not None:
+        facts.append(f"upstream fetched: {_age(time.time() - s.upstream.fetched_at)} ago")
     if s.upstream.error:
         facts.append(f"upstream error: [red]{s.upstream.error}[/red]")
     if s.last_deploy:
