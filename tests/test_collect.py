@@ -271,7 +271,11 @@ def test_status_json_and_table(host: Host) -> None:
 
 def table_row(table: AgentResult, label: str) -> str:
     """The line of the status table whose first cell is `label`."""
-    rows = [line for line in table.stdout.splitlines() if line.strip("│| ").startswith(label)]
+    rows = [
+        line
+        for line in table.stdout.splitlines()
+        if line.startswith("│") and line.strip("│ ").startswith(label)
+    ]
     assert len(rows) == 1, table
     return rows[0]
 
