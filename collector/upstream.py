@@ -47,7 +47,6 @@ class Fetched:
     path: StorePath | None  # None: 304, the last upstream still holds
     etag: str | None
     last_modified: str | None
-    bytes_received: int
 
 
 class _Deadline(BaseException):  # not Exception: nothing in requests may swallow it
@@ -226,7 +225,7 @@ def _fetch(
                         )
                     continue
                 if status == 304 and conditional and cached is not None:
-                    return Fetched(None, cached.etag, cached.last_modified, 0)
+                    return Fetched(None, cached.etag, cached.last_modified)
                 if status == 200:
                     return _read(response, url)
                 failure = f"upstream {shown(url)} answered HTTP {status} {response.reason}"
@@ -285,5 +284,4 @@ def _read(response: requests.Response, url: str) -> Fetched:
         path=parse_body(bytes(body), url),
         etag=response.headers.get("ETag"),
         last_modified=response.headers.get("Last-Modified"),
-        bytes_received=len(body),
     )
