@@ -15,7 +15,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,18 +133,8 @@ def reboot_calls(order: Path) -> list[str]:
 
 
 def start_deploy(host: Host, *args: str) -> subprocess.Popen[str]:
-    """`deploy` in the background, in a session of its own so a test can kill it the way
-    systemd stops a unit: the agent and everything it started."""
-    argv = [sys.executable, "-m", "collector.cli", "deploy", "--root", str(host.root)]
-    return subprocess.Popen(
-        argv + deploy_args(host, *args),
-        env=host.agent_env(),
-        cwd=host.tmp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    """`deploy` in the background (see Host.start_agent)."""
+    return host.start_agent("deploy", *deploy_args(host, *args))
 
 
 @contextmanager

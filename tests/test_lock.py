@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -50,20 +49,12 @@ def test_deploy_waits_for_the_lock_then_deploys(host: Host) -> None:
         text=True,
         start_new_session=True,
     )
-    argv = [sys.executable, "-m", "collector.cli", "deploy", "--root", str(host.root)]
-    argv += ["--url", host.url, "--timeout", "30", "--prometheus-path", str(host.metrics_path)]
     deploy_run: subprocess.Popen[str] | None = None
     try:
         assert holder.stdout is not None and holder.stdin is not None
         assert holder.stdout.readline().strip() == "locked"
-        deploy_run = subprocess.Popen(
-            argv,
-            env=host.agent_env(),
-            cwd=host.tmp,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+        deploy_run = host.start_agent(
+            "deploy", "--url", host.url, "--prometheus-path", str(host.metrics_path)
         )
         give_up = time.monotonic() + 120  # a safety net against a hung test, not an assertion
         while not holds_open(deploy_run.pid, lock):

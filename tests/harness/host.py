@@ -353,6 +353,29 @@ class Host:
         env.update(extra or {})
         return env
 
+    def agent_argv(self, *args: str, root: bool = True) -> list[str]:
+        """`nixos-autodeploy ARGS` (`--root` inserted after the subcommand)."""
+        argv: list[str] = [sys.executable, "-m", "collector.cli"]
+        if args:
+            argv.append(args[0])
+            if root:
+                argv += ["--root", str(self.root)]
+            argv += args[1:]
+        return argv
+
+    def start_agent(self, *args: str) -> subprocess.Popen[str]:
+        """The agent in the background, in a session of its own so a test can kill it the
+        way systemd stops a unit: the agent and everything it started."""
+        return subprocess.Popen(
+            self.agent_argv(*args),
+            env=self.agent_env(),
+            cwd=self.tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
     def run_agent(
         self,
         *args: str,
@@ -361,12 +384,7 @@ class Host:
         timeout: float = 300,
     ) -> AgentResult:
         """Run `nixos-autodeploy ARGS` (`--root` inserted after the subcommand)."""
-        argv: list[str] = [sys.executable, "-m", "collector.cli"]
-        if args:
-            argv.append(args[0])
-            if root:
-                argv += ["--root", str(self.root)]
-            argv += args[1:]
+        argv = self.agent_argv(*args, root=root)
         completed = subprocess.run(
             argv,
             env=self.agent_env(env),
