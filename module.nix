@@ -101,6 +101,16 @@ let
 
   metricsDir = if cfg.prometheusFilePath == null then null else dirOf cfg.prometheusFilePath;
 
+  # The program's own rule for `Name: value` (collector/config.py parse_header): an HTTP
+  # token as the name, no line breaks in the value. Checked here so a bad header fails
+  # the evaluation, not every collector run.
+  badHeaders = lib.filterAttrs (
+    name: value:
+    builtins.match "[!#$%&'*+.^_`|~0-9A-Za-z-]+" name == null
+    || lib.hasInfix "\n" value
+    || lib.hasInfix "\r" value
+  ) cfg.extraHeaders;
+
   secretAssertion = option: value: {
     assertion = value == null || (isAbsolute value && !inStore value);
     message = "system.autoDeploy.${option} must be an absolute path outside the Nix store (it holds a secret), got: ${toString value}";
@@ -270,8 +280,9 @@ in
       default = null;
       example = 900;
       description = ''
-        If not `null`, the actuator refuses to act on a collector snapshot older
-        than this many seconds (the program's default applies otherwise).
+        If not `null`, the actuator collects first (fetches and realises upstream
+        again) when the snapshot's upstream was fetched longer ago than this many
+        seconds; otherwise the program's default (3600) applies.
       '';
     };
 
@@ -301,6 +312,10 @@ in
         {
           assertion = cfg.prometheusFilePath == null || isAbsolute cfg.prometheusFilePath;
           message = "system.autoDeploy.prometheusFilePath must be an absolute path, got: ${toString cfg.prometheusFilePath}";
+        }
+        {
+          assertion = badHeaders == { };
+          message = "system.autoDeploy.extraHeaders must map HTTP header names (letters, digits, !#$%&'*+-.^_`|~) to values without line breaks; invalid: ${lib.concatStringsSep ", " (builtins.attrNames badHeaders)}";
         }
         (secretAssertion "bearerTokenFile" cfg.bearerTokenFile)
         (secretAssertion "netrcFile" cfg.netrcFile)

@@ -14,8 +14,8 @@ python3Packages.buildPythonApplication {
   inherit (pyproject.project) version;
   pyproject = true;
 
-  # Only what the wheel and its unit tests need, so editing the Nix files or
-  # dashboards does not rebuild the package.
+  # Only what the wheel and its unit tests need, so editing the other Nix files,
+  # the scripts or the docs does not rebuild the package.
   src = lib.fileset.toSource {
     root = ./.;
     fileset = lib.fileset.unions [
@@ -25,6 +25,8 @@ python3Packages.buildPythonApplication {
       ./tests
       # tests/test_nix_files.py compares its dependencies with pyproject.toml.
       ./package.nix
+      # tests/test_grafana.py (unmarked, so it runs in the check phase) reads the dashboards.
+      ./grafana
       (lib.fileset.maybeMissing ./README.md)
       (lib.fileset.maybeMissing ./LICENSE)
     ];
@@ -53,11 +55,13 @@ python3Packages.buildPythonApplication {
 
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
+    # Imported by test modules that are collected, then deselected by their marks.
     pyyaml
   ];
 
-  # Tests with these markers need a real Nix store and daemon, Prometheus or a
-  # qemu guest, none of which the build sandbox has; the rest are unit tests.
+  # Tests with these markers (pyproject.toml's [tool.pytest.ini_options] markers; a
+  # test checks the two agree) need a real Nix store and daemon, Prometheus or a qemu
+  # guest, none of which the build sandbox has; the rest run in the check phase.
   disabledTestMarks = [
     "nix"
     "prometheus"

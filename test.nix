@@ -2,10 +2,12 @@
 # With the flake: `nix build .#checks.x86_64-linux.vm`.
 # Without: `nix-build test.nix` (uses <nixpkgs>).
 #
-# Scenarios mirror the Python tests (tests/) and the original tool's test:
-# fresh host matching upstream, fresh host differing (dirty), tracking host
-# deploying a new upstream, manual deploy while tracking (dirty, left alone),
-# a boot-mode deploy waiting for a reboot, and a monitoring-only host.
+# Scenarios mirror tests/test_deploy.py (which proves them against a sandbox
+# root) and the original tool's test: fresh host matching upstream (tracks it),
+# fresh host differing (dirty: deploy exits 0 and changes nothing), a dry run
+# (fetches nothing; fails without a snapshot), tracking host deploying a new
+# upstream, manual deploy while tracking (dirty, left alone), a boot-mode
+# deploy waiting for a reboot and then rebooted into, and a monitoring-only host.
 {
   pkgs ? import <nixpkgs> { },
   module ? ./module.nix,
@@ -73,6 +75,7 @@ pkgs.testers.runNixOSTest {
       next = nodes.machine.specialisation.next.configuration.system.build.toplevel;
       monitorBase = nodes.monitor.system.build.toplevel;
       monitorNext = nodes.monitor.specialisation.next.configuration.system.build.toplevel;
+      # The actuator unit's own command line (no credentials here, so no %d in it).
       deployCommand = nodes.machine.systemd.services.nixos-autodeploy.serviceConfig.ExecStart;
     in
     ''
@@ -81,6 +84,7 @@ pkgs.testers.runNixOSTest {
       BASE = "${base}"
       NEXT = "${next}"
       STATE = "/var/lib/nixos-autodeploy"
+      DEPLOY = ${builtins.toJSON deployCommand}
       published = 0
 
 
@@ -110,24 +114,47 @@ pkgs.testers.runNixOSTest {
           host.succeed("systemctl start nixos-autodeploy-collector.service")
 
 
+      def actuate(host):
+          # Exits 0 whatever the gate decides (dirty, up to date, ...); only errors fail it.
+          host.succeed("systemctl start nixos-autodeploy.service")
+
+
       def metric(host, line):
           host.wait_until_succeeds(
               f"curl -sf http://127.0.0.1:9100/metrics | grep -qx '{line}'", timeout=30
           )
 
 
+      def record(host):
+          """deployed.json, or None."""
+          text = host.succeed(f"cat {STATE}/deployed.json 2>/dev/null || true")
+          return json.loads(text) if text.strip() else None
+
+
+      def mirror(host):
+          """Where /run/deployed-system points, or None."""
+          return host.succeed("realpath -e /run/deployed-system 2>/dev/null || true").strip() or None
+
+
+      def last_decision(host):
+          lines = host.succeed(f"cat {STATE}/history.jsonl").splitlines()
+          decision = [json.loads(line) for line in lines if '"decision"' in line][-1]
+          return decision["action"], decision["state"]
+
+
       def reset(host, deployed=None):
-          """Forget what the agent knows; optionally record `deployed` as tracked."""
+          """Forget what the agent knows; optionally record `deployed` as tracked (what the
+          actuator writes when it accepts what runs: previous == path)."""
           host.succeed(
               f"rm -f {STATE}/deployed.json {STATE}/deploys.json {STATE}/upstream.json"
-              f" {STATE}/snapshot.json /run/deployed-system"
+              f" {STATE}/snapshot.json {STATE}/history.jsonl /run/deployed-system"
           )
           if deployed is not None:
-              record = {
-                  "version": 1, "path": deployed, "mode": "switch",
-                  "previous": None, "at": 0, "reboot_issued_at": None,
+              tracked = {
+                  "version": 1, "path": deployed, "mode": "switch", "previous": deployed,
+                  "at": 0, "reboot_issued_at": None, "complete": True,
               }
-              host.succeed(f"echo '{json.dumps(record)}' > {STATE}/deployed.json")
+              host.succeed(f"echo '{json.dumps(tracked)}' > {STATE}/deployed.json")
               host.succeed(f"ln -sfn {deployed} /run/deployed-system")
 
 
@@ -144,8 +171,12 @@ pkgs.testers.runNixOSTest {
           host.execute("systemctl stop nixos-autodeploy.timer nixos-autodeploy.service")
 
 
+      def link(host, name):
+          return host.succeed(f"realpath {name}").strip()
+
+
       def current(host):
-          return host.succeed("realpath /run/current-system").strip()
+          return link(host, "/run/current-system")
 
 
       start_all()
@@ -158,43 +189,69 @@ pkgs.testers.runNixOSTest {
           machine.wait_for_unit("nixos-autodeploy-collector.timer")
           machine.wait_for_unit("nixos-autodeploy.timer")
           machine.succeed("systemctl show -P ProtectSystem nixos-autodeploy-collector.service | grep -qx strict")
+          # switch-to-configuration must neither restart nor stop a running actuator.
+          unit = machine.succeed("systemctl cat nixos-autodeploy.service")
+          assert "X-RestartIfChanged=false" in unit and "X-StopOnRemoval=false" in unit, unit
           assert current(machine) == BASE
           quiesce(machine)
 
       with subtest("fresh host matching upstream: starts tracking"):
           reset(machine)
           publish(machine, BASE)
-          machine.succeed("systemctl start nixos-autodeploy.service")
+          actuate(machine)  # pulls in the collector first
+          assert last_decision(machine) == ("track", "untracked")
           collect(machine)
           s = status(machine)
-          assert s["deployed"] == BASE, s
-          assert s["upstream"] == BASE, s
+          assert s["deployed"] == BASE and s["deployed_mode"] == "switch", s
+          assert s["upstream"] == BASE and s["upstream_error"] is None, s
           assert not s["dirty"] and s["state"] == "up-to-date", s
-          assert machine.succeed("realpath /run/upstream-system").strip() == BASE
+          assert record(machine)["previous"] == BASE and record(machine)["complete"] is True
+          assert mirror(machine) == BASE
+          assert link(machine, "/run/upstream-system") == BASE
           metric(machine, "nixos_autodeploy_dirty 0")
 
-      with subtest("fresh host differing from upstream: dirty, nothing deployed"):
+      with subtest("fresh host differing from upstream: dirty, deploy exits 0 and does nothing"):
           reset(machine)
           publish(machine, NEXT)
-          # Whether a suspended run exits 0 is the program's business; the state is ours.
-          machine.execute("systemctl start nixos-autodeploy.service")
-          collect(machine)
+          actuate(machine)
+          assert last_decision(machine) == ("nothing", "dirty")
           s = status(machine)
           assert s["dirty"] and s["state"] == "dirty", s
-          assert s["deployed"] is None, s
+          assert s["deployed"] is None and s["upstream"] == NEXT, s
+          assert record(machine) is None and mirror(machine) is None
           assert current(machine) == BASE
+          assert link(machine, "/nix/var/nix/profiles/system") == BASE
           metric(machine, "nixos_autodeploy_dirty 1")
+
+      with subtest("dry run: fetches nothing, fails without a snapshot, changes nothing"):
+          reset(machine, deployed=BASE)
+          publish(machine, NEXT)
+          machine.succeed(f"! {DEPLOY} --dry-run 2> /tmp/dry-run.err")
+          machine.succeed("grep -q 'no snapshot yet' /tmp/dry-run.err")
+          machine.fail(f"test -e {STATE}/snapshot.json -o -e {STATE}/upstream.json")
+          collect(machine)
+          out = machine.succeed(f"{DEPLOY} --dry-run")
+          assert "decision: deploy" in out and "would run: nix-env --profile" in out, out
+          assert f"{NEXT}/bin/switch-to-configuration switch" in out, out
+          assert current(machine) == BASE
+          assert link(machine, "/nix/var/nix/profiles/system") == BASE
+          assert record(machine)["path"] == BASE and record(machine)["at"] == 0
 
       with subtest("tracking host and new upstream: deploys it"):
           reset(machine, deployed=BASE)
           publish(machine, NEXT)
-          machine.succeed("systemctl start nixos-autodeploy.service")
-          collect(machine)
+          actuate(machine)
+          assert last_decision(machine) == ("deploy", "update-available")
           assert current(machine) == NEXT
           assert machine.succeed("cat /etc/autodeploy-generation").strip() == "next"
+          r = record(machine)
+          assert (r["path"], r["mode"], r["previous"], r["complete"]) == (NEXT, "switch", BASE, True), r
+          assert mirror(machine) == NEXT
+          collect(machine)
           s = status(machine)
           assert s["deployed"] == NEXT and s["profile"] == NEXT, s
           assert not s["dirty"] and s["state"] == "up-to-date", s
+          assert s["last_deploy"]["result"] == "success" and s["last_deploy"]["path"] == NEXT, s
           metric(machine, "nixos_autodeploy_dirty 0")
           metric(machine, 'nixos_autodeploy_deployments_total{result="success"} 1')
 
@@ -202,36 +259,45 @@ pkgs.testers.runNixOSTest {
           reset(machine, deployed=NEXT)
           publish(machine, NEXT)
           collect(machine)
+          assert status(machine)["state"] == "up-to-date"
           switch_by_hand(machine, BASE)
           # The activation hook restarted the collector: no timer needed.
           machine.wait_until_succeeds(
               "nixos-autodeploy status --json | jq -e '.dirty == true'", timeout=60
           )
           metric(machine, "nixos_autodeploy_dirty 1")
-          machine.execute("systemctl start nixos-autodeploy.service")
+          actuate(machine)
+          assert last_decision(machine) == ("nothing", "dirty")
           assert current(machine) == BASE, "the actuator overrode a manual deploy"
+          assert link(machine, "/nix/var/nix/profiles/system") == BASE
           assert status(machine)["deployed"] == NEXT
 
-      with subtest("boot-mode deploy waits for a reboot"):
+      with subtest("boot-mode deploy waits for a reboot, then the reboot completes it"):
           reset(machine, deployed=BASE)
           publish(machine, NEXT)
           collect(machine)
           # The unit's own command line, with the mode overridden (flags win over the config).
-          machine.succeed(${builtins.toJSON "${deployCommand} --switch-mode boot"})
+          machine.succeed(f"{DEPLOY} --switch-mode boot")
           collect(machine)
           s = status(machine)
           assert current(machine) == BASE
           assert s["profile"] == NEXT and s["deployed"] == NEXT, s
+          assert s["deployed_mode"] == "boot", s
           assert s["state"] == "pending-reboot" and s["reboot_required"] and not s["dirty"], s
           metric(machine, "nixos_autodeploy_reboot_required 1")
 
+          # No rebootMode is configured: the operator reboots.
           machine.shutdown()
           machine.start()
           machine.wait_for_unit("multi-user.target")
           quiesce(machine)
           start_upstream(machine)
           assert current(machine) == NEXT, "the boot loader did not boot the deployed generation"
-          collect(machine)
+          assert link(machine, "/run/booted-system") == NEXT
+          actuate(machine)
+          assert last_decision(machine) == ("nothing", "up-to-date")
+          # The record lives in the state dir; its /run mirror, wiped by the reboot, is back.
+          assert record(machine)["path"] == NEXT and mirror(machine) == NEXT
           s = status(machine)
           assert s["state"] == "up-to-date" and not s["reboot_required"], s
           metric(machine, "nixos_autodeploy_reboot_required 0")
@@ -245,9 +311,11 @@ pkgs.testers.runNixOSTest {
           publish(monitor, "${monitorNext}")
           collect(monitor)
           s = status(monitor)
-          assert s["upstream"] == "${monitorNext}", s
+          assert s["upstream"] == "${monitorNext}" and s["upstream_error"] is None, s
+          assert s["deployed"] is None, s
           assert current(monitor) == "${monitorBase}"
-          assert monitor.succeed("realpath /run/upstream-system").strip() == "${monitorNext}"
+          assert link(monitor, "/run/upstream-system") == "${monitorNext}"
+          monitor.fail(f"test -e {STATE}/deployed.json -o -e {STATE}/history.jsonl")
           metric(monitor, "nixos_autodeploy_upstream_fetch_success 1")
     '';
 }

@@ -49,3 +49,11 @@ def host(
         cache_home=tmp_path / "xdg-cache",
     )
     return Host(tmp=tmp_path, builder=builder, server=test_server)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that builds or realises systems needs real Nix, marked or not: `-m 'not nix'`
+    (the package's check phase) must leave it out."""
+    for item in items:
+        if {"host", "nix_build_store"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.nix)

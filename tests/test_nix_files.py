@@ -6,6 +6,10 @@ of the NixOS options it sets (tests/nix/eval-module.nix). The lib comes from $NI
 `<nixpkgs/lib>`; without either the evaluation tests skip, saying so (nixpkgs cannot be had
 on every machine). The generated command lines are then fed to the program's own parser, so
 a setting that does not arrive fails here.
+
+package.nix's check phase is run as far as it can be here (its test selection on a copy of
+its `src` file set, no Nix on PATH); its `src` itself cannot be evaluated with Nix 2.8
+(lib.fileset needs builtins.readFileType), so the file set is read from the text.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +86,91 @@ def test_package_dependencies_match_pyproject() -> None:
     from_pyproject = pyproject_dependencies()
     assert from_pyproject, "pyproject.toml declares no dependencies"
     assert package_nix_dependencies() == from_pyproject
+
+
+def package_nix_list(attribute: str) -> list[str]:
+    """The items of `attribute = [ ... ];` in package.nix (quoted strings or ./paths)."""
+    text = (REPO / "package.nix").read_text()
+    block = re.search(rf"\b{attribute}\s*=\s*(?:lib\.fileset\.unions\s*)?\[(.*?)\];", text, re.S)
+    assert block is not None, f"package.nix has no `{attribute} = [ ... ];`"
+    body = re.sub(r"#[^\n]*", "", block.group(1))
+    return [quoted or path for quoted, path in re.findall(r'"([^"]*)"|\./([\w./-]+)', body)]
+
+
+# What a Nix build sandbox offers a check phase: stdenv's basic tools, no Nix, no systemd,
+# no openssl, no mount, no Prometheus.
+SANDBOX_TOOLS = [
+    "sh",
+    "bash",
+    "env",
+    "cat",
+    "ls",
+    "mkdir",
+    "rm",
+    "cp",
+    "mv",
+    "ln",
+    "chmod",
+    "touch",
+    "sleep",
+    "grep",
+    "sed",
+    "awk",
+    "find",
+    "xargs",
+    "head",
+    "tail",
+    "sort",
+    "uniq",
+    "tr",
+    "cut",
+    "wc",
+    "dirname",
+    "basename",
+    "readlink",
+    "realpath",
+    "mktemp",
+    "id",
+    "uname",
+    "diff",
+    "true",
+    "false",
+]
+
+
+def test_package_check_phase_passes_without_nix_tools(tmp_path: Path) -> None:
+    """The check phase of package.nix, as far as it can be run here: the tests its
+    pytestCheckHook selects (all but disabledTestMarks), on a copy of exactly the files its
+    `src` file set holds, with no Nix (nor any other tool a build sandbox lacks) on PATH and
+    no CI variable, as in a Nix build. A test that reads a file outside `src`, or needs a
+    tool without being marked, fails or shows up here."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for entry in package_nix_list("fileset"):
+        origin = REPO / entry
+        if not origin.exists():  # lib.fileset.maybeMissing
+            continue
+        if origin.is_dir():
+            shutil.copytree(origin, src / entry, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(origin, src / entry)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in SANDBOX_TOOLS:
+        found = shutil.which(tool)
+        if found is not None:
+            (bin_dir / tool).symlink_to(found)
+    marks = package_nix_list("disabledTestMarks")
+    assert marks, "package.nix disables no test marks"
+    env = {"PATH": str(bin_dir), "HOME": "/homeless-shelter", "TMPDIR": str(tmp_path)}
+    env |= {"LANG": "C.UTF-8", "NIX_STORE_DIR": os.environ.get("NIX_STORE_DIR", "/nix/store")}
+    itself = "tests/test_nix_files.py::test_package_check_phase_passes_without_nix_tools"
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs"]
+    argv += ["-m", " and ".join(f"not ({mark})" for mark in marks), "--deselect", itself]
+    result = subprocess.run(argv, cwd=src, env=env, capture_output=True, text=True, timeout=600)
+    failures = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    assert result.returncode == 0, "\n".join(failures) or result.stdout[-4000:] + result.stderr
+    assert re.search(r"\b\d+ passed\b", result.stdout), result.stdout[-2000:]
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -228,6 +319,7 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
             "timeout": 30,
         }
     )
+    assert record["failedAssertions"] == []
     service = record["services"][COLLECTOR]
     unit = service["serviceConfig"]
     argv = exec_argv(unit["ExecStart"])
@@ -246,7 +338,11 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
         "netrc:/etc/nixos/autodeploy.netrc",
     ]
     # The secrets' paths reach the unit only as credentials, never the store.
-    assert "/run/secrets/token" not in json.dumps(config_file(argv))
+    config = config_file(argv)
+    assert "/run/secrets/token" not in json.dumps(config)
+    assert "autodeploy.netrc" not in json.dumps(config)
+    assert {"bearer_token_file", "netrc_file"}.isdisjoint(config)
+    assert config["timeout"] == 30 and config["headers"] == ["X-Host: web1"]
 
     assert unit["Type"] == "oneshot"
     assert unit["StateDirectory"] == "nixos-autodeploy"
@@ -255,8 +351,16 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
     assert unit["ProtectSystem"] == "strict"
     assert unit["PrivateTmp"] is True and unit["NoNewPrivileges"] is True
     assert unit["UMask"] == "0022"
+    # Sandboxed, but it still must: reach the Nix daemon's socket (NIX_REMOTE=daemon, so
+    # the read-only /nix is enough), create /run/upstream-system and /run/deployed-system,
+    # write the state dir, its cache and the metrics file, and fetch over the network.
     assert set(unit["ReadWritePaths"]) == {"/run", "/var/lib/node-exporter/text"}
     assert service["environment"]["NIX_REMOTE"] == "daemon"
+    assert "nix-daemon.socket" in service["after"]
+    assert set(unit["RestrictAddressFamilies"]) >= {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert unit["CacheDirectory"] == "nixos-autodeploy"
+    assert service["environment"]["XDG_CACHE_HOME"] == "/var/cache/nixos-autodeploy"
+    assert "User" not in unit and "DynamicUser" not in unit, "the daemon trusts root"
     assert record["tmpfiles"] == ["d /var/lib/node-exporter/text - - - -"]
 
     timer = record["timers"][COLLECTOR]["timerConfig"]
@@ -300,7 +404,20 @@ def test_actuator_unit_carries_modes_and_extra_args(evaluate: Evaluate) -> None:
     assert unit["Type"] == "oneshot"
     assert COLLECTOR + ".service" in service["after"]
     assert COLLECTOR + ".service" in service["wants"]
-    assert "ProtectSystem" not in unit, "the actuator runs switch-to-configuration"
+    # It sets the profile, runs switch-to-configuration through systemd-run (and asks
+    # `systemctl is-active`), reboots and kexecs: no sandboxing that would stop any of it.
+    sandboxing = {
+        "ProtectSystem",
+        "NoNewPrivileges",
+        "CapabilityBoundingSet",
+        "SystemCallFilter",
+        "RestrictAddressFamilies",
+        "PrivateDevices",
+        "PrivateTmp",
+        "ProtectKernelModules",
+        "ReadWritePaths",
+    }
+    assert sandboxing.isdisjoint(unit), sandboxing & set(unit)
 
     timer = record["timers"][ACTUATOR]["timerConfig"]
     assert timer == {
@@ -442,6 +559,8 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
             {"actuator": {"enable": False}, "extraArgs": ["--force"]},
             "system.autoDeploy.extraArgs are passed to the actuator",
         ),
+        ({"extraHeaders": {"X Host": "web1"}}, "system.autoDeploy.extraHeaders must map"),
+        ({"extraHeaders": {"X-Host": "a\r\nX-Evil: 1"}}, "system.autoDeploy.extraHeaders must"),
     ],
 )
 def test_assertions_explain_what_is_wrong(
