@@ -57,7 +57,9 @@ let
   // optionalAttrs (cfg.caFile != null) { ca_file = "${cfg.caFile}"; }
   // optionalAttrs (cfg.prometheusFilePath != null) { prometheus_path = cfg.prometheusFilePath; };
 
-  collectorSettings = upstreamSettings;
+  # Without the actuator nothing else records what runs: the collector accepts what an
+  # operator deployed when it is upstream, so a later publish reads as an update, not dirty.
+  collectorSettings = upstreamSettings // optionalAttrs (!cfg.actuator.enable) { track = true; };
 
   actuatorSettings =
     upstreamSettings
@@ -221,7 +223,8 @@ in
       description = ''
         Whether to install the actuator (`nixos-autodeploy.service` and its timer),
         which deploys the upstream system. When `false`, the host is only monitored:
-        the collector still realises upstream and reports the state.
+        the collector still realises upstream and reports the state, and records a
+        system deployed by hand as deployed when it is the upstream one (`collect --track`).
       '';
     };
 

@@ -302,20 +302,26 @@ pkgs.testers.runNixOSTest {
           assert s["state"] == "up-to-date" and not s["reboot_required"], s
           metric(machine, "nixos_autodeploy_reboot_required 0")
 
-      with subtest("monitoring-only host: observes, never deploys"):
+      with subtest("monitoring-only host: observes and tracks, never deploys"):
           monitor.fail("systemctl cat nixos-autodeploy.service")
           monitor.fail("systemctl cat nixos-autodeploy.timer")
           monitor.wait_for_unit("nixos-autodeploy-collector.timer")
           quiesce(monitor)
           reset(monitor)
+          publish(monitor, "${monitorBase}")
+          collect(monitor)
+          # What runs is upstream: the collector records it (there is no actuator to).
+          s = status(monitor)
+          assert s["state"] == "up-to-date" and s["deployed"] == "${monitorBase}", s
           publish(monitor, "${monitorNext}")
           collect(monitor)
           s = status(monitor)
           assert s["upstream"] == "${monitorNext}" and s["upstream_error"] is None, s
-          assert s["deployed"] is None, s
+          assert s["state"] == "update-available" and not s["dirty"], s
           assert current(monitor) == "${monitorBase}"
           assert link(monitor, "/run/upstream-system") == "${monitorNext}"
-          monitor.fail(f"test -e {STATE}/deployed.json -o -e {STATE}/history.jsonl")
+          monitor.fail(f"test -e {STATE}/history.jsonl")  # no actuator, no decisions
           metric(monitor, "nixos_autodeploy_upstream_fetch_success 1")
+          metric(monitor, "nixos_autodeploy_update_available 1")
     '';
 }

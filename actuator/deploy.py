@@ -27,6 +27,7 @@ from collector.state import (
     pinned,
     read_links,
     save_deployed,
+    track,
 )
 from collector.store import StorePath
 
@@ -303,7 +304,7 @@ def deploy(settings: Settings) -> int:
             if decision.action is Action.TRACK:
                 current = snapshot.links.current
                 assert current is not None
-                save_deployed(paths, Deployed(current, Activation.SWITCH, current, time.time()))
+                track(paths, current)
             elif decision.action is Action.DEPLOY:
                 assert decision.activation is not None
                 _deploy(settings, snapshot, deploys, decision.activation)

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("collect", help="fetch and realise upstream, report the state")
     _common(p)
     _upstream(p)
+    p.add_argument(
+        "--track",
+        action="store_true",
+        default=None,
+        help="record what runs as deployed when it is upstream (hosts without the actuator)",
+    )
 
     p = commands.add_parser("status", help="show the last collected state")
     _common(p)

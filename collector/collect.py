@@ -19,12 +19,14 @@ from .snapshot import (
     save_upstream,
 )
 from .state import (
+    State,
     classify,
     load_deployed,
     mirror_deployed,
     pinned,
     read_links,
     reboot_required,
+    track,
 )
 from .store import name_of
 
@@ -133,4 +135,12 @@ def collect(settings: Settings) -> Snapshot:
         record = dataclasses.replace(
             known or Upstream(url=upstream.shown(settings.url)), error=str(e)
         )
-    return observe(settings, record, time.monotonic() - started)
+    snapshot = observe(settings, record, time.monotonic() - started)
+    current = snapshot.links.current
+    if settings.track and snapshot.state is State.UNTRACKED and current is not None:
+        # A host without the actuator: someone deploys by hand what CI published; accept
+        # it, so that a later publish reads as update-available, not as dirty.
+        track(settings.paths, current)
+        log.info("tracking %s", current.name)
+        snapshot = observe(settings, record, snapshot.duration_seconds)
+    return snapshot

@@ -79,6 +79,7 @@ class Settings:
     switch_mode: SwitchMode = SwitchMode.SWITCH
     reboot_mode: RebootMode | None = None
     max_snapshot_age: float = 3600.0
+    track: bool = False
     force: bool = False
     dry_run: bool = False
 
@@ -96,6 +97,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "switch_mode": str,
     "reboot_mode": str,
     "max_snapshot_age": (int, float),
+    "track": bool,
 }
 
 
@@ -117,7 +119,8 @@ def load_config_file(path: str) -> dict[str, Any]:
         expected = _FILE_KEYS.get(key)
         if expected is None:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+        wrong_bool = isinstance(value, bool) and expected is not bool
+        if value is not None and (wrong_bool or not isinstance(value, expected)):
             raise ConfigError(f"config file {path}: {key} has the wrong type")
     return data
 
@@ -175,6 +178,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         switch_mode=switch_mode,
         reboot_mode=_enum(RebootMode, reboot, "reboot mode") if reboot else None,
         max_snapshot_age=max_snapshot_age,
+        track=bool(pick("track", False)),
         force=bool(getattr(args, "force", False)),
         dry_run=bool(getattr(args, "dry_run", False)),
     )

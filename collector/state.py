@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -95,6 +96,11 @@ def load_deployed(paths: Paths) -> Deployed | None:
 def save_deployed(paths: Paths, deployed: Deployed) -> None:
     atomic_write_json(paths.state("deployed.json"), deployed.to_json())
     mirror_deployed(paths, deployed)
+
+
+def track(paths: Paths, current: StorePath) -> None:
+    """Accept what runs as deployed (it is upstream; someone else deployed it)."""
+    save_deployed(paths, Deployed(current, Activation.SWITCH, current, time.time()))
 
 
 def forget_deployed(paths: Paths) -> None:

@@ -374,3 +374,28 @@ def test_status_without_snapshot_says_run_collect(host: Host) -> None:
     result = host.status()
     assert result.returncode == 1
     assert len(result.stderr_lines) == 1 and "collect" in result.stderr_lines[0]
+
+
+def test_collect_track_on_a_host_without_the_actuator(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    host.install(a)
+    host.publish(a)
+    first = host.collect("--track")
+    assert first.returncode == 0, first
+    record = host.read_json("deployed.json")
+    assert (record["path"], record["previous"]) == (a.path, a.path)
+    assert host.snapshot()["state"] == "up-to-date"
+
+    host.publish(b)  # CI moved on; here an operator deploys by hand
+    assert host.collect("--track").returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
+    host.deploy_by_hand(b)
+    assert host.collect("--track").returncode == 0
+    assert host.snapshot()["state"] == "up-to-date"
+    assert host.read_json("deployed.json")["path"] == b.path
+
+    host.deploy_by_hand(c)  # not what CI published: still dirty, tracking or not
+    assert host.collect("--track").returncode == 0
+    assert host.snapshot()["state"] == "dirty"
+    assert host.read_json("deployed.json")["path"] == b.path

@@ -490,6 +490,12 @@ def test_monitoring_only_host_has_only_the_collector(evaluate: Evaluate) -> None
     assert set(record["services"]) == {COLLECTOR}
     assert set(record["timers"]) == {COLLECTOR}
     assert "nixos-autodeploy" in record["activationScripts"]
+    # Nothing else records what runs: the collector tracks.
+    argv = exec_argv(record["services"][COLLECTOR]["serviceConfig"]["ExecStart"])
+    assert program_settings(argv).track is True
+    (with_actuator,) = evaluate(BASE)
+    argv = exec_argv(with_actuator["services"][COLLECTOR]["serviceConfig"]["ExecStart"])
+    assert program_settings(argv).track is False
 
 
 @pytest.mark.nix
