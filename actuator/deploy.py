@@ -145,8 +145,16 @@ def _append_history(paths: Paths, entry: dict[str, Any]) -> None:
 
 
 def _record_result(
-    paths: Paths, deploys: Deploys, system: StorePath, activation: Activation, error: str | None
+    paths: Paths,
+    deploys: Deploys,
+    system: StorePath,
+    activation: Activation,
+    error: str | None,
+    *,
+    blocks_retry: bool = False,
 ) -> None:
+    """blocks_retry: system itself failed (its activation, or it is no NixOS system), so it
+    is not tried again until upstream changes; a passing failure (Nix, the disk) is."""
     result = "failure" if error else "success"
     totals = dict(deploys.totals)
     totals[result] = totals.get(result, 0) + 1
@@ -157,7 +165,8 @@ def _record_result(
         "result": result,
         "message": error or "",
     }
-    save_deploys(paths, Deploys(last=last, totals=totals, failed_path=system if error else None))
+    failed = system if blocks_retry else None
+    save_deploys(paths, Deploys(last=last, totals=totals, failed_path=failed))
     _append_history(paths, {"event": "deploy", **last})
 
 
@@ -200,11 +209,22 @@ def _deploy(
     system = snapshot.links.upstream
     assert system is not None
     before = read_links(paths)
+    old = snapshot.deployed
+    if old is not None and not old.complete:
+        # An earlier run of a deploy was cut short: what it was replacing is what a failure
+        # goes back to, never the system it was deploying.
+        old = (
+            Deployed(old.previous, Activation.SWITCH, old.previous, old.at)
+            if old.previous
+            else None
+        )
     done = _Progress()
+    nixos = True
     try:
         if not pinned(paths, system):
             nix.realise(system, paths.upstream)
         if not os.access(os.path.join(system.path, "bin/switch-to-configuration"), os.X_OK):
+            nixos = False
             raise ActuatorError(
                 f"{system} is not a NixOS system (no executable bin/switch-to-configuration)"
             )
@@ -220,11 +240,15 @@ def _deploy(
         run(switch_argv(paths, system, activation), stream_stderr=True)
     except AutodeployError as e:
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
+        # The failure first: should the rollback be cut short, the next run still knows.
+        _record_result(
+            paths, deploys, system, activation, message, blocks_retry=done.activated or not nixos
+        )
         try:
-            _roll_back(paths, system, before, snapshot.deployed, done)
+            _roll_back(paths, system, before, old, done)
         except AutodeployError as rollback:
+            _append_history(paths, {"event": "rollback-failed", "message": str(rollback)})
             message += f"; rolling back failed too: {rollback}"
-        _record_result(paths, deploys, system, activation, message)
         raise ActuatorError(message) from None
     save_deployed(paths, Deployed(system, activation, before.current, time.time()))
     _record_result(paths, deploys, system, activation, None)
@@ -243,7 +267,13 @@ def _reboot(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
     _append_history(settings.paths, {"event": settings.reboot_mode, "path": deployed.path.path})
     report(settings, dataclasses.replace(snapshot, deployed=rebooting), deploys)
     log.info("rebooting (%s) into %s", settings.reboot_mode, deployed.path.name)
-    run(reboot, stream_stderr=True)
+    try:
+        run(reboot, stream_stderr=True)
+    except AutodeployError:
+        # Nothing rebooted: the one reboot is still to come.
+        save_deployed(settings.paths, deployed)
+        report(settings, snapshot, deploys)
+        raise
 
 
 def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None:
@@ -263,7 +293,7 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         print("would run: " + shlex.join(argv))
 
 
-def _finish_interrupted(paths: Paths, snapshot: Snapshot) -> Snapshot:
+def _finish_interrupted(paths: Paths, snapshot: Snapshot, deploys: Deploys) -> Snapshot:
     """A deploy killed after its switch took effect: record it as done."""
     deployed = snapshot.deployed
     if deployed is None or deployed.complete or snapshot.links.current != deployed.path:
@@ -271,6 +301,7 @@ def _finish_interrupted(paths: Paths, snapshot: Snapshot) -> Snapshot:
     done = dataclasses.replace(deployed, complete=True)
     save_deployed(paths, done)
     _append_history(paths, {"event": "completed-interrupted-deploy", "path": done.path.path})
+    _record_result(paths, deploys, done.path, done.mode, None)
     log.info("the deploy of %s was interrupted after its switch; recorded it", done.path.name)
     return dataclasses.replace(snapshot, deployed=done)
 
@@ -283,7 +314,8 @@ def deploy(settings: Settings) -> int:
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
         if not settings.dry_run:
-            snapshot = _finish_interrupted(paths, snapshot)
+            snapshot = _finish_interrupted(paths, snapshot, deploys)
+            deploys = load_deploys(paths)
         decision = decide(
             snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
         )

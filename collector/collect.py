@@ -14,6 +14,7 @@ from .snapshot import (
     Snapshot,
     Upstream,
     load_deploys,
+    load_snapshot,
     load_upstream,
     save_snapshot,
     save_upstream,
@@ -73,6 +74,17 @@ def _known_upstream(settings: Settings) -> Upstream | None:
         return None
 
 
+def _last_fetched_at(settings: Settings, known: Upstream) -> float | None:
+    """When upstream was last fetched well: upstream.json is rewritten only when upstream
+    changes, the snapshot after every fetch."""
+    try:
+        previous = load_snapshot(settings.paths)
+    except StateError:
+        previous = None
+    times = [known.fetched_at, previous.upstream.fetched_at if previous else None]
+    return max((t for t in times if t is not None), default=None)
+
+
 def assess(
     settings: Settings, upstream_record: Upstream, duration: float, deploys: Deploys
 ) -> Snapshot:
@@ -84,7 +96,7 @@ def assess(
         # known upstream still says where the host stands.
         links = dataclasses.replace(links, upstream=upstream_record.path)
     deployed = load_deployed(paths)
-    state = classify(links, deployed)
+    state = classify(links, deployed, deploys.failed_path)
     return Snapshot(
         collected_at=time.time(),
         duration_seconds=duration,
@@ -132,8 +144,9 @@ def collect(settings: Settings) -> Snapshot:
     try:
         record = _refresh_upstream(settings, known, time.time())
     except (AutodeployError, OSError) as e:
+        last = known or Upstream(url=upstream.shown(settings.url))
         record = dataclasses.replace(
-            known or Upstream(url=upstream.shown(settings.url)), error=str(e)
+            last, fetched_at=_last_fetched_at(settings, last), error=str(e)
         )
     snapshot = observe(settings, record, time.monotonic() - started)
     current = snapshot.links.current

@@ -113,7 +113,10 @@ def forget_deployed(paths: Paths) -> None:
 def mirror_deployed(paths: Paths, deployed: Deployed | None) -> None:
     """Keep /run/deployed-system (the original tool's record, read by existing scripts) in
     step with the record; /run starts empty after every boot."""
-    if deployed is not None and resolve_link(paths.deployed_link, paths.root) != deployed.path:
+    mirrored = resolve_link(paths.deployed_link, paths.root)
+    if deployed is None and mirrored is not None:
+        os.unlink(paths.deployed_link)
+    elif deployed is not None and mirrored != deployed.path:
         atomic_symlink(deployed.path.path, paths.deployed_link)
 
 
@@ -137,8 +140,9 @@ def pinned(paths: Paths, path: StorePath) -> bool:
     return resolve_link(paths.upstream, paths.root) == path and os.path.exists(path.path)
 
 
-def classify(links: Links, deployed: Deployed | None) -> State:
-    """The gate's table (DESIGN.md), plus pending-reboot, interrupted deploys and unknown."""
+def classify(links: Links, deployed: Deployed | None, failed: StorePath | None = None) -> State:
+    """The gate's table (DESIGN.md), plus pending-reboot, interrupted or failed deploys and
+    unknown. failed: the system whose activation failed under the agent (deploys.json)."""
     current, upstream = links.current, links.upstream
     if upstream is None or current is None:
         return State.UNKNOWN
@@ -146,14 +150,19 @@ def classify(links: Links, deployed: Deployed | None) -> State:
         return State.UP_TO_DATE if current == upstream else State.UPDATE_AVAILABLE
     if deployed is not None and current == deployed.previous:
         if not deployed.complete:
-            # A deploy cut short before its switch took effect: the agent goes on with it.
-            return State.UNTRACKED if current == upstream else State.UPDATE_AVAILABLE
+            # A deploy cut short before its switch took effect: the agent goes on with it
+            # (or, should upstream be back on current, makes current the next boot again).
+            return State.UPDATE_AVAILABLE
         if deployed.mode is Activation.BOOT and links.profile == deployed.path:
             # A boot-mode deploy waits for its reboot: the agent left it so, it is not dirty.
             # Should upstream have moved on meanwhile, the newer system goes first.
             return State.PENDING_REBOOT if upstream == deployed.path else State.UPDATE_AVAILABLE
     if current == upstream:
         return State.UNTRACKED
+    if current == failed:
+        # Left running by an activation that failed under the agent: its doing, not a hand
+        # deploy; a newer upstream replaces it.
+        return State.UPDATE_AVAILABLE
     return State.DIRTY
 
 

@@ -110,12 +110,16 @@ def _credentials(settings: Settings, url: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode()}
 
 
-def shown(url: str) -> str:
-    """The URL without any user:password, for messages."""
+def _without_userinfo(url: str) -> str:
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def shown(url: str) -> str:
+    """The URL for messages and state files: no user:password, and no query, which may
+    carry a token (a presigned URL's signature)."""
+    parts = urlsplit(_without_userinfo(url))
+    return parts._replace(query="…" if parts.query else "", fragment="").geturl()
 
 
 def parse_body(body: bytes, url: str) -> StorePath:
@@ -198,7 +202,7 @@ def _fetch(
         wait: float
         try:
             response = session.get(
-                shown(url),  # credentials travel in the header above, not the URL
+                _without_userinfo(url),  # credentials travel in the header above
                 headers=headers,
                 auth=_NoAuth(),
                 allow_redirects=False,

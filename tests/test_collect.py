@@ -399,3 +399,17 @@ def test_collect_track_on_a_host_without_the_actuator(host: Host) -> None:
     assert host.collect("--track").returncode == 0
     assert host.snapshot()["state"] == "dirty"
     assert host.read_json("deployed.json")["path"] == b.path
+
+
+def test_a_failed_fetch_keeps_the_time_of_the_last_good_one(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    assert host.collect().returncode == 0  # 304: upstream.json is not rewritten
+    last_good = host.snapshot()["upstream"]["fetched_at"]
+    assert last_good > host.read_json("upstream.json")["fetched_at"]
+    host.server.route("/upstream", Reply(status=404))
+    assert host.collect().returncode == 1
+    upstream = host.snapshot()["upstream"]
+    assert upstream["fetched_at"] == last_good and "404" in upstream["error"]

@@ -985,3 +985,106 @@ def test_failed_kexec_load_is_not_counted_as_the_one_reboot(host: Host) -> None:
     assert retried.returncode == 0, retried
     assert host.recorded("systemctl") == [["kexec"]]
     assert record(host)["reboot_issued_at"] is not None
+
+
+def under_way(host: Host, system: System, previous: System, mode: str = "switch") -> None:
+    """The record a deploy writes before it changes anything, as a killed run leaves it."""
+    record = {
+        "version": 1,
+        "path": system.path,
+        "mode": mode,
+        "previous": previous.path,
+        "at": 1.0,
+        "reboot_issued_at": None,
+        "complete": False,
+    }
+    (host.state_dir / "deployed.json").write_text(json.dumps(record))
+
+
+def test_late_failure_then_a_new_upstream_deploys_it(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    host.fail_activation_late(b)
+    assert deploy(host).returncode == 1
+    assert host.current() == b.path
+    host.publish(c)  # CI fixed it; no reboot in between
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_links(host, current=c, profile=c)
+    assert_record(host, c, "switch", previous=b)
+
+
+def test_failure_after_an_interrupted_run_goes_back_to_what_ran_before(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    under_way(host, b, a)  # a run killed after its record and `nix-env --set`
+    host.set_profile(b)
+    host.fail_activation_late(b)
+    result = deploy(host)
+    assert result.returncode == 1, result
+    assert host.profile() == a.path and host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)  # never the failed system
+    assert host.read_json("deploys.json")["failed_path"] == b.path
+    assert deploy(host).returncode == 0
+    assert host.snapshot()["state"] == "untracked"  # running b, failed: not adopted
+    assert_record(host, a, "switch", previous=a)
+
+
+def test_interrupted_boot_deploy_then_upstream_back_makes_current_the_next_boot(
+    host: Host,
+) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b", kernel=NEW_KERNEL))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, a)
+    under_way(host, b, a, "boot")  # killed after `switch-to-configuration boot` of b
+    host.realise(b)
+    host.set_profile(b)
+    subprocess.run([f"{b.path}/bin/switch-to-configuration", "boot"], check=True)
+    assert host.boot_default() == b.path
+    result = deploy(host, "--switch-mode", "smart")  # upstream is (back on) a
+    assert result.returncode == 0, result
+    assert host.profile() == a.path and host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    host.reboot()
+    assert deploy(host).returncode == 0
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_a_failed_reboot_command_is_not_the_one_reboot(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b", kernel=NEW_KERNEL))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    systemctl = host.bin_dir / "systemctl"
+    recorder = systemctl.read_text()
+    systemctl.write_text("#!/bin/sh\necho 'Failed to reboot: Access denied' >&2\nexit 1\n")
+    failed = deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot")
+    assert failed.returncode == 1, failed
+    assert "Access denied" in error_lines(failed)[0]
+    assert record(host)["reboot_issued_at"] is None
+    systemctl.write_text(recorder)
+    assert deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot").returncode == 0
+    assert host.recorded("systemctl") == [["reboot"]]
+
+
+def test_a_passing_nix_failure_does_not_block_the_retry(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    nix_env = host.bin_dir / "nix-env"
+    wrapper = nix_env.read_text()
+    nix_env.write_text(
+        "#!/bin/sh\necho 'error: writing to file: No space left on device' >&2\nexit 1\n"
+    )
+    failed = deploy(host)
+    assert failed.returncode == 1, failed
+    assert "No space left on device" in error_lines(failed)[0]
+    deploys = host.read_json("deploys.json")
+    assert (deploys["last"]["result"], deploys["failed_path"]) == ("failure", None)
+    assert_links(host, current=a, profile=a)
+    nix_env.write_text(wrapper)
+    assert deploy(host).returncode == 0
+    assert_links(host, current=b, profile=b)

@@ -65,7 +65,9 @@ CASES = [
     pytest.param(B, B, under_way(B, A, SWITCH), B, State.UP_TO_DATE, id="killed-after-switch"),
     pytest.param(B, B, under_way(B, A, SWITCH), C, State.UPDATE_AVAILABLE, id="killed-then-moved"),
     pytest.param(A, B, under_way(B, A, BOOT), B, State.UPDATE_AVAILABLE, id="killed-during-boot"),
-    pytest.param(A, A, under_way(B, A, SWITCH), A, State.UNTRACKED, id="killed-upstream-back"),
+    pytest.param(
+        A, A, under_way(B, A, SWITCH), A, State.UPDATE_AVAILABLE, id="killed-upstream-back"
+    ),
     # A completed deploy rolled back by hand is the operator's: dirty.
     pytest.param(A, A, Deployed(B, SWITCH, A, 0.0), B, State.DIRTY, id="rolled-back-by-hand"),
 ]
@@ -157,3 +159,12 @@ def test_resolve_link_follows_profile_chains_under_root(tmp_path: Path) -> None:
     assert resolve_link(str(root / "run/missing"), str(root)) is None
     os.symlink("/etc/hostname", root / "run/elsewhere")
     assert resolve_link(str(root / "run/elsewhere"), str(root)) is None
+
+
+def test_a_system_left_running_by_a_failed_activation_is_not_dirty() -> None:
+    # b's activation failed half way (current moved), the record went back to a.
+    links = Links(current=B, booted=A, profile=A, upstream=B)
+    assert classify(links, switched(A), failed=B) is State.UNTRACKED  # the gate holds off
+    moved_on = Links(current=B, booted=A, profile=A, upstream=C)
+    assert classify(moved_on, switched(A), failed=B) is State.UPDATE_AVAILABLE
+    assert classify(moved_on, switched(A), failed=None) is State.DIRTY
