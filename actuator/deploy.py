@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from collector import nix
-from collector.collect import assess, collect, report
+from collector.collect import assess, collect, observe, report
 from collector.config import Paths, RebootMode, Settings
 from collector.errors import AutodeployError, StateError
 from collector.fsutil import atomic_write
@@ -255,7 +255,8 @@ def _deploy(
     log.info("deployed %s (%s)", system.name, activation.value)
 
 
-def _reboot(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
+def _reboot(settings: Settings, snapshot: Snapshot) -> None:
+    deploys = load_deploys(settings.paths)
     deployed = snapshot.deployed
     assert deployed is not None
     *prepare, reboot = reboot_argvs(settings, deployed.path)
@@ -342,11 +343,9 @@ def deploy(settings: Settings) -> int:
                 _deploy(settings, snapshot, deploys, decision.activation)
         finally:
             # Whatever happened, what operators see must not lag behind what was done.
-            deploys = load_deploys(paths)
-            snapshot = assess(settings, snapshot.upstream, snapshot.duration_seconds, deploys)
-            report(settings, snapshot, deploys)
+            snapshot = observe(settings, snapshot.upstream, snapshot.duration_seconds)
         if decision.action is Action.REBOOT or (
             decision.action is Action.DEPLOY and may_reboot(snapshot, settings.reboot_mode)
         ):
-            _reboot(settings, snapshot, deploys)
+            _reboot(settings, snapshot)
     return 0

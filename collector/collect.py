@@ -40,8 +40,13 @@ def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) ->
     assert settings.url is not None
     paths = settings.paths
     validators = None
-    if known is not None and known.path is not None and known.url is not None:
-        validators = upstream.Validators(known.url, known.etag, known.last_modified)
+    if (
+        known is not None
+        and known.path is not None
+        and known.url == upstream.shown(settings.url)
+        and (known.etag or known.last_modified)
+    ):
+        validators = upstream.Validators(known.etag, known.last_modified)
     fetched = upstream.fetch(settings, validators)
     path = fetched.path or (known.path if known else None)
     assert path is not None  # fetch accepts a 304 only in answer to our validators

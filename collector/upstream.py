@@ -35,9 +35,8 @@ RETRIED = {429, 500, 502, 503, 504}
 
 @dataclass(frozen=True)
 class Validators:
-    """What the last 200 said, for a conditional GET."""
+    """What the last 200 from this very URL said, for a conditional GET."""
 
-    url: str
     etag: str | None
     last_modified: str | None
 
@@ -180,12 +179,6 @@ def _fetch(
     url = settings.url
     origin = urlsplit(url).netloc.rpartition("@")[2].lower()
     credentials = _credentials(settings, url)
-    # A 304 means something only as the answer to the validators of this very URL.
-    conditional = (
-        cached is not None
-        and cached.url == shown(settings.url)
-        and bool(cached.etag or cached.last_modified)
-    )
     session = requests.Session()  # trust_env stays on: proxy variables are honoured
     attempt = redirects = 0
     while True:
@@ -194,7 +187,7 @@ def _fetch(
         if urlsplit(url).netloc.rpartition("@")[2].lower() == origin:
             headers.update(dict(settings.headers))
             headers.update(credentials)
-        if conditional and cached is not None:
+        if cached is not None:
             if cached.etag:
                 headers["If-None-Match"] = cached.etag
             if cached.last_modified:
@@ -228,7 +221,8 @@ def _fetch(
                             f"upstream {shown(settings.url)}: more than {MAX_REDIRECTS} redirects"
                         )
                     continue
-                if status == 304 and conditional and cached is not None:
+                # A 304 means something only as the answer to our validators.
+                if status == 304 and cached is not None:
                     return Fetched(None, cached.etag, cached.last_modified)
                 if status == 200:
                     return _read(response, url)

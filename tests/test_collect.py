@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from harness import AgentResult, Host, Reply, SystemSpec, etag_for, metric, require_tool
+from harness import AgentResult, Host, Reply, System, SystemSpec, etag_for, metric, require_tool
 
 pytestmark = pytest.mark.nix
 
@@ -239,13 +239,19 @@ def test_lock_held_collect_says_so_and_changes_nothing(host: Host) -> None:
 # ---- status -----------------------------------------------------------------
 
 
-def test_status_json_and_table(host: Host) -> None:
+def collected_update(host: Host) -> tuple[System, System]:
+    """A tracked host running old, collected after CI published new."""
     systems = host.build(SystemSpec("old"), SystemSpec("new"))
     old, new = systems["old"], systems["new"]
     host.install(old)
     host.write_deployed(old)
     host.publish(new)
     assert host.collect().returncode == 0
+    return old, new
+
+
+def test_status_json_and_table(host: Host) -> None:
+    old, new = collected_update(host)
     result = host.status("--json")
     assert result.returncode == 0, result
     shown = json.loads(result.stdout)
@@ -289,12 +295,7 @@ def status_table(host: Host) -> AgentResult:
 
 
 def test_status_table_marks_what_differs_from_current(host: Host) -> None:
-    systems = host.build(SystemSpec("old"), SystemSpec("new"))
-    old, new = systems["old"], systems["new"]
-    host.install(old)
-    host.write_deployed(old)
-    host.publish(new)
-    assert host.collect().returncode == 0
+    old, new = collected_update(host)
     table = status_table(host)
     for label in ("current", "booted", "profile", "deployed"):
         row = table_row(table, label)
