@@ -10,13 +10,14 @@ from .host import (
     resolve_link,
     standalone_host,
 )
-from .nix import NixBuilder, SigningKey, System, SystemSpec, require_tool, run_checked
+from .nix import NixBuilder, Package, SigningKey, System, SystemSpec, require_tool, run_checked
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
     "AgentResult",
     "Host",
     "NixBuilder",
+    "Package",
     "RecordedRequest",
     "Reply",
     "SigningKey",

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,8 @@ SYSTEM_NIX = Path(__file__).with_name("system.nix")
 SANDBOX_PATHS = "/bin /usr /lib /lib64"
 NIX_COMMAND = ("--extra-experimental-features", "nix-command")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$")
+# Nix's store path name characters; the harness keeps a name from starting with a dot.
+_STORE_NAME_RE = re.compile(r"^[0-9A-Za-z+_?=-][0-9A-Za-z+._?=-]{0,150}$")
 
 
 def require_tool(name: str) -> str:
@@ -49,6 +52,25 @@ def run_checked(
 
 
 @dataclass(frozen=True)
+class Package:
+    """A store path in a system's closure, named `name-version` (or `name` without a
+    version). Another `build` of the same name and version is another store path: a rebuild."""
+
+    name: str
+    version: str | None = None
+    build: str = ""
+
+    @property
+    def store_name(self) -> str:
+        return self.name if self.version is None else f"{self.name}-{self.version}"
+
+    def to_json(self) -> dict[str, str]:
+        if not _STORE_NAME_RE.match(self.store_name):
+            raise ValueError(f"not usable as a store path name: {self.store_name!r}")
+        return {"name": self.store_name, "build": self.build}
+
+
+@dataclass(frozen=True)
 class SystemSpec:
     """What to build. Same `kernel` (and `initrd`) => same kernel store paths."""
 
@@ -58,8 +80,9 @@ class SystemSpec:
     tag: str | None = None  # kernel-params autodeploy=<tag>, nixos-version; defaults to name
     extra: str = ""  # content of the non-kernel file `extra`
     nixos: bool = True  # False: no bin/switch-to-configuration
+    packages: tuple[Package, ...] = ()  # more store paths in its closure
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         for value in (self.name, self.kernel, self.initrd or self.kernel, self.tag or self.name):
             if not _VERSION_RE.match(value):
                 raise ValueError(f"not usable in a store path name: {value!r}")
@@ -70,6 +93,7 @@ class SystemSpec:
             "tag": self.tag or self.name,
             "extra": self.extra,
             "nixos": "1" if self.nixos else "",
+            "packages": [p.to_json() for p in self.packages],
         }
 
 
