@@ -27,6 +27,7 @@ HASH_LENGTH = 32
 OUTPUTS = frozenset(
     ("bin", "dev", "doc", "devdoc", "info", "lib", "man", "debug", "static", "out", "modules")
 )
+_VERSION_START = re.compile(r"-[^A-Za-z]")
 _COMPONENT = re.compile(r"[0-9]+|[^0-9.-]+")
 _INT_MAX = 2**31 - 1  # Nix parses a component as a C int; a longer one compares as text
 
@@ -44,16 +45,10 @@ class Kind(StrEnum):
 # ---- Nix's rules --------------------------------------------------------------------------
 
 
-def _ascii_letter(char: str) -> bool:
-    return "a" <= char <= "z" or "A" <= char <= "Z"
-
-
 def split_name(name: str) -> tuple[str, str]:
     """builtins.parseDrvName: the version starts at the first `-` not followed by a letter."""
-    for i, char in enumerate(name[:-1]):
-        if char == "-" and not _ascii_letter(name[i + 1]):
-            return name[:i], name[i + 1 :]
-    return name, ""
+    found = _VERSION_START.search(name)
+    return (name[: found.start()], name[found.start() + 1 :]) if found else (name, "")
 
 
 def package_of(store_name: str) -> tuple[str, str]:
@@ -353,5 +348,9 @@ def refresh(
         hand=_refreshed(known.hand, deployed, current) if state is State.DIRTY else None,
     )
     if changes != known:
-        atomic_write_json(paths.state("diff.json"), changes.to_json())
+        try:
+            atomic_write_json(paths.state("diff.json"), changes.to_json())
+        except StateError as e:
+            # The snapshot and the metrics matter more; the next collect computes it again.
+            log.warning("warning: %s", e)
     return changes

@@ -107,13 +107,12 @@ def versions(vs: tuple[str, ...]) -> str:
 
 
 def change_text(c: Change) -> str:
-    if c.kind is Kind.ADDED:
-        return f"{c.name} {versions(c.after)} (added)"
-    if c.kind is Kind.REMOVED:
-        return f"{c.name} {versions(c.before)} (removed)"
-    if c.kind is Kind.CHANGED:
-        return f"{c.name} {versions(c.after)} (rebuilt)"
-    return f"{c.name} {versions(c.before)} → {versions(c.after)}"
+    """`nginx 1.26.1 → 1.27.0`, `fresh 0.1 (added)`, `etc (rebuilt)`."""
+    if c.kind in (Kind.UPGRADED, Kind.DOWNGRADED):
+        return f"{c.name} {versions(c.before)} → {versions(c.after)}"
+    shown = c.before if c.kind is Kind.REMOVED else c.after
+    word = SUMMARY_WORDS[c.kind]
+    return f"{c.name} {versions(shown)} ({word})" if shown != ("",) else f"{c.name} ({word})"
 
 
 def summary(d: Diff, what: str) -> str:
@@ -269,8 +268,7 @@ def event_text(entry: dict[str, Any]) -> str:
     """What happened, in words; an event this version does not know, field by field."""
     event, e = entry["event"], entry
     if event == "decision" and "action" in e:
-        text = f"{e['action']}: {e.get('reason', '')}"
-        return text + (f" (state {e['state']})" if e.get("state") else "")
+        return f"{e['action']}: {e.get('reason', '')}"
     if event == "deploy" and "result" in e:
         text = f"{e['result']} ({e.get('mode', '?')}) {_basename(e.get('path', ''))}"
         return text + (f": {e['message']}" if e.get("message") else "")

@@ -3,13 +3,20 @@ itself), the kinds of change, and real closures built by the harness."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
-from harness import Host, Package, SystemSpec, require_tool, run_checked
+from harness import (
+    Host,
+    Package,
+    SystemSpec,
+    register_closure,
+    require_tool,
+    run_checked,
+    store_paths,
+)
 
 from collector.closure import (
     Change,
@@ -126,19 +133,6 @@ def test_package_of_a_store_path(store_name: str, package: tuple[str, str]) -> N
     assert package_of(store_name) == package
 
 
-BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's, without e o t u
-
-
-def paths(*names: str) -> list[str]:
-    """Store paths with a hash per name (a build after `#` changes only the hash)."""
-    out = []
-    for name in names:
-        digest = hashlib.sha256(name.encode()).digest()
-        hash_part = "".join(BASE32[b % 32] for b in digest)
-        out.append(f"/nix/store/{hash_part}-{name.partition('#')[0]}")
-    return out
-
-
 @pytest.mark.parametrize(
     ("before", "after", "expected"),
     [
@@ -167,13 +161,19 @@ def paths(*names: str) -> list[str]:
     ],
 )
 def test_changes_between(before: list[str], after: list[str], expected: list[Change]) -> None:
-    assert list(changes_between(paths(*before), paths(*after))) == expected
+    assert list(changes_between(store_paths(*before), store_paths(*after))) == expected
+
+
+def big_closures() -> tuple[list[str], list[str]]:
+    """50,000 paths each: pkg0 removed, pkg1 to pkg99 upgraded, pkg50000 added."""
+    before = store_paths(*(f"pkg{i}-1.{i % 10}" for i in range(50_000)))
+    after = store_paths(*(f"pkg{i}-{'2' if i < 100 else '1'}.{i % 10}" for i in range(1, 50_001)))
+    return before, after
 
 
 def test_changes_between_closures_of_50000_paths() -> None:
     """Right answers at the size of a large desktop closure (time and memory: benchmark)."""
-    before = paths(*(f"pkg{i}-1.{i % 10}" for i in range(50_000)))
-    after = paths(*(f"pkg{i}-{'2' if i < 100 else '1'}.{i % 10}" for i in range(1, 50_001)))
+    before, after = big_closures()
     changes = changes_between(before, after)
     kinds = [c.kind for c in changes]
     assert kinds.count(Kind.UPGRADED) == 99  # pkg1..pkg99 (pkg0 is gone)
@@ -263,26 +263,13 @@ def test_difference_of_real_systems(host: Host, monkeypatch: pytest.MonkeyPatch)
     assert same.boot_files == ()
 
 
-def load_db_closure(store: Path, top: str, names: list[str]) -> None:
-    """Register a closure in a chroot store's database only (`nix-store --load-db`, as the
-    installer does): Nix answers queries about it without its contents."""
-    lines = []
-    for name in names:
-        lines += [name, "0" * 64, "1000", "", "0"]
-    lines += [top, "0" * 64, "5000", "", str(len(names)), *names]
-    run_checked(
-        ["nix-store", "--store", str(store), "--load-db"], input_text="\n".join(lines) + "\n"
-    )
-
-
 def test_diff_of_50000_path_closures(host: Host, tmp_path: Path) -> None:
     """Through the command and real Nix: a right answer, no traceback."""
     store = tmp_path / "big-store"
-    before = paths(*(f"pkg{i}-1.{i % 10}" for i in range(50_000)))
-    after = paths(*(f"pkg{i}-{'2' if i < 100 else '1'}.{i % 10}" for i in range(1, 50_001)))
-    top_before, top_after = paths("nixos-system-big-1", "nixos-system-big-2")
-    load_db_closure(store, top_before, before)
-    load_db_closure(store, top_after, after)
+    before, after = big_closures()
+    top_before, top_after = store_paths("nixos-system-big-1", "nixos-system-big-2")
+    register_closure(store, top_before, before)
+    register_closure(store, top_after, after)
     result = host.run_agent("diff", "--json", top_before, top_after, env={"NIX_REMOTE": str(store)})
     assert result.returncode == 0, result
     shown = json.loads(result.stdout)
@@ -293,5 +280,5 @@ def test_diff_of_50000_path_closures(host: Host, tmp_path: Path) -> None:
         "downgraded": 0,
         "changed": 0,
     }
-    assert (shown["size_before"], shown["size_after"]) == (50_000 * 1000 + 5000,) * 2
+    assert (shown["size_before"], shown["size_after"]) == (50_001 * 1000,) * 2
     assert os.path.exists(store / "nix/var/nix/db/db.sqlite")

@@ -10,7 +10,17 @@ from .host import (
     resolve_link,
     standalone_host,
 )
-from .nix import NixBuilder, Package, SigningKey, System, SystemSpec, require_tool, run_checked
+from .nix import (
+    NixBuilder,
+    Package,
+    SigningKey,
+    System,
+    SystemSpec,
+    register_closure,
+    require_tool,
+    run_checked,
+    store_paths,
+)
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
@@ -29,8 +39,10 @@ __all__ = [
     "metric",
     "point_link",
     "read_link",
+    "register_closure",
     "require_tool",
     "resolve_link",
     "run_checked",
     "standalone_host",
+    "store_paths",
 ]
