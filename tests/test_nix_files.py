@@ -22,13 +22,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import require_tool
+from harness import Host, RecordedRequest, Reply, TestServer, require_tool, run_checked
 
 from collector.cli import build_parser
 from collector.config import RebootMode, Settings, SwitchMode, settings_from
@@ -613,6 +614,124 @@ def test_every_activation_queues_the_collector_without_waiting(
     # transaction of the switch.
     for key in ("after", "wants", "requires", "bindsTo"):
         assert f"{COLLECTOR}.service" not in trigger.get(key, []), key
+
+
+# systemctl in the sandbox: `start --no-block UNIT` queues UNIT's job and returns, as systemd
+# does; the job (UNITS/UNIT holds its command) runs in the background, its output in
+# JOBS/UNIT.log, its exit status written to the inherited descriptor STATUS when it ends.
+FAKE_SYSTEMCTL = """#!/bin/sh
+if [ "$#" -ne 3 ] || [ "$1 $2" != "start --no-block" ]; then
+    echo "systemctl (sandbox): unexpected call: $*" >&2
+    exit 64
+fi
+command=$(cat '{units}'/"$3") || exit 5
+(
+    sh -c "$command" > '{jobs}'/"$3.log" 2>&1
+    echo $? > /dev/fd/{status}
+) < /dev/null > /dev/null 2>&1 &
+"""
+
+# What switch-to-configuration does around our units: activate (point current at the new
+# system), then start the active targets, which runs the trigger, waiting for its job.
+SWITCH_LIKE = """#!/bin/sh
+set -e
+ln -sfn '{system}' '{root}/run/current-system'
+{trigger}
+echo switched
+"""
+
+
+@pytest.mark.nix
+def test_a_failing_collector_cannot_fail_or_hold_up_a_switch(
+    evaluate: Evaluate, tmp_path: Path, test_server: TestServer
+) -> None:
+    """The trigger the module installs, run as a switch runs it, in a sandbox whose collector
+    (the module's own command line and config file) hangs on upstream and then fails: the
+    switch-like run exits 0 while the collector still waits, and the collector's failure
+    reaches nobody but its own log."""
+    released = threading.Event()
+
+    def gated(request: RecordedRequest) -> Reply:
+        released.wait()  # the collector hangs here until the switch-like run is over
+        return Reply(status=404, body=b"not published yet\n")
+
+    test_server.route("/upstream", gated)
+    (record,) = evaluate(BASE | {"url": test_server.url("/upstream")})
+    root, units, jobs, bin_dir = (tmp_path / n for n in ("root", "units", "jobs", "bin"))
+    for directory in (root / "run", units, jobs, bin_dir):
+        directory.mkdir(parents=True)
+
+    collector = record["services"][COLLECTOR]["serviceConfig"]["ExecStart"]
+    assert collector.startswith("-"), "a failure would leave the unit failed"
+    program, *args = exec_argv(collector)
+    assert program.endswith("/bin/nixos-autodeploy") and args[0] == "collect"
+    sandbox = ["--root", str(root), "--state-dir", str(tmp_path / "state")]
+    sandbox += ["--runtime-dir", str(tmp_path / "runtime")]
+    agent = [sys.executable, "-m", "collector.cli", *args, *sandbox]
+    (units / f"{COLLECTOR}.service").write_text(
+        f"cd {shlex.quote(str(REPO))} && {shlex.join(agent)}"
+    )
+    # The job's status comes through a pipe: its end of file says the job has ended.
+    status_read, status_write = os.pipe()
+    systemctl = bin_dir / "systemctl"
+    systemctl.write_text(FAKE_SYSTEMCTL.format(units=units, jobs=jobs, status=status_write))
+    systemctl.chmod(0o755)
+
+    real_systemctl, *trigger_args = exec_argv(
+        record["services"][TRIGGER]["serviceConfig"]["ExecStart"]
+    )
+    assert real_systemctl.endswith("/bin/systemctl")
+    switch = tmp_path / "switch-like"
+    trigger = shlex.join([str(systemctl), *trigger_args])
+    switch.write_text(
+        SWITCH_LIKE.format(system="/nix/store/new-system", root=root, trigger=trigger)
+    )
+    switch.chmod(0o755)
+    try:
+        result = subprocess.run(
+            [str(switch)], capture_output=True, text=True, pass_fds=(status_write,), timeout=120
+        )
+    finally:
+        os.close(status_write)
+        released.set()
+    with os.fdopen(status_read) as statuses:
+        assert (result.returncode, result.stdout) == (0, "switched\n"), result.stderr
+        assert (root / "run/current-system").readlink() == Path("/nix/store/new-system")
+        status = statuses.read().strip()  # end of file: the queued collector has ended
+
+    log = (jobs / f"{COLLECTOR}.service.log").read_text()
+    assert status == "1", log  # it failed: the "-" prefix keeps its unit from "failed"
+    assert "error: upstream" in log and "HTTP 404" in log, log
+    assert test_server.count("/upstream") == 1, "the collector did run, after the switch"
+
+
+@pytest.mark.nix
+def test_collector_writes_its_links_in_its_runtime_directory(host: Host, tmp_path: Path) -> None:
+    """With the module's --runtime-dir the collector writes the upstream GC root and the
+    deployed mirror there, and nothing under /run; /run/upstream-system and
+    /run/deployed-system (tmpfiles "L+" links, made here the same way) lead to them."""
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    runtime = tmp_path / "run-nixos-autodeploy"
+    runtime.mkdir()
+    for name in ("upstream-system", "deployed-system"):
+        (host.root / "run" / name).symlink_to(runtime / name)
+    before = sorted(p.name for p in (host.root / "run").iterdir())
+
+    result = host.collect("--runtime-dir", str(runtime), "--track")
+
+    assert result.returncode == 0, result
+    assert (runtime / "upstream-system").readlink() == Path(system.path)
+    assert (runtime / "deployed-system").readlink() == Path(system.path)
+    for name in ("upstream-system", "deployed-system"):  # the old places lead there
+        assert (host.root / "run" / name).resolve() == Path(system.path), name
+    assert sorted(p.name for p in (host.root / "run").iterdir()) == before
+    for name in ("upstream-system", "deployed-system"):
+        assert (host.root / "run" / name).readlink() == runtime / name, "link replaced"
+    # A real GC root: Nix keeps upstream alive through the runtime directory.
+    roots = run_checked(["nix-store", "--gc", "--print-roots"], env=host.nix_env())
+    assert f"{runtime}/upstream-system -> {system.path}" in roots, roots
 
 
 @pytest.mark.nix
