@@ -94,6 +94,7 @@ def nix_string(text: str) -> str:
     return json.dumps(text).replace("${", "\\${")
 
 
+@pytest.mark.nix
 def test_compare_versions_as_nix_compares_them() -> None:
     pairs = VERSION_PAIRS + [(b, a) for a, b in VERSION_PAIRS]
     expression = " ".join(
@@ -107,6 +108,7 @@ def test_compare_versions_as_nix_compares_them() -> None:
     assert set(expected) == {-1, 0, 1}, "the table covers all three answers"
 
 
+@pytest.mark.nix
 def test_name_and_version_split_as_nix_splits_them() -> None:
     expression = " ".join(f"(builtins.parseDrvName {nix_string(n)})" for n in NAMES)
     expected = nix_eval(f"[ {expression} ]")
