@@ -39,6 +39,7 @@ EVAL_FLAKE = REPO / "tests" / "nix" / "eval-flake.nix"
 SKIP_DIRS = {".git", ".venv", ".cache", "node_modules", "result"}
 
 COLLECTOR = "nixos-autodeploy-collector"
+RELOAD = "nixos-autodeploy-collector-reload"
 ACTUATOR = "nixos-autodeploy"
 # What systemd substitutes for %d (the unit's credentials directory).
 CREDENTIALS_DIR = "/run/credentials/unit.service"
@@ -48,6 +49,7 @@ BASE: dict[str, Any] = {
     "url": "https://ci.example.org/hosts/web1/system",
     "prometheusFilePath": "/var/lib/node-exporter/text/nixos-autodeploy.prom",
 }
+TIMER = BASE | {"collector": {"resident": False}}
 
 REBOOT_WITHOUT_ACTUATOR = (
     "system.autoDeploy.rebootMode is set, but system.autoDeploy.actuator.enable is false"
@@ -289,7 +291,12 @@ ORIGINAL_OPTIONS = {
 def test_options_are_documented_and_keep_the_original_names(evaluate: Evaluate) -> None:
     (record,) = evaluate(BASE)
     options = {o["name"].removeprefix("system.autoDeploy."): o for o in record["options"]}
-    assert ORIGINAL_OPTIONS | {"actuator.enable", "collectInterval"} <= set(options)
+    assert ORIGINAL_OPTIONS | {
+        "actuator.enable",
+        "collectInterval",
+        "collector.resident",
+        "collector.pollInterval",
+    } <= set(options)
     for name, option in options.items():
         assert option["description"].strip(), f"{name} has no description"
         assert option["type"], f"{name} has no type"
@@ -298,13 +305,17 @@ def test_options_are_documented_and_keep_the_original_names(evaluate: Evaluate) 
 
 @pytest.mark.nix
 def test_units_and_timers(evaluate: Evaluate) -> None:
-    (record,) = evaluate(BASE)
-    assert record["failedAssertions"] == []
-    assert set(record["services"]) == {COLLECTOR, ACTUATOR}
-    assert set(record["timers"]) == {COLLECTOR, ACTUATOR}
-    for timer in record["timers"].values():
-        assert timer["wantedBy"] == ["timers.target"]
-    assert record["package"]["path"] in record["systemPackages"]
+    resident, timer = evaluate(BASE, TIMER)
+    assert resident["failedAssertions"] == [] and timer["failedAssertions"] == []
+    # Resident by default: no timer for the collector, a unit that reloads it instead.
+    assert set(resident["services"]) == {COLLECTOR, RELOAD, ACTUATOR}
+    assert set(resident["timers"]) == {ACTUATOR}
+    assert set(timer["services"]) == {COLLECTOR, ACTUATOR}
+    assert set(timer["timers"]) == {COLLECTOR, ACTUATOR}
+    for record in (resident, timer):
+        for unit in record["timers"].values():
+            assert unit["wantedBy"] == ["timers.target"]
+        assert record["package"]["path"] in record["systemPackages"]
 
 
 @pytest.mark.nix
@@ -344,7 +355,7 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
     assert {"bearer_token_file", "netrc_file"}.isdisjoint(config)
     assert config["timeout"] == 30 and config["headers"] == ["X-Host: web1"]
 
-    assert unit["Type"] == "oneshot"
+    assert unit["Type"] == "notify"
     assert unit["StateDirectory"] == "nixos-autodeploy"
     assert "network-online.target" in service["after"]
     assert "network-online.target" in service["wants"]
@@ -363,10 +374,45 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
     assert "User" not in unit and "DynamicUser" not in unit, "the daemon trusts root"
     assert record["tmpfiles"] == ["d /var/lib/node-exporter/text - - - -"]
 
+
+@pytest.mark.nix
+def test_resident_collector_is_a_notify_service_with_a_watchdog(evaluate: Evaluate) -> None:
+    default, custom = evaluate(BASE, BASE | {"collector": {"pollInterval": 300}, "timeout": 30})
+    for record, every in ((default, 60), (custom, 300)):
+        service = record["services"][COLLECTOR]
+        unit = service["serviceConfig"]
+        argv = exec_argv(unit["ExecStart"])
+        assert program_settings(argv).every == every
+        assert config_file(argv)["every"] == every
+        assert unit["Type"] == "notify"
+        assert unit["Restart"] == "on-failure"
+        # systemctl reload is SIGHUP: collect now.
+        assert re.fullmatch(r"/nix/store/\S+/bin/kill -HUP \$MAINPID", unit["ExecReload"])
+        # A poll may wait the interval, fetch until the deadline, then realise a system.
+        timeout = program_settings(argv).timeout
+        assert int(unit["WatchdogSec"]) >= every + timeout + 600
+        assert int(unit["TimeoutStartSec"]) == int(unit["WatchdogSec"])
+        assert service["wantedBy"] == ["multi-user.target"]
+        # A switch never waits on it: not restarted by switch-to-configuration.
+        assert service["restartIfChanged"] is False
+        assert COLLECTOR not in record["timers"]
+
+
+@pytest.mark.nix
+def test_timer_collector_when_not_resident(evaluate: Evaluate) -> None:
+    (record,) = evaluate(TIMER)
+    service = record["services"][COLLECTOR]
+    unit = service["serviceConfig"]
+    assert unit["Type"] == "oneshot"
+    assert program_settings(exec_argv(unit["ExecStart"])).every is None
+    assert {"ExecReload", "WatchdogSec", "Restart"}.isdisjoint(unit)
+    assert service["wantedBy"] == []
+    assert service["restartIfChanged"] is True
     timer = record["timers"][COLLECTOR]["timerConfig"]
     assert timer["OnCalendar"] == "*:0/5"
     assert timer["Persistent"] is True
     assert "OnBootSec" in timer
+    assert RELOAD not in record["services"]
 
 
 @pytest.mark.nix
@@ -454,10 +500,11 @@ def test_extra_args_are_quoted_for_systemd(evaluate: Evaluate) -> None:
 
 @pytest.mark.nix
 @pytest.mark.parametrize("existing", [None, "other.service\n"])
+@pytest.mark.parametrize(("settings", "unit"), [(BASE, RELOAD), (TIMER, COLLECTOR)])
 def test_activation_hook_appends_to_restart_list(
-    evaluate: Evaluate, tmp_path: Path, existing: str | None
+    evaluate: Evaluate, tmp_path: Path, existing: str | None, settings: dict[str, Any], unit: str
 ) -> None:
-    (record,) = evaluate(BASE)
+    (record,) = evaluate(settings)
     script = record["activationScripts"]["nixos-autodeploy"]
     assert "/run/nixos/activation-restart-list" in script
     run_dir = tmp_path / "run-nixos"
@@ -471,7 +518,59 @@ def test_activation_hook_appends_to_restart_list(
         subprocess.run(["bash", "-euc", runnable], check=True, timeout=30)
     lines = restart_list.read_text().splitlines()
     kept = [] if existing is None else ["other.service"]
-    assert lines == [*kept, f"{COLLECTOR}.service", f"{COLLECTOR}.service"]
+    assert lines == [*kept, f"{unit}.service", f"{unit}.service"]
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$@" >> '{log}'
+if [ "$1" = show ]; then echo '{pid}'; fi
+"""
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize(
+    ("running", "expected"),
+    [
+        ("current", f"reload --no-block {COLLECTOR}.service"),
+        ("older-config", f"try-restart --no-block {COLLECTOR}.service"),
+        ("older-program", f"try-restart --no-block {COLLECTOR}.service"),
+        (None, None),
+    ],
+)
+def test_reload_unit_reloads_or_restarts_the_collector_without_waiting(
+    evaluate: Evaluate, tmp_path: Path, running: str | None, expected: str | None
+) -> None:
+    """The script switch-to-configuration starts after an activation, run for real against
+    a process with the collector's command line and a recording systemctl."""
+    (record,) = evaluate(BASE)
+    argv = exec_argv(record["services"][COLLECTOR]["serviceConfig"]["ExecStart"])
+    exec_start = record["services"][RELOAD]["serviceConfig"]["ExecStart"]
+    assert exec_start.startswith("-"), "a failure must not fail the switch"
+    script = Path(exec_start[1:]).read_text()
+    systemctl = re.search(r"/nix/store/\S+-systemd/bin/systemctl", script)
+    grep = re.search(r"/nix/store/\S+/bin/grep", script)
+    assert systemctl and grep, script
+    if running == "older-config":
+        argv[argv.index("--config") + 1] = "/nix/store/00000000000000000000000000000000-old.json"
+    elif running == "older-program":
+        argv[0] = "/nix/store/00000000000000000000000000000000-old/bin/nixos-autodeploy"
+    # A process whose command line is the collector's (the program's path, its arguments).
+    collector = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", *argv], stdin=subprocess.PIPE
+    )
+    try:
+        log = tmp_path / "systemctl.log"
+        fake = tmp_path / "systemctl"
+        fake.write_text(FAKE_SYSTEMCTL.format(log=log, pid=collector.pid if running else 0))
+        fake.chmod(0o755)
+        runnable = script.replace(systemctl.group(0), str(fake))
+        runnable = runnable.replace(grep.group(0), require_tool("grep"))
+        subprocess.run(["sh", "-c", runnable], check=True, timeout=30)
+    finally:
+        collector.communicate(b"")
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"show --property MainPID --value {COLLECTOR}.service"
+    assert calls[1:] == ([] if expected is None else [expected])
 
 
 @pytest.mark.nix
@@ -485,7 +584,7 @@ def test_activation_hook_without_run_nixos_does_nothing(evaluate: Evaluate, tmp_
 
 @pytest.mark.nix
 def test_monitoring_only_host_has_only_the_collector(evaluate: Evaluate) -> None:
-    (record,) = evaluate(BASE | {"actuator": {"enable": False}})
+    (record,) = evaluate(TIMER | {"actuator": {"enable": False}})
     assert record["failedAssertions"] == []
     assert set(record["services"]) == {COLLECTOR}
     assert set(record["timers"]) == {COLLECTOR}
@@ -584,6 +683,7 @@ def test_assertions_explain_what_is_wrong(
         ({"switchMode": "now"}, "system.autoDeploy.switchMode"),
         ({"rebootMode": "poweroff"}, "system.autoDeploy.rebootMode"),
         ({"timeout": 0}, "system.autoDeploy.timeout"),
+        ({"collector": {"pollInterval": 0}}, "system.autoDeploy.collector.pollInterval"),
     ],
 )
 def test_invalid_values_are_rejected(

@@ -287,7 +287,9 @@ def leftovers(host: Host) -> list[str]:
 def test_notify_sends_one_datagram(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, abstract: bool
 ) -> None:
-    name = f"@nixos-autodeploy-test-{os.getpid()}" if abstract else str(tmp_path / "notify")
+    # Relative to the test's directory: a socket path must be short (108 bytes).
+    monkeypatch.chdir(tmp_path)
+    name = f"@nixos-autodeploy-test-{os.getpid()}" if abstract else "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name[1:] if abstract else name)
         sock.settimeout(SAFETY_SECONDS)
