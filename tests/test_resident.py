@@ -7,10 +7,12 @@ finished without sleeping. Signals are sent the way systemd sends them."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,10 @@ import pytest
 from harness import Host, RecordedRequest, Reply, SystemSpec, metric, require_tool
 
 from collector import notify
+from collector.cli import build_parser
+from collector.config import settings_from
+
+REPO = Path(__file__).resolve().parent.parent
 
 # A safety net against a hung agent, not an assertion on its speed.
 SAFETY_SECONDS = 120
@@ -278,6 +284,60 @@ def leftovers(host: Host) -> list[str]:
     """Temporary files an interrupted atomic write would leave."""
     names = os.listdir(host.state_dir) + os.listdir(host.metrics_path.parent)
     return [name for name in names if name.startswith(".")]
+
+
+# ---- --every and `every` --------------------------------------------------------------
+
+
+def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "collector.cli", "collect", "--root", str(tmp_path / "root")]
+    argv += ["--url", "http://127.0.0.1:9/upstream", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=SAFETY_SECONDS)
+
+
+@pytest.mark.parametrize(
+    ("args", "config", "message"),
+    [
+        (["--every", "0"], None, "every must be a positive number of seconds, not 0.0"),
+        (["--every", "-5"], None, "every must be a positive number of seconds"),
+        (["--every", "nan"], None, "every must be a positive number of seconds, not nan"),
+        (["--every", "inf"], None, "every must be a positive number of seconds, not inf"),
+        ([], {"every": "60"}, "every has the wrong type"),
+        ([], {"every": True}, "every has the wrong type"),
+        ([], {"every": 0}, "every must be a positive number of seconds, not 0"),
+    ],
+)
+def test_bad_every_is_one_error_line_and_changes_nothing(
+    tmp_path: Path, args: list[str], config: dict[str, object] | None, message: str
+) -> None:
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        args = [*args, "--config", str(tmp_path / "config.json")]
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 1, result
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "config", "every"),
+    [
+        ([], {}, None),
+        (["--every", "30"], {}, 30.0),
+        ([], {"every": 45}, 45.0),
+        (["--every", "0.5"], {"every": 45}, 0.5),  # the flag wins
+    ],
+)
+def test_every_from_flag_or_config_file(
+    tmp_path: Path, args: list[str], config: dict[str, object], every: float | None
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    parsed = build_parser().parse_args(
+        ["collect", *args, "--config", str(tmp_path / "config.json")]
+    )
+    assert settings_from(parsed).every == every
 
 
 # ---- the notification protocol, on its own ----------------------------------------
