@@ -386,7 +386,7 @@ def test_resident_collector_is_a_notify_service_that_picks_up_a_switch(
         "active",
         "running",
     )
-    assert int(ready["WatchdogUSec"]) > 0
+    assert ready["WatchdogUSec"] == "1h 31min"  # the module's: 3600 s + 60 s + 30 min
     assert int(ready["WatchdogTimestampMonotonic"]) > 0, "no WATCHDOG=1 reached systemd"
     assert ready["StatusText"].startswith("untracked; current "), ready
     assert os.path.basename(initial) in ready["StatusText"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from harness import Host, RecordedRequest, Reply, SystemSpec, metric, require_tool
+from harness import Host, RecordedRequest, Reply, System, SystemSpec, metric, require_tool
 
 from collector import notify
 from collector.cli import build_parser
@@ -194,12 +194,18 @@ def failing(host: Host, failure: str, unsigned: str) -> Iterator[None]:
         host.server.route("/upstream", body)
 
 
-def test_never_holds_the_lock_between_polls(host: Host) -> None:
+def update_available(host: Host) -> tuple[System, System]:
+    """The agent deployed a, which runs; CI published b."""
     systems = host.build(SystemSpec("a"), SystemSpec("b"))
     a, b = systems["a"], systems["b"]
     host.install(a)
     host.write_deployed(a)
     host.publish(b)
+    return a, b
+
+
+def test_never_holds_the_lock_between_polls(host: Host) -> None:
+    _, b = update_available(host)
     flock = require_tool("flock")
     with resident(host, RARELY) as agent:
         ready = agent.next_message()
@@ -223,11 +229,7 @@ def test_never_holds_the_lock_between_polls(host: Host) -> None:
 
 
 def test_sighup_collects_now_and_sees_a_switch(host: Host) -> None:
-    systems = host.build(SystemSpec("a"), SystemSpec("b"))
-    a, b = systems["a"], systems["b"]
-    host.install(a)
-    host.write_deployed(a)
-    host.publish(b)
+    a, b = update_available(host)
     with resident(host, RARELY) as agent:
         ready = agent.next_message()
         host.deploy_by_hand(b, "switch")  # what nixos-rebuild (or the actuator) does
