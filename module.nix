@@ -47,9 +47,19 @@ let
       "%d/netrc"
     ];
 
+  # The collector may write under /run only here (systemd's RuntimeDirectory): the upstream GC
+  # root and the deployed mirror. /run/upstream-system and /run/deployed-system, the original
+  # tool's places, are links into it (tmpfiles below).
+  runtimeDir = "/run/nixos-autodeploy";
+  ownLinks = [
+    "upstream-system"
+    "deployed-system"
+  ];
+
   upstreamSettings = {
     url = cfg.url;
     timeout = cfg.timeout;
+    runtime_dir = runtimeDir;
   }
   // optionalAttrs (cfg.extraHeaders != { }) {
     headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
@@ -77,9 +87,13 @@ let
 
   program = lib.getExe cfg.package;
 
+  # "-": a failed collection does not leave the unit failed. switch-to-configuration reports
+  # every failed unit and exits 4 (see docs/CONTRACT.md), so a failing collector would fail
+  # each nixos-rebuild switch; the failure is in the journal and in the metrics
+  # (nixos_autodeploy_upstream_fetch_success, the collector-stale alert).
   collectorCommand = lib.concatStringsSep " " (
     [
-      (escapeExecArgs [
+      ("-" + escapeExecArgs [
         program
         "collect"
         "--config"
@@ -105,20 +119,31 @@ let
   collectorUnit = "nixos-autodeploy-collector.service";
 
   resident = cfg.collector.resident;
-  reloadUnit = "nixos-autodeploy-collector-reload";
   # systemd restarts a resident collector that has not finished a poll within this time:
   # the wait, the fetch's deadline, and up to half an hour for realising a new system.
   # The first poll (READY=1) gets as long.
   watchdogSec = cfg.collector.pollInterval + cfg.timeout + 1800;
 
   systemctl = "${config.systemd.package}/bin/systemctl";
-  # After a switch: tell the resident collector, never waiting on it. A collector still
-  # running an older program or config (its command line does not name the new ones) is
-  # restarted; otherwise reloaded (SIGHUP: collect now). Both only queue a job.
-  reloadCollector = pkgs.writeShellScript "nixos-autodeploy-collector-reload" ''
+
+  # What tells the collector that a system was activated: it only queues a collection
+  # (--no-block), so nothing that runs it ever waits for one.
+  notifyCollector = escapeExecArgs [
+    systemctl
+    "start"
+    "--no-block"
+    collectorUnit
+  ];
+
+  # The same for a resident collector: reload it (ExecReload sends SIGHUP: collect now), or
+  # restart it when it still runs an older program or config (its command line does not
+  # name the new ones; a switch does not restart it), or start it when it does not run.
+  # Each only queues a job. "-": a reload of a collector that just exited must not fail
+  # the switch.
+  notifyResident = "-" + pkgs.writeShellScript "nixos-autodeploy-notify-resident" ''
     pid=$(${systemctl} show --property MainPID --value ${collectorUnit})
     if [ "''${pid:-0}" = 0 ]; then
-      exit 0
+      exec ${systemctl} start --no-block ${collectorUnit}
     fi
     if ${pkgs.gnugrep}/bin/grep -qaF -- ${cfg.package} /proc/$pid/cmdline \
       && ${pkgs.gnugrep}/bin/grep -qaF -- ${collectorConfigFile} /proc/$pid/cmdline; then
@@ -126,6 +151,12 @@ let
     fi
     exec ${systemctl} try-restart --no-block ${collectorUnit}
   '';
+
+  # Both units share the runtime directory; it must outlive each run (it holds the GC root).
+  runtimeDirectory = {
+    RuntimeDirectory = "nixos-autodeploy";
+    RuntimeDirectoryPreserve = true;
+  };
 
   metricsDir = if cfg.prometheusFilePath == null then null else dirOf cfg.prometheusFilePath;
 
@@ -242,9 +273,9 @@ in
         service with a watchdog) and polls every
         {option}`system.autoDeploy.collector.pollInterval` seconds, instead of
         starting from a timer. A resident poll that finds nothing changed costs a few
-        milliseconds of CPU instead of an interpreter start (about a third of a
-        second); the process holds about 30 MiB of memory. After every switch it is
-        reloaded (SIGHUP: collect now), never waited on. `false` keeps the timer
+        milliseconds of CPU instead of an interpreter start (about a fifth of a
+        second); the process holds about 31 MiB of memory (RSS). After every activation
+        it is reloaded (SIGHUP: collect now), never waited on. `false` keeps the timer
         ({option}`system.autoDeploy.collectInterval`).
       '';
     };
@@ -383,19 +414,24 @@ in
 
       # The metrics directory must exist before the collector starts: ReadWritePaths
       # of a missing directory would fail the unit. "-" leaves an existing one as is.
-      systemd.tmpfiles.rules = optional (metricsDir != null) "d ${metricsDir} - - - -";
+      # "L+" replaces what an earlier version left at the old places (a GC root of its own).
+      systemd.tmpfiles.rules =
+        optional (metricsDir != null) "d ${metricsDir} - - - -"
+        ++ map (name: "L+ /run/${name} - - - - ${runtimeDir}/${name}") ownLinks;
 
       systemd.services.nixos-autodeploy-collector = {
         description = "NixOS auto-deployment collector: observe upstream and the local system";
-        # Resident, a switch must never wait on it (nor fail with it): the reload unit
-        # below restarts it when its program or config changed, without blocking.
-        restartIfChanged = !resident;
-        wantedBy = optional resident "multi-user.target";
         after = [
           "network-online.target"
           "nix-daemon.socket"
         ];
         wants = [ "network-online.target" ];
+        # Restarting a running oneshot waits for its run, a resident one's start for its
+        # first poll: a switch that changes this unit would wait for a collection. The next
+        # run uses the new unit anyway; a resident collector is restarted by the unit that
+        # tells it about the activation, without waiting.
+        restartIfChanged = false;
+        wantedBy = optional resident "multi-user.target";
         environment = config.networking.proxy.envVars // {
           # Store operations (realising upstream, registering the GC root) go
           # through the daemon, so the sandbox below can keep /nix read-only.
@@ -408,9 +444,8 @@ in
           CacheDirectory = "nixos-autodeploy";
           UMask = "0022"; # node_exporter must read the metrics file
 
+          # Read-only but for the state, cache and runtime directories and the metrics one.
           ProtectSystem = "strict";
-          # /run for the upstream GC root (/run/upstream-system) and the deployed mirror.
-          ReadWritePaths = [ "/run" ] ++ optional (metricsDir != null) metricsDir;
           ProtectHome = true;
           PrivateTmp = true;
           PrivateDevices = true;
@@ -442,6 +477,9 @@ in
             {
               Type = "notify"; # READY=1 after the first poll, WATCHDOG=1 after each
               ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+              # A hung collector: the watchdog. One that exited ("-" above: never a failed
+              # unit that would fail a switch) is started again by the next activation and
+              # shows as stale in the metrics meanwhile.
               Restart = "on-failure";
               RestartSec = "10s";
               WatchdogSec = toString watchdogSec;
@@ -450,12 +488,12 @@ in
           else
             { Type = "oneshot"; }
         )
+        // optionalAttrs (metricsDir != null) { ReadWritePaths = [ metricsDir ]; }
+        // runtimeDirectory
         // credentialConfig;
       };
-    }
 
-    (mkIf (!resident) {
-      systemd.timers.nixos-autodeploy-collector = {
+      systemd.timers.nixos-autodeploy-collector = mkIf (!resident) {
         description = "NixOS auto-deployment collector";
         wantedBy = [ "timers.target" ];
         timerConfig = {
@@ -464,33 +502,21 @@ in
           Persistent = true;
         };
       };
-    })
 
-    (mkIf resident {
-      # Started after the activation (below), once /run/current-system names the new
-      # system: an activation snippet runs before that, and a path unit does not see the
-      # symlink replaced. It only queues a reload or restart of the collector and cannot
-      # fail, so a switch never waits on the collector nor fails with it.
-      systemd.services.${reloadUnit} = {
-        description = "Tell the resident NixOS auto-deployment collector that the system changed";
+      # A hand deploy (nixos-rebuild, colmena) shows within seconds: after every activation
+      # (switch, test) switch-to-configuration starts the active targets again, which starts
+      # this oneshot again (it does not remain active), at boot too. It only queues the
+      # collector: the switch waits for no collection and cannot fail with one. No activation
+      # script: they do nothing under system.nixos-init. When the actuator itself switches,
+      # the queued collector finds the lock held and leaves the report to the actuator.
+      systemd.services.nixos-autodeploy-activated = {
+        description = "Tell the NixOS auto-deployment collector that a system was activated";
+        wantedBy = [ "multi-user.target" ];
         serviceConfig = {
           Type = "oneshot";
-          ExecStart = "-${reloadCollector}";
+          ExecStart = if resident then notifyResident else notifyCollector;
         };
       };
-    })
-
-    {
-      # switch-to-configuration restarts the units listed in this file after
-      # activation; other modules write to it too, hence append. A manual deploy
-      # (nixos-rebuild, colmena) thus shows as dirty within seconds. The collector
-      # exits at once if the actuator holds the lock, so no deadlock when the
-      # actuator itself is switching.
-      system.activationScripts.nixos-autodeploy = ''
-        if [ -d /run/nixos ]; then
-          echo ${if resident then "${reloadUnit}.service" else collectorUnit} >> /run/nixos/activation-restart-list
-        fi
-      '';
     }
 
     (mkIf cfg.actuator.enable {
@@ -518,6 +544,7 @@ in
           ExecStart = actuatorCommand;
           StateDirectory = "nixos-autodeploy";
         }
+        // runtimeDirectory
         // credentialConfig;
       };
 
