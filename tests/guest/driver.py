@@ -28,7 +28,7 @@ PROMETHEUS_FILE = Path("/var/lib/prometheus-node-exporter/nixos-autodeploy.prom"
 PROFILE = Path("/nix/var/nix/profiles/system")
 AGENT_UNIT = "nixos-autodeploy-deploy.service"
 COLLECTOR_UNIT = "nixos-autodeploy-collector.service"
-RELOAD_UNIT = "nixos-autodeploy-collector-reload.service"
+ACTIVATED_UNIT = "nixos-autodeploy-activated.service"
 # As the NixOS module computes it: the interval, the fetch deadline, 30 min to realise.
 POLL_INTERVAL = 3600
 WATCHDOG_SEC = POLL_INTERVAL + 60 + 1800
@@ -319,8 +319,9 @@ def phase_after_reboot() -> None:
 
 
 def write_resident_units() -> None:
-    """The resident collector and its reload unit as the NixOS module makes them (the
-    reload unit's choice between reload and restart is tested on the host)."""
+    """The resident collector and the unit that tells it of an activation, as the NixOS
+    module makes them (that unit's choice between reload, restart and start is tested on
+    the host; here the collector runs the current program, so it reloads)."""
     common = f"--url {UPSTREAM_URL} --prometheus-path {PROMETHEUS_FILE}"
     Path(f"/etc/systemd/system/{COLLECTOR_UNIT}").write_text(
         "[Unit]\nDescription=nixos-autodeploy collector, resident (guest test)\n"
@@ -332,8 +333,8 @@ def write_resident_units() -> None:
         "Restart=on-failure\nRestartSec=10s\n"
         f"WatchdogSec={WATCHDOG_SEC}\nTimeoutStartSec={WATCHDOG_SEC}\n"
     )
-    Path(f"/etc/systemd/system/{RELOAD_UNIT}").write_text(
-        "[Unit]\nDescription=Tell the resident collector that the system changed\n"
+    Path(f"/etc/systemd/system/{ACTIVATED_UNIT}").write_text(
+        "[Unit]\nDescription=Tell the resident collector that a system was activated\n"
         "[Service]\nType=oneshot\n"
         f"ExecStart=-/bin/systemctl reload --no-block {COLLECTOR_UNIT}\n"
     )
@@ -361,7 +362,7 @@ def wait_for_current_in_snapshot(system: str, seconds: float) -> bool:
 
 def phase_resident() -> None:
     """The resident collector as a real Type=notify service with a watchdog: it becomes
-    ready after its first poll, and a hand switch reaches it through the reload unit
+    ready after its first poll, and a hand switch reaches it through the activated unit
     (switch-to-configuration starts that unit after the activation), long before its
     next poll of its own (an hour away)."""
     install_initial()
@@ -372,7 +373,7 @@ def phase_resident() -> None:
     run("nix-store", "--realise", SYSTEMS["switched"])
     run("nix-env", "-p", str(PROFILE), "--set", SYSTEMS["switched"])
     run(SYSTEMS["switched"] + "/bin/switch-to-configuration", "switch")
-    reloaded = run("systemctl", "start", RELOAD_UNIT, check=False)
+    reloaded = run("systemctl", "start", ACTIVATED_UNIT, check=False)
     seen = wait_for_current_in_snapshot("switched", 120)
     after = unit_facts(COLLECTOR_UNIT)
     stopped = run("systemctl", "stop", COLLECTOR_UNIT, check=False)
