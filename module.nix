@@ -477,10 +477,10 @@ in
             {
               Type = "notify"; # READY=1 after the first poll, WATCHDOG=1 after each
               ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-              # A hung collector: the watchdog. One that exited ("-" above: never a failed
-              # unit that would fail a switch) is started again by the next activation and
-              # shows as stale in the metrics meanwhile.
-              Restart = "on-failure";
+              # A hung collector: the watchdog. One that exited for any reason ("-" above
+              # makes every exit a success: never a failed unit that would fail a switch)
+              # is started again; `systemctl stop` is never undone.
+              Restart = "always";
               RestartSec = "10s";
               WatchdogSec = toString watchdogSec;
               TimeoutStartSec = toString watchdogSec;

@@ -425,7 +425,7 @@ def test_resident_collector_is_a_notify_service_with_a_watchdog(evaluate: Evalua
         assert program_settings(argv).every == every
         assert config_file(argv)["every"] == every
         assert unit["Type"] == "notify"
-        assert unit["Restart"] == "on-failure"
+        assert unit["Restart"] == "always"
         # systemctl reload is SIGHUP: collect now.
         assert re.fullmatch(r"/nix/store/\S+/bin/kill -HUP \$MAINPID", unit["ExecReload"])
         # A poll may wait the interval, fetch until the deadline, then realise a system.
