@@ -310,6 +310,31 @@ def load_changes(paths: Paths) -> Changes:
         return Changes()
 
 
+# The resident collector's polls: diff.json as last read or written, by the identity of the
+# file, so a no-change poll costs a stat, not a parse of a list of thousands of changes.
+_kept: dict[str, tuple[tuple[int, int, int], Changes]] = {}
+
+
+def _identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _load_kept(paths: Paths) -> Changes:
+    source = paths.state("diff.json")
+    identity = _identity(source)
+    kept = _kept.get(source)
+    if identity is not None and kept is not None and kept[0] == identity:
+        return kept[1]
+    changes = load_changes(paths)
+    if identity is not None:
+        _kept[source] = (identity, changes)
+    return changes
+
+
 def _realised(path: StorePath | None) -> bool:
     return path is not None and os.path.exists(path.path)
 
@@ -342,15 +367,20 @@ def refresh(
 ) -> Changes:
     """The changes for these systems: read from diff.json when its pairs are these, computed
     (and diff.json rewritten) only when current, upstream or deployed moved."""
-    known = load_changes(paths)
+    known = _load_kept(paths)
     changes = Changes(
         upstream=_refreshed(known.upstream, current, upstream),
         hand=_refreshed(known.hand, deployed, current) if state is State.DIRTY else None,
     )
     if changes != known:
+        source = paths.state("diff.json")
         try:
-            atomic_write_json(paths.state("diff.json"), changes.to_json())
+            atomic_write_json(source, changes.to_json())
         except StateError as e:
             # The snapshot and the metrics matter more; the next collect computes it again.
             log.warning("warning: %s", e)
+            return changes
+        identity = _identity(source)
+        if identity is not None:
+            _kept[source] = (identity, changes)
     return changes

@@ -89,6 +89,7 @@ class Settings:
     reboot_mode: RebootMode | None = None
     max_snapshot_age: float = 3600.0
     track: bool = False
+    every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
     dry_run: bool = False
 
@@ -108,6 +109,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "reboot_mode": str,
     "max_snapshot_age": (int, float),
     "track": bool,
+    "every": (int, float),
 }
 
 
@@ -185,6 +187,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     max_snapshot_age = float(pick("max_snapshot_age", 3600.0))
     if max_snapshot_age < 0:
         raise ConfigError("max snapshot age must not be negative")
+    every = pick("every")
+    if every is not None and not 0 < float(every) < float("inf"):
+        raise ConfigError(f"every must be a positive number of seconds, not {every}")
     switch_mode = _enum(SwitchMode, pick("switch_mode", "switch"), "switch mode")
     reboot = pick("reboot_mode")
     return Settings(
@@ -204,6 +209,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         reboot_mode=_enum(RebootMode, reboot, "reboot mode") if reboot else None,
         max_snapshot_age=max_snapshot_age,
         track=bool(pick("track", False)),
+        every=None if every is None else float(every),
         force=bool(getattr(args, "force", False)),
         dry_run=bool(getattr(args, "dry_run", False)),
     )
