@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from harness import AgentResult, Host, Package, System, SystemSpec, error_lines, metric
 from test_closure import EXPECTED, NEW, OLD
+from test_resident import RARELY, resident
 
 pytestmark = pytest.mark.nix
 
@@ -114,6 +115,30 @@ def test_pending_changes_are_zero_when_current_is_upstream(host: Host) -> None:
     status = host.status()
     assert status.returncode == 0, status
     assert "upstream changes" not in status.stdout
+
+
+def test_resident_polls_compute_the_difference_only_when_a_system_moves(host: Host) -> None:
+    old, _ = versioned_update(host)  # a one-shot collect wrote diff.json
+    kept = (host.state_dir / "diff.json").read_bytes()
+    spawned = host.spawn_count(*NIX_TOOLS)
+    with resident(host, RARELY) as agent:
+        agent.next_message()
+        agent.poll()
+        assert host.spawn_count(*NIX_TOOLS) == spawned, "no-change polls run no Nix"
+        assert (host.state_dir / "diff.json").read_bytes() == kept
+        # Rewritten behind its back (by a one-shot or the actuator): read again, not kept.
+        (host.state_dir / "diff.json").write_text("{not json")
+        agent.poll()
+        assert json.loads((host.state_dir / "diff.json").read_bytes()) == json.loads(kept)
+        newer = host.build_one("newer", kernel="6.6.41", tag="24.05.3", packages=OLD)
+        host.publish(newer)
+        agent.poll()
+        returncode, stderr = agent.stop()
+    assert returncode == 0, stderr
+    assert "diff.json is corrupt" in stderr
+    upstream = host.read_json("diff.json")["upstream"]
+    assert (upstream["from"], upstream["to"]) == (old.path, newer.path)
+    assert metric(host.metrics(), "nixos_autodeploy_pending_changes", kind="upgraded") == 0
 
 
 def test_a_corrupt_diff_json_is_computed_afresh(host: Host) -> None:
