@@ -392,3 +392,21 @@ def test_readme_test_command_passes(fresh: FreshRun) -> None:
     summary = fresh.tests.output.strip().splitlines()[-1]
     assert re.search(r"\b\d+ passed\b", summary), summary
     assert not re.search(r"failed|error|skipped", summary), summary
+
+
+def test_a_failure_inside_the_chroot_leaves_no_mount(tmp_path: Path) -> None:
+    """What the fixture relies on: however the run ends, nothing stays mounted (the next
+    run, or a removal through a bind of /dev, would suffer)."""
+    require(os.geteuid() == 0, "mounting needs root")
+    root = tmp_path / "root"
+    for name in ("proc", "sys", "dev"):
+        (root / name).mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="a step failed"), mounted(root):
+        assert [path.name for path in mounts_below(root)][-1:] == ["root"]
+        assert (root / "dev" / "null").exists()
+        assert (root / "proc" / "self").exists()
+        raise RuntimeError("a step failed")
+    assert mounts_below(root) == []
+    remove_tree(root)
+    assert not root.exists()
+    assert Path("/dev/null").exists()
