@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness import require, run_checked
 
 pytestmark = pytest.mark.fresh
 
@@ -52,22 +53,6 @@ STEP_TIMEOUT_SECONDS = 2400
 SYSTEM_UIDS = (590000, 590999)
 # What setup.sh may change, compared across its second run (relative to the chroot).
 SETUP_TOUCHES = ("etc", "usr/sbin", "var/lib/dpkg", "var/lib/apt/lists", "nix", "var/empty")
-
-
-def require(condition: bool, message: str) -> None:
-    """A missing prerequisite fails in CI (which installs it) and skips elsewhere."""
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI provides it, so this is an error)")
-    pytest.skip(message)
-
-
-def run(argv: list[str], timeout: float = 600) -> str:
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {completed.returncode}:\n{completed.stderr}")
-    return completed.stdout
 
 
 def readme_commands() -> list[str]:
@@ -121,7 +106,7 @@ def unmount_below(root: Path) -> None:
 def remove_tree(root: Path) -> None:
     """Unmount first: removing through a bind of /dev would remove the machine's devices."""
     unmount_below(root)
-    run(["rm", "-rf", "--one-file-system", str(root)])
+    run_checked(["rm", "-rf", "--one-file-system", str(root)])
 
 
 def base_tarball() -> Path:
@@ -134,9 +119,10 @@ def base_tarball() -> Path:
     build = Path(tempfile.mkdtemp(prefix="build.", dir=CACHE))
     try:
         started = time.monotonic()
-        run(["debootstrap", *DEBOOTSTRAP, str(build / "root"), host_mirror()], timeout=1800)
-        run(["chroot", str(build / "root"), "apt-get", "clean"])
-        run(["tar", "--numeric-owner", "-C", str(build / "root"), "-cf", str(build / "t"), "."])
+        root = str(build / "root")
+        run_checked(["debootstrap", *DEBOOTSTRAP, root, host_mirror()], timeout=1800)
+        run_checked(["chroot", root, "apt-get", "clean"])
+        run_checked(["tar", "--numeric-owner", "-C", root, "-cf", str(build / "t"), "."])
         for stale in CACHE.glob("debootstrap-*.tar"):
             stale.unlink()
         (build / "t").rename(tarball)
@@ -177,7 +163,7 @@ def copy_in(root: Path, files: list[Path]) -> None:
 def copy_clone(root: Path) -> None:
     """The tracked files as the worktree has them: a clone (plus uncommitted edits),
     without .venv, .cache or anything else left by earlier runs."""
-    listed = run(["git", "-C", str(REPO), "ls-files", "-z"]).split("\0")
+    listed = run_checked(["git", "-C", str(REPO), "ls-files", "-z"]).split("\0")
     project = root / PROJECT.lstrip("/")
     for name in filter(None, listed):
         source = REPO / name
@@ -191,13 +177,13 @@ def mounted(root: Path) -> Iterator[None]:
     """/proc, /sys and /dev inside `root`; all unmounted on the way out, however it goes."""
     try:
         # Nix's sandbox makes "/" private: inside a chroot that needs "/" to be a mount.
-        run(["mount", "--bind", str(root), str(root)])
-        run(["mount", "--make-private", str(root)])
-        run(["mount", "-t", "proc", "proc", str(root / "proc")])
-        run(["mount", "-t", "sysfs", "sysfs", str(root / "sys")])
-        run(["mount", "--rbind", "/dev", str(root / "dev")])
+        run_checked(["mount", "--bind", str(root), str(root)])
+        run_checked(["mount", "--make-private", str(root)])
+        run_checked(["mount", "-t", "proc", "proc", str(root / "proc")])
+        run_checked(["mount", "-t", "sysfs", "sysfs", str(root / "sys")])
+        run_checked(["mount", "--rbind", "/dev", str(root / "dev")])
         # A slave: unmounting the copy must never unmount the machine's own /dev/pts.
-        run(["mount", "--make-rslave", str(root / "dev")])
+        run_checked(["mount", "--make-rslave", str(root / "dev")])
         yield
     finally:
         unmount_below(root)
@@ -293,7 +279,7 @@ def fresh() -> FreshRun:
     root = work / "root"
     try:
         root.mkdir()
-        run(["tar", "--numeric-owner", "-C", str(root), "-xf", str(tarball)])
+        run_checked(["tar", "--numeric-owner", "-C", str(root), "-xf", str(tarball)])
         copy_in(root, [Path("/etc/resolv.conf"), *registry_files()])
         copy_clone(root)
         with (root / "etc/login.defs").open("a") as defs:
