@@ -4,11 +4,13 @@ A clean clone on a machine that ran the suite before is not a bare machine (grou
 packages, caches hide missing install steps). So: debootstrap a minimal Debian 12 from
 the mirror apt's sources name (as the guest test does), cached in .cache/fresh/ as a
 tarball keyed by what built it; unpack it, copy in the repository's tracked files and
-what this machine was given for reaching the package registries (pip's machine-wide
-config files, the PIP_* variables and the files they name, such as a CA bundle, and
-resolv.conf), and nothing else: not the outer venv, /nix or nix.conf. Then, as root in a
-chroot with /proc, /sys and /dev mounted, run the README's first-screen commands word for
-word: the demo, then the test command limited to one real-Nix module.
+what this machine was given for reaching the package registries (resolv.conf, pip's
+machine-wide config files, the PIP_* variables and the files they name such as the CA
+bundle, the local CA certificates that bundle is made from), and nothing else: not the
+outer venv, /nix or nix.conf. Then, as root in a chroot with /proc, /sys and /dev mounted
+and a PID namespace of its own, run the README's first-screen commands word for word: the
+demo, then the test command limited to one real-Nix module. The chroot's system users get
+uids this machine does not use (see SYSTEM_UIDS); otherwise it is Debian as installed.
 """
 
 from __future__ import annotations
