@@ -10,7 +10,15 @@ from .host import (
     resolve_link,
     standalone_host,
 )
-from .nix import NixBuilder, SigningKey, System, SystemSpec, require_tool, run_checked
+from .nix import (
+    NixBuilder,
+    SigningKey,
+    System,
+    SystemSpec,
+    require,
+    require_tool,
+    run_checked,
+)
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "metric",
     "point_link",
     "read_link",
+    "require",
     "require_tool",
     "resolve_link",
     "run_checked",
