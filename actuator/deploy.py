@@ -22,12 +22,14 @@ from collector.state import (
     Activation,
     Deployed,
     forget_deployed,
+    load_deployed,
     pinned,
     read_links,
     save_deployed,
     track,
 )
 from collector.store import StorePath, path_of
+from collector.upstream import digest
 
 from . import journal
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
@@ -47,20 +49,24 @@ class ActuatorError(AutodeployError):
 
 def _current_snapshot(settings: Settings, deploys: Deploys) -> Snapshot:
     """The live facts, judged against the snapshot's upstream when that was fetched within
-    --max-snapshot-age and the links the actuator acts on (current, upstream) are still as
-    the snapshot saw them; otherwise collect first. A dry run never collects: it says so."""
+    --max-snapshot-age, from the URL asked for, and the links the actuator acts on
+    (current, upstream) are still as the snapshot saw them; otherwise collect first. A dry
+    run never collects: it says so."""
     paths = settings.paths
     snapshot = load_snapshot(paths)  # a corrupt one stops here, before anything changes
     if snapshot is not None:
         fetched_at = snapshot.upstream.fetched_at
         age = None if fetched_at is None else time.time() - fetched_at
-        live = assess(settings, snapshot.upstream, snapshot.duration_seconds, deploys)
+        live = assess(
+            settings, snapshot.upstream, snapshot.duration_seconds, deploys, snapshot.collected_at
+        )
         fresh = age is not None and 0 <= age <= settings.max_snapshot_age
         same = (live.links.current, live.links.upstream) == (
             snapshot.links.current,
             snapshot.links.upstream,
         )
-        if fresh and same and not snapshot.upstream.error:
+        asked = settings.url is None or snapshot.upstream.url_sha256 == digest(settings.url)
+        if fresh and same and asked and not snapshot.upstream.error:
             return live
         if settings.dry_run:
             log.warning("the snapshot is out of date; a real run would collect first")
@@ -297,6 +303,17 @@ def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> N
     log.info("deployed %s (%s)", system.name, activation.value)
 
 
+def _finish_unjournaled(paths: Paths) -> None:
+    """A record under way without an open journal (left by a version before the journal)
+    whose switch took effect: record it as done, as that version would have."""
+    deployed = load_deployed(paths)
+    if deployed is None or deployed.complete or read_links(paths).current != deployed.path:
+        return
+    save_deployed(paths, dataclasses.replace(deployed, complete=True))
+    _record_result(paths, deployed.path, deployed.mode, None)
+    _append_history(paths, {"event": "completed-interrupted-deploy", "path": deployed.path.path})
+
+
 def recover(paths: Paths) -> None:
     """Finish what an open journal left, before anything is decided anew: roll forward an
     activation that took effect, count and roll back a failure, undo a deploy cut short
@@ -304,6 +321,7 @@ def recover(paths: Paths) -> None:
     rollback that was cut short. A rollback that fails again stops the run here."""
     entry = journal.load(paths)
     if entry is None or not entry.open:
+        _finish_unjournaled(paths)
         return
     log.info(
         "the deploy of %s was interrupted (%s); finishing it", entry.path.name, entry.phase.value
@@ -353,6 +371,12 @@ def _reboot(settings: Settings, snapshot: Snapshot) -> None:
         raise
 
 
+def _say_interrupted(paths: Paths) -> None:
+    entry = journal.load(paths)
+    if entry is not None and entry.open:
+        print(f"first: would finish the interrupted deploy of {entry.path.name} ({entry.phase})")
+
+
 def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None:
     paths, upstream = settings.paths, snapshot.links.upstream
     commands: list[list[str]] = []
@@ -376,6 +400,8 @@ def deploy(settings: Settings) -> int:
         if not settings.dry_run:
             _wait_for_running_activation(paths)
             recover(paths)
+        else:
+            _say_interrupted(paths)
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
         decision = decide(
@@ -404,7 +430,9 @@ def deploy(settings: Settings) -> int:
                 _deploy(settings, snapshot, decision.activation)
         finally:
             # Whatever happened, what operators see must not lag behind what was done.
-            snapshot = observe(settings, snapshot.upstream, snapshot.duration_seconds)
+            snapshot = observe(
+                settings, snapshot.upstream, snapshot.duration_seconds, snapshot.collected_at
+            )
         if decision.action is Action.REBOOT or (
             decision.action is Action.DEPLOY and may_reboot(snapshot, settings.reboot_mode)
         ):

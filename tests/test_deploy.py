@@ -983,18 +983,14 @@ def test_a_passing_nix_failure_does_not_block_the_retry(host: Host) -> None:
     systems = host.build(SystemSpec("a"), SystemSpec("b"))
     a, b = systems["a"], systems["b"]
     tracking(host, a, b)
-    nix_env = host.bin_dir / "nix-env"
-    wrapper = nix_env.read_text()
-    nix_env.write_text(
-        "#!/bin/sh\necho 'error: writing to file: No space left on device' >&2\nexit 1\n"
-    )
+    wrapper = fail_nix_env(host)
     failed = deploy(host)
     assert failed.returncode == 1, failed
     assert "No space left on device" in error_lines(failed)[0]
     deploys = host.read_json("deploys.json")
     assert (deploys["last"]["result"], deploys["failed"]) == ("failure", {})
     assert_links(host, current=a, profile=a)
-    nix_env.write_text(wrapper)
+    (host.bin_dir / "nix-env").write_text(wrapper)
     assert deploy(host).returncode == 0
     assert_links(host, current=b, profile=b)
 
@@ -1318,3 +1314,120 @@ def test_upstream_b_then_a_then_b_again_retries_b(host: Host) -> None:
     assert_links(host, current=b, profile=b)
     assert_record(host, b, "switch", previous=a)
     assert host.read_json("deploys.json")["failed"] == {}, "a success forgets the failure"
+
+
+def test_deploy_with_another_url_fetches_it_first(host: Host) -> None:
+    """8: the snapshot's upstream came from another URL: collect the asked one first."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, a)
+    assert host.collect().returncode == 0
+    host.publish(b, "/other")
+    other = host.server.url("/other")
+    result = host.run_agent("deploy", "--url", other, "--prometheus-path", str(host.metrics_path))
+    assert result.returncode == 0, result
+    assert host.server.count("/other") == 1
+    assert_links(host, current=b, profile=b)
+    assert host.snapshot()["upstream"]["url"] == other
+
+
+def test_a_deploy_that_fetched_nothing_keeps_the_collect_time(host: Host) -> None:
+    """10: the timestamp (and the file's mtime) say when the collector last collected."""
+    a = host.build_one("a")
+    tracking(host, a, a)
+    assert host.collect().returncode == 0
+    collected_at = metric(host.metrics(), "nixos_autodeploy_last_collect_timestamp_seconds")
+    assert host.metrics_path.stat().st_mtime == pytest.approx(collected_at)
+    os.utime(host.metrics_path, (collected_at - 100, collected_at - 100))
+    host.server.reset_requests()
+    assert deploy(host).returncode == 0
+    assert host.server.count() == 0
+    text = host.metrics()
+    assert metric(text, "nixos_autodeploy_last_collect_timestamp_seconds") == collected_at
+    assert host.snapshot()["collected_at"] == collected_at
+    assert host.metrics_path.stat().st_mtime == pytest.approx(collected_at)
+
+
+def test_a_record_under_way_from_before_the_journal_is_completed(host: Host) -> None:
+    """A host upgraded from a version without the journal, killed after its switch: the
+    in-flight record alone says what happened."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    under_way = {
+        "version": 1,
+        "path": b.path,
+        "mode": "switch",
+        "previous": a.path,
+        "at": 1.0,
+        "reboot_issued_at": None,
+        "complete": False,
+    }
+    (host.state_dir / "deployed.json").write_text(json.dumps(under_way))
+    host.deploy_by_hand(b)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "completed-interrupted-deploy" in [e["event"] for e in history(host)]
+    assert_record(host, b, "switch", previous=a)
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_a_dry_run_says_it_would_finish_an_interrupted_deploy(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activating")
+    before, before_files = host.links(), state_files(host)
+    result = deploy(host, "--dry-run")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines()[0] == (
+        f"first: would finish the interrupted deploy of {b.basename} (activating)"
+    )
+    assert host.links() == before and state_files(host) == before_files
+
+
+def kill_agent_at_nix_call(host: Host, n: int, *, after: bool) -> None:
+    """The agent is killed (kill -9 of the caller) at its n-th run of nix-store or nix-env
+    from now on, before that command acts or, with after, once it has."""
+    counter = host.tmp / "nix-calls"
+    for tool in ("nix-store", "nix-env"):
+        wrapper = host.bin_dir / tool
+        shebang, _, rest = wrapper.read_text().partition("\n")
+        act = f"'{host.real_tools[tool]}' \"$@\"; " if after else ""
+        trap = (
+            f"count=$(( $(cat '{counter}' 2>/dev/null || echo 0) + 1 )); "
+            f"echo \"$count\" > '{counter}'\n"
+            f'if [ "$count" = {n} ]; then {act}kill -9 "$PPID"; exit 137; fi\n'
+        )
+        wrapper.write_text(f"{shebang}\n{trap}{rest}")
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails-late"])
+def test_killed_at_any_nix_call_the_next_runs_converge(
+    host: Host, fails: bool, n: int, after: bool
+) -> None:
+    """kill -9 around each Nix command a deploy runs (realise, profile, profile back), then
+    runs until nothing changes: the same end as an uninterrupted deploy, counted once."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    if fails:
+        host.fail_activation_late(b)
+    kill_agent_at_nix_call(host, n, after=after)
+    first = deploy(host)
+    calls = 3 if fails else 2  # realise b, profile to b (, profile back to a)
+    assert (first.returncode == -signal.SIGKILL) is (n <= calls), first
+    for _ in range(2):
+        deploy(host)
+    good = a if fails else b
+    assert_links(host, current=good, profile=good)
+    assert host.boot_default() == good.path
+    assert_record(host, good, "switch", previous=a)
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": int(not fails), "failure": int(fails)}
+    assert list(deploys["failed"]) == ([b.path] if fails else [])
+    assert not journal(host) or journal(host)["phase"] in ("done", "rolled-back")
+    assert host.snapshot()["dirty"] is False
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 0
