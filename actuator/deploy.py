@@ -214,9 +214,10 @@ def roll_back(paths: Paths, entry: Journal) -> Journal:
     return entry
 
 
-def _fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
-    """The failure is journaled and recorded before the rollback: should the rollback be
-    cut short, the next run knows both and finishes it."""
+def fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
+    """entry's deploy failed (its activation, or later a health check): journaled and
+    recorded before the rollback, so should the rollback be cut short the next run knows
+    both and finishes it. Returns the error to raise (it says if rolling back failed)."""
     entry = journal.advance(paths, entry, Phase.FAILED, message=message, blocks_retry=blocks_retry)
     _record_failure(paths, entry)
     return ActuatorError(message + _try_roll_back(paths, entry))
@@ -291,13 +292,13 @@ def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> N
         nix.set_profile(paths.profile, system)
     except AutodeployError as e:
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
-        raise _fail(paths, entry, message, blocks_retry=False) from None
+        raise fail(paths, entry, message, blocks_retry=False) from None
     entry = journal.advance(paths, entry, Phase.ACTIVATING, activation_started=True)
     try:
         run(switch_argv(paths, system, activation), stream_stderr=True)
     except AutodeployError as e:
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
-        raise _fail(paths, entry, message, blocks_retry=True) from None
+        raise fail(paths, entry, message, blocks_retry=True) from None
     entry = journal.advance(paths, entry, Phase.ACTIVATED)
     _complete(paths, entry)
     log.info("deployed %s (%s)", system.name, activation.value)

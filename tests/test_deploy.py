@@ -1431,3 +1431,33 @@ def test_killed_at_any_nix_call_the_next_runs_converge(
     assert not journal(host) or journal(host)["phase"] in ("done", "rolled-back")
     assert host.snapshot()["dirty"] is False
     assert metric(host.metrics(), "nixos_autodeploy_dirty") == 0
+
+
+def test_an_activation_that_outlives_its_killed_agent_is_rolled_forward(host: Host) -> None:
+    """As under systemd, where the activation runs in a unit of its own: the agent is
+    killed, its activation goes on and succeeds; the next run records it, once, without a
+    second activation."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    os.mkfifo(host.root / "slow-activation")
+    deploy_run = start_deploy(host)
+    try:
+        with held_activation(host, deploy_run):
+            os.kill(deploy_run.pid, signal.SIGKILL)  # the agent alone
+            deploy_run.wait()
+        give_up = time.monotonic() + 300  # a safety net, not an assertion
+        while host.current() != b.path:  # the orphaned activation finishing its switch
+            assert time.monotonic() < give_up, "the activation never finished"
+            time.sleep(0.05)
+    finally:
+        stop(deploy_run)
+    assert journal(host)["phase"] == "activating"
+    (host.root / "slow-activation").unlink()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "took effect; recorded it" in result.stderr
+    assert host.activations() == [("switch", b.path)]
+    assert_record(host, b, "switch", previous=a)
+    assert host.read_json("deploys.json")["totals"] == {"success": 1, "failure": 0}
+    assert host.snapshot()["state"] == "up-to-date"
