@@ -1461,3 +1461,25 @@ def test_an_activation_that_outlives_its_killed_agent_is_rolled_forward(host: Ho
     assert_record(host, b, "switch", previous=a)
     assert host.read_json("deploys.json")["totals"] == {"success": 1, "failure": 0}
     assert host.snapshot()["state"] == "up-to-date"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b'{"version": 2}', b'{"version": 1, "phase": "planned"}'],
+    ids=["truncated", "version", "fields"],
+)
+def test_a_corrupt_journal_is_one_error_line_and_changes_nothing(
+    host: Host, content: bytes
+) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    (host.state_dir / "journal.json").write_bytes(content)
+    before, before_files = host.links(), state_files(host)
+    result = deploy(host)
+    assert result.returncode == 1, result
+    assert len(result.stderr_lines) == 1, result
+    (line,) = error_lines(result)
+    assert "journal.json" in line and "remove it" in line
+    assert host.links() == before and state_files(host) == before_files
+    assert host.activations() == [] and host.server.count() == 0
