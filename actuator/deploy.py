@@ -265,7 +265,14 @@ def _before(paths: Paths, snapshot: Snapshot) -> Before:
     return Before(current=links.current, profile=links.profile, deployed=old)
 
 
-def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> None:
+def _deploy(
+    settings: Settings,
+    snapshot: Snapshot,
+    activation: Activation,
+    superseded: Journal | None = None,
+) -> None:
+    """superseded: a deploy cut short before its activation took effect; this one takes
+    its place, so what ran before that one is what a failure goes back to."""
     paths = settings.paths
     system = snapshot.links.upstream
     assert system is not None
@@ -283,8 +290,10 @@ def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> N
         )
         _record_result(paths, system, activation, message, blocks_retry=True)
         raise ActuatorError(message)
-    before = _before(paths, snapshot)
-    entry = journal.begin(paths, system, activation, before)
+    before = superseded.before if superseded else _before(paths, snapshot)
+    # A superseded activation may have touched the boot loader: a rollback must reset it.
+    touched = superseded is not None and superseded.activation_started
+    entry = journal.begin(paths, system, activation, before, activation_started=touched)
     # The in-flight record, for the collector: a deploy is under way (never dirty).
     save_deployed(paths, Deployed(system, activation, before.current, time.time(), complete=False))
     entry = journal.advance(paths, entry, Phase.PROFILE_SET)
@@ -315,18 +324,19 @@ def _finish_unjournaled(paths: Paths) -> None:
     _append_history(paths, {"event": "completed-interrupted-deploy", "path": deployed.path.path})
 
 
-def recover(paths: Paths) -> None:
+CUT_SHORT = frozenset({Phase.PLANNED, Phase.PROFILE_SET, Phase.ACTIVATING})
+
+
+def recover(paths: Paths) -> Journal | None:
     """Finish what an open journal left, before anything is decided anew: roll forward an
-    activation that took effect, count and roll back a failure, undo a deploy cut short
-    before its activation took effect (the gate then deploys it again), and finish a
-    rollback that was cut short. A rollback that fails again stops the run here."""
+    activation that took effect, count and roll back a failure, finish a rollback that was
+    cut short (one that fails again stops the run here). A deploy cut short before its
+    activation took effect is returned: the run's decision supersedes it (see deploy)."""
     entry = journal.load(paths)
     if entry is None or not entry.open:
         _finish_unjournaled(paths)
-        return
-    log.info(
-        "the deploy of %s was interrupted (%s); finishing it", entry.path.name, entry.phase.value
-    )
+        return None
+    log.info("the deploy of %s was interrupted (%s)", entry.path.name, entry.phase.value)
     _append_history(
         paths,
         {"event": "interrupted-deploy", "path": entry.path.path, "phase": entry.phase.value},
@@ -342,12 +352,19 @@ def recover(paths: Paths) -> None:
         _complete(paths, entry)
         _append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
         log.info("the deploy of %s took effect; recorded it", entry.path.name)
-    else:  # failed, cut short before the activation took effect, or while rolling back
-        if phase is Phase.FAILED:
-            _record_failure(paths, entry)
-        problem = _try_roll_back(paths, entry)
-        if problem:
-            raise ActuatorError(f"finishing the interrupted deploy of {entry.path.name}{problem}")
+        return None
+    if phase in CUT_SHORT:
+        return entry
+    if phase is Phase.FAILED:
+        _record_failure(paths, entry)
+    _undo(paths, entry)
+    return None
+
+
+def _undo(paths: Paths, entry: Journal) -> None:
+    problem = _try_roll_back(paths, entry)
+    if problem:
+        raise ActuatorError(f"finishing the interrupted deploy of {entry.path.name}{problem}")
 
 
 def _reboot(settings: Settings, snapshot: Snapshot) -> None:
@@ -398,9 +415,10 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
 def deploy(settings: Settings) -> int:
     paths = settings.paths
     with locked(paths.state_dir, wait=LOCK_WAIT):
+        cut_short = None
         if not settings.dry_run:
             _wait_for_running_activation(paths)
-            recover(paths)
+            cut_short = recover(paths)
         else:
             _say_interrupted(paths)
         deploys = load_deploys(paths)
@@ -422,13 +440,16 @@ def deploy(settings: Settings) -> int:
             },
         )
         try:
+            if cut_short is not None and decision.action is not Action.DEPLOY:
+                # Not deployed anew (by this decision): what ran before comes back.
+                _undo(paths, cut_short)
             if decision.action is Action.TRACK:
                 current = snapshot.links.current
                 assert current is not None
                 track(paths, current)
             elif decision.action is Action.DEPLOY:
                 assert decision.activation is not None
-                _deploy(settings, snapshot, decision.activation)
+                _deploy(settings, snapshot, decision.activation, cut_short)
         finally:
             # Whatever happened, what operators see must not lag behind what was done.
             snapshot = observe(

@@ -7,7 +7,8 @@ finishes it (see deploy.recover) before it decides anything anew.
 
     planned -> profile-set -> activating -> activated -> done
                    \\______________\\____________\\-> failed -> rolling-back -> rolled-back
-    (a run killed before its activation took effect: rolling-back, without `failed`)
+    (a run killed before its activation took effect is superseded by the next run's
+    deploy, which keeps its `before`; when that run deploys nothing: rolling-back)
 
 A later phase (a health check between activated and done, a trial boot) is a new member
 here and a line in deploy's recovery table.
@@ -162,8 +163,16 @@ def _write(paths: Paths, journal: Journal) -> Journal:
     return journal
 
 
-def begin(paths: Paths, path: StorePath, activation: Activation, before: Before) -> Journal:
-    """A new deploy, written before anything changes."""
+def begin(
+    paths: Paths,
+    path: StorePath,
+    activation: Activation,
+    before: Before,
+    *,
+    activation_started: bool = False,
+) -> Journal:
+    """A new deploy, written before anything changes (activation_started: one it replaces
+    may have touched the boot loader)."""
     journal = Journal(
         id=uuid.uuid4().hex,
         path=path,
@@ -171,6 +180,7 @@ def begin(paths: Paths, path: StorePath, activation: Activation, before: Before)
         before=before,
         phase=Phase.PLANNED,
         started_at=time.time(),
+        activation_started=activation_started,
     )
     return _write(paths, journal)
 

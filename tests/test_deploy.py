@@ -25,6 +25,7 @@ import pytest
 from harness import (
     AgentResult,
     Host,
+    Reply,
     System,
     SystemSpec,
     error_lines,
@@ -859,9 +860,7 @@ def test_sigkill_during_activation_then_the_next_run_converges(host: Host) -> No
     result = deploy(host)
     assert result.returncode == 0, result
     assert decisions(host)[-1] == ("deploy", "update-available")
-    # The activation never took effect: undone (a's `boot`, in case the boot loader had
-    # moved), then deployed anew.
-    assert host.activations() == [("boot", a.path), ("switch", b.path)]
+    assert host.activations() == [("switch", b.path)]
     assert_links(host, current=b, profile=b)
     assert_record(host, b, "switch", previous=a)
     assert host.snapshot()["dirty"] is False
@@ -1084,9 +1083,9 @@ def test_interrupted_boot_deploy_then_upstream_back_makes_current_the_next_boot(
 # phase -> the activations of the killed run and the next one, in order ("a"/"b": which
 # system). Failing phases deploy a b whose activation fails after its switch.
 RECOVERY: dict[Phase, list[tuple[str, str]]] = {
-    Phase.PLANNED: [("switch", "b")],  # nothing changed yet: undone, deployed anew
+    Phase.PLANNED: [("switch", "b")],  # nothing changed yet: deployed anew
     Phase.PROFILE_SET: [("switch", "b")],
-    Phase.ACTIVATING: [("boot", "a"), ("switch", "b")],  # may have touched the boot loader
+    Phase.ACTIVATING: [("switch", "b")],  # not taken effect: superseded by the next deploy
     Phase.ACTIVATED: [("switch", "b")],  # took effect: rolled forward
     Phase.DONE: [("switch", "b")],
     Phase.FAILED: [("switch", "b"), ("switch", "a")],  # counted, then rolled back
@@ -1483,3 +1482,24 @@ def test_a_corrupt_journal_is_one_error_line_and_changes_nothing(
     assert "journal.json" in line and "remove it" in line
     assert host.links() == before and state_files(host) == before_files
     assert host.activations() == [] and host.server.count() == 0
+
+
+def test_a_deploy_cut_short_and_not_deployed_anew_is_undone(host: Host) -> None:
+    """Killed before its activation took effect (which may have installed the boot loader
+    already), and the next run deploys nothing (upstream cannot be fetched): what ran
+    before comes back, the boot loader's default included."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activating")
+    point_link(host.boot_default_link, b.path)  # as NixOS's activation does first
+    host.server.route("/upstream", Reply(status=404))
+    result = deploy(host, "--max-snapshot-age", "0")
+    assert result.returncode == 0, result
+    assert "the last upstream fetch failed" in result.stderr
+    assert host.activations() == [("boot", a.path)]
+    assert_links(host, current=a, profile=a)
+    assert host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    assert journal(host)["phase"] == "rolled-back"
+    assert not (host.state_dir / "deploys.json").exists(), "an interruption is no result"
