@@ -272,6 +272,8 @@ def event_text(entry: dict[str, Any]) -> str:
     if event == "deploy" and "result" in e:
         text = f"{e['result']} ({e.get('mode', '?')}) {_basename(e.get('path', ''))}"
         return text + (f": {e['message']}" if e.get("message") else "")
+    if event == "rolled-back" and "path" in e:
+        return f"{_basename(e['path'])}, back to {_basename(e.get('to'))}"
     if event in ("reboot", "kexec", "completed-interrupted-deploy") and "path" in e:
         return _basename(e["path"])
     rest = {k: v for k, v in e.items() if k not in ("at", "event")}
@@ -283,6 +285,8 @@ def _event_style(entry: dict[str, Any]) -> str:
         return "red"
     if entry["event"] in ("reboot", "kexec"):
         return "magenta"
+    if entry["event"] == "rolled-back":
+        return "yellow"
     return "green" if entry.get("result") == "success" else ""
 
 

@@ -344,6 +344,7 @@ def test_log_after_deploys_a_failed_deploy_and_a_reboot(host: Host) -> None:
         ("deploy", "success"),
         ("decision", "deploy"),
         ("deploy", "failure"),
+        ("rolled-back", None),
         ("decision", "deploy"),
         ("deploy", "success"),
         ("reboot", None),
@@ -357,8 +358,9 @@ def test_log_after_deploys_a_failed_deploy_and_a_reboot(host: Host) -> None:
     assert [event for event, _ in rows] == [e["event"] for e in entries]
     assert rows[1][1].startswith("success (switch) " + systems["b"].basename)
     assert rows[3][1].startswith("failure (switch) " + systems["bad"].basename)
-    assert rows[5][1].startswith("success (boot) " + systems["c"].basename)
-    assert rows[6][1].strip() == systems["c"].basename
+    assert rows[4][1].strip() == f"{systems['bad'].basename}, back to {systems['b'].basename}"
+    assert rows[6][1].startswith("success (boot) " + systems["c"].basename)
+    assert rows[7][1].strip() == systems["c"].basename
     assert "a unit failed" in table.stdout
 
     last_two = json.loads(host.run_agent("log", "--json", "-n", "2").stdout)
