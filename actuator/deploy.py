@@ -166,7 +166,7 @@ def _record_result(
         "message": error or "",
     }
     failed = system if blocks_retry else None
-    save_deploys(paths, Deploys(last=last, totals=totals, failed_path=failed))
+    save_deploys(paths, dataclasses.replace(deploys, last=last, totals=totals, failed_path=failed))
     _append_history(paths, {"event": "deploy", **last})
 
 

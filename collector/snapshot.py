@@ -34,6 +34,31 @@ def _last_deploy(value: Any) -> dict[str, Any] | None:
     return value
 
 
+def _last_health(value: Any) -> dict[str, Any] | None:
+    """The last health checks' result, as actuator/health.py records it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
+        raise ValueError("last health check has no result")
+    float(value["at"])
+    if not isinstance(value.get("summary"), str) or not isinstance(value.get("checks"), list):
+        raise ValueError("last health check has no summary or checks")
+    return value
+
+
+def _last_rollback(value: Any) -> dict[str, Any] | None:
+    """The last rollback: from, to (store paths), at, ok, reason."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
+        raise ValueError("last rollback has no result")
+    StorePath.parse(value["from"])
+    float(value["at"])
+    if not isinstance(value.get("reason"), str):
+        raise ValueError("last rollback has no reason")
+    return value
+
+
 @dataclass(frozen=True)
 class Upstream:
     """What the last successful fetch said (upstream.json), plus the last error."""
@@ -77,6 +102,9 @@ class Deploys:
     last: dict[str, Any] | None = None  # at, path, mode, result, message
     totals: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
     failed_path: StorePath | None = None  # not retried until upstream changes
+    health: dict[str, Any] | None = None  # the last health checks (at, ok, summary, checks)
+    rollbacks: int = 0
+    last_rollback: dict[str, Any] | None = None  # at, from, to, ok, reason
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +112,9 @@ class Deploys:
             "last": self.last,
             "totals": self.totals,
             "failed_path": path_of(self.failed_path),
+            "health": self.health,
+            "rollbacks": self.rollbacks,
+            "last_rollback": self.last_rollback,
         }
 
 
@@ -97,6 +128,8 @@ class Snapshot:
     state: State
     reboot_required: bool
     last_deploy: dict[str, Any] | None = None
+    last_health: dict[str, Any] | None = None
+    last_rollback: dict[str, Any] | None = None
 
     @property
     def dirty(self) -> bool:
@@ -117,6 +150,8 @@ class Snapshot:
             "dirty": self.dirty,
             "reboot_required": self.reboot_required,
             "last_deploy": self.last_deploy,
+            "last_health": self.last_health,
+            "last_rollback": self.last_rollback,
         }
 
 
@@ -157,6 +192,9 @@ def load_deploys(paths: Paths) -> Deploys:
             last=_last_deploy(data["last"]),
             totals=totals,
             failed_path=_path(data["failed_path"]),
+            health=_last_health(data.get("health")),
+            rollbacks=int(data.get("rollbacks", 0)),
+            last_rollback=_last_rollback(data.get("last_rollback")),
         )
     except (StateError, KeyError, TypeError, ValueError, AttributeError) as e:
         log.warning("warning: deploy results %s are corrupt (%s); starting them afresh", source, e)
@@ -192,6 +230,8 @@ def load_snapshot(paths: Paths) -> Snapshot | None:
             state=State(data["state"]),
             reboot_required=bool(data["reboot_required"]),
             last_deploy=_last_deploy(data.get("last_deploy")),
+            last_health=_last_health(data.get("last_health")),
+            last_rollback=_last_rollback(data.get("last_rollback")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StateError(f"snapshot {source} is corrupt: {e}") from None

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .snapshot import Snapshot
@@ -40,6 +41,8 @@ def as_json(s: Snapshot) -> dict[str, Any]:
         "collected_at": s.collected_at,
         "upstream_fetched_at": s.upstream.fetched_at,
         "last_deploy": s.last_deploy,
+        "last_health": s.last_health,
+        "last_rollback": s.last_rollback,
     }
 
 
@@ -54,6 +57,29 @@ def _age(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {s % 60}s"
     return f"{s}s"
+
+
+def _when(at: float) -> str:
+    return (
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) + f" ({_age(time.time() - at)} ago)"
+    )
+
+
+def _health_facts(s: Snapshot) -> list[str]:
+    facts = []
+    if s.last_health:
+        h = s.last_health
+        result = "[green]passed[/green]" if h["ok"] else "[red]failed[/red]"
+        facts.append(
+            f"last health check: {result} {_age(time.time() - h['at'])} ago: {escape(h['summary'])}"
+        )
+    if s.last_rollback:
+        r = s.last_rollback
+        moved = f"rolled back from {r['from']} at {_when(r['at'])}"
+        if not r["ok"]:
+            moved = f"[bold red]rolling back failed[/bold red] ({moved})"
+        facts.append(f"{moved}: {escape(r['reason'])}")
+    return facts
 
 
 def render(s: Snapshot, console: Console) -> None:
@@ -96,6 +122,7 @@ def render(s: Snapshot, console: Console) -> None:
             f"last deploy: {result} ({d.get('mode')}) {_age(time.time() - d['at'])} ago"
             + (f": {d['message']}" if d.get("message") else "")
         )
+    facts += _health_facts(s)
     for fact in facts:
         console.print(fact, highlight=False)
 
