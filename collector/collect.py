@@ -101,7 +101,7 @@ def assess(
         # known upstream still says where the host stands.
         links = dataclasses.replace(links, upstream=upstream_record.path)
     deployed = load_deployed(paths)
-    state = classify(links, deployed, deploys.failed_path)
+    state = classify(links, deployed, deploys.failed)
     return Snapshot(
         collected_at=time.time(),
         duration_seconds=duration,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,23 +96,45 @@ class Upstream:
         )
 
 
+FAILED_MAX = 32  # remembered failed systems; the oldest go first
+
+
 @dataclass(frozen=True)
 class Deploys:
     """The actuator's results (deploys.json), exported by the collector."""
 
-    last: dict[str, Any] | None = None  # at, path, mode, result, message
+    last: dict[str, Any] | None = None  # id, at, path, mode, result, message
     totals: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
-    failed_path: StorePath | None = None  # not retried until upstream changes
+    # Systems that failed under the agent (activation, not a NixOS system), by when. Kept
+    # per path, so a failure of something else (Nix, the disk) never erases one.
+    failed: dict[StorePath, float] = field(default_factory=dict)
     health: dict[str, Any] | None = None  # the last health checks (at, ok, summary, checks)
     rollbacks: int = 0
     last_rollback: dict[str, Any] | None = None  # at, from, to, ok, reason
+
+    def blocks(self, path: StorePath, upstream_changed_at: float | None) -> bool:
+        """Whether path failed since upstream last changed: not retried until it changes
+        again (b -> a -> b is a change: someone re-published b, so it is tried again)."""
+        at = self.failed.get(path)
+        return at is not None and (upstream_changed_at is None or at >= upstream_changed_at)
+
+    def with_result(self, last: dict[str, Any], failed: StorePath | None) -> Deploys:
+        """These results plus one more deploy: a success forgets that its system failed
+        before; a failure of the system itself (failed) is remembered."""
+        totals = dict(self.totals)
+        totals[last["result"]] = totals.get(last["result"], 0) + 1
+        remembered = {p: at for p, at in self.failed.items() if p.path != last["path"]}
+        if failed is not None:
+            remembered[failed] = last["at"]
+        newest = sorted(remembered.items(), key=lambda item: item[1])[-FAILED_MAX:]
+        return dataclasses.replace(self, last=last, totals=totals, failed=dict(newest))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": VERSION,
             "last": self.last,
             "totals": self.totals,
-            "failed_path": path_of(self.failed_path),
+            "failed": {p.path: at for p, at in self.failed.items()},
             "health": self.health,
             "rollbacks": self.rollbacks,
             "last_rollback": self.last_rollback,
@@ -188,10 +211,15 @@ def load_deploys(paths: Paths) -> Deploys:
         if data is None:
             return Deploys()
         totals = {k: int(v) for k, v in data["totals"].items()}
+        last = _last_deploy(data["last"])
+        failed = {StorePath.parse(p): float(at) for p, at in data.get("failed", {}).items()}
+        legacy = _path(data.get("failed_path"))  # before per-path memory: one slot
+        if legacy is not None and legacy not in failed:
+            failed[legacy] = float(last["at"]) if last and last["path"] == legacy.path else 0.0
         return Deploys(
-            last=_last_deploy(data["last"]),
+            last=last,
             totals=totals,
-            failed_path=_path(data["failed_path"]),
+            failed=failed,
             health=_last_health(data.get("health")),
             rollbacks=int(data.get("rollbacks", 0)),
             last_rollback=_last_rollback(data.get("last_rollback")),

@@ -34,6 +34,11 @@ def booted_into(path: StorePath, previous: StorePath) -> Deployed:
     return Deployed(path=path, mode=Activation.BOOT, previous=previous, at=0.0)
 
 
+def rebooted(path: StorePath, previous: StorePath) -> Deployed:
+    """A switch-mode deploy after which the agent issued its one reboot."""
+    return Deployed(path, Activation.SWITCH, previous, at=0.0, reboot_issued_at=1.0)
+
+
 def under_way(path: StorePath, previous: StorePath, mode: Activation) -> Deployed:
     """The record a deploy writes before it changes anything."""
     return Deployed(path=path, mode=mode, previous=previous, at=0.0, complete=False)
@@ -68,6 +73,11 @@ CASES = [
     pytest.param(
         A, A, under_way(B, A, SWITCH), A, State.UPDATE_AVAILABLE, id="killed-upstream-back"
     ),
+    # A switch-mode deploy the agent rebooted for came back on the old generation (the boot
+    # menu picked it): waits, as after a boot-mode deploy; not dirty.
+    pytest.param(A, B, rebooted(B, A), B, State.PENDING_REBOOT, id="switch-rebooted-came-back"),
+    pytest.param(A, B, rebooted(B, A), C, State.UPDATE_AVAILABLE, id="came-back-upstream-moved"),
+    pytest.param(A, A, rebooted(B, A), B, State.DIRTY, id="came-back-rolled-back-by-hand"),
     # A completed deploy rolled back by hand is the operator's: dirty.
     pytest.param(A, A, Deployed(B, SWITCH, A, 0.0), B, State.DIRTY, id="rolled-back-by-hand"),
 ]
@@ -164,7 +174,7 @@ def test_resolve_link_follows_profile_chains_under_root(tmp_path: Path) -> None:
 def test_a_system_left_running_by_a_failed_activation_is_not_dirty() -> None:
     # b's activation failed half way (current moved), the record went back to a.
     links = Links(current=B, booted=A, profile=A, upstream=B)
-    assert classify(links, switched(A), failed=B) is State.UNTRACKED  # the gate holds off
+    assert classify(links, switched(A), failed={B}) is State.UNTRACKED  # the gate holds off
     moved_on = Links(current=B, booted=A, profile=A, upstream=C)
-    assert classify(moved_on, switched(A), failed=B) is State.UPDATE_AVAILABLE
-    assert classify(moved_on, switched(A), failed=None) is State.DIRTY
+    assert classify(moved_on, switched(A), failed={C, B}) is State.UPDATE_AVAILABLE
+    assert classify(moved_on, switched(A), failed=()) is State.DIRTY
