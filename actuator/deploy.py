@@ -29,7 +29,7 @@ from collector.state import (
 )
 from collector.store import StorePath, path_of
 
-from . import journal
+from . import health, journal
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 from .journal import Before, Journal, Phase
 
@@ -205,7 +205,29 @@ def roll_back(paths: Paths, entry: Journal) -> Journal:
         run(switch_argv(paths, target, Activation.BOOT), stream_stderr=True)
     entry = journal.advance(paths, entry, Phase.ROLLED_BACK)
     _append_history(paths, {"event": "rolled-back", "path": entry.path.path, "to": path_of(target)})
+    _record_rollback(paths, entry, None)
     return entry
+
+
+def _record_rollback(paths: Paths, entry: Journal, error: str | None) -> None:
+    """Counted once per deploy, and only when the system itself failed (its activation,
+    its health checks): a deploy merely cut short is undone, not rolled back from."""
+    if not entry.blocks_retry:
+        return
+    deploys = load_deploys(paths)
+    earlier = deploys.last_rollback
+    again = earlier is not None and earlier.get("id") == entry.id
+    reason = entry.message + (f"; rolling back failed: {error}" if error else "")
+    last = {
+        "id": entry.id,
+        "at": time.time(),
+        "from": entry.path.path,
+        "to": path_of(entry.fallback),
+        "ok": error is None,
+        "reason": reason,
+    }
+    count = deploys.rollbacks + (0 if again else 1)
+    save_deploys(paths, dataclasses.replace(deploys, rollbacks=count, last_rollback=last))
 
 
 def _fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
@@ -233,6 +255,7 @@ def _try_roll_back(paths: Paths, entry: Journal) -> str:
         roll_back(paths, entry)
     except AutodeployError as e:
         _append_history(paths, {"event": "rollback-failed", "message": str(e)})
+        _record_rollback(paths, entry, str(e))
         return f"; rolling back failed too (the next run tries again): {e}"
     return ""
 
@@ -242,6 +265,32 @@ def _complete(paths: Paths, entry: Journal) -> None:
     save_deployed(paths, Deployed(entry.path, entry.activation, entry.before.current, time.time()))
     _record_result(paths, entry.path, entry.activation, None, deploy_id=entry.id)
     journal.advance(paths, entry, Phase.DONE)
+
+
+def _confirm(settings: Settings, entry: Journal) -> None:
+    """An activation that took effect stays only when the switched system passes its
+    health checks (a boot-mode deploy is checked after its boot); failing, it is rolled
+    back and not retried until upstream changes."""
+    paths = settings.paths
+    if entry.activation is Activation.SWITCH and health.checks_for(settings):
+        entry = journal.advance(paths, entry, Phase.CHECKING)
+        result = health.run_checks(settings)
+        _record_health(paths, entry.path, result)
+        if not result.ok:
+            message = f"{entry.path.name} failed its health checks: {result.summary}"
+            raise _fail(paths, entry, message, blocks_retry=True)
+    _complete(paths, entry)
+
+
+def _record_health(paths: Paths, system: StorePath, result: health.HealthResult) -> None:
+    deploys = load_deploys(paths)
+    save_deploys(
+        paths, dataclasses.replace(deploys, health={**result.to_json(), "path": system.path})
+    )
+    _append_history(
+        paths,
+        {"event": "health", "path": system.path, "ok": result.ok, "summary": result.summary},
+    )
 
 
 def _before(paths: Paths, snapshot: Snapshot) -> Before:
@@ -293,15 +342,16 @@ def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> N
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
         raise _fail(paths, entry, message, blocks_retry=True) from None
     entry = journal.advance(paths, entry, Phase.ACTIVATED)
-    _complete(paths, entry)
+    _confirm(settings, entry)
     log.info("deployed %s (%s)", system.name, activation.value)
 
 
-def recover(paths: Paths) -> None:
+def recover(settings: Settings) -> None:
     """Finish what an open journal left, before anything is decided anew: roll forward an
     activation that took effect, count and roll back a failure, undo a deploy cut short
     before its activation took effect (the gate then deploys it again), and finish a
     rollback that was cut short. A rollback that fails again stops the run here."""
+    paths = settings.paths
     entry = journal.load(paths)
     if entry is None or not entry.open:
         return
@@ -319,8 +369,9 @@ def recover(paths: Paths) -> None:
         and read_links(paths).current == entry.path
     ):
         phase = Phase.ACTIVATED  # the switch took effect
-    if phase is Phase.ACTIVATED:
-        _complete(paths, entry)
+    if phase in (Phase.ACTIVATED, Phase.CHECKING):
+        # Took effect; a switched system is checked (again) before it stays.
+        _confirm(settings, entry)
         _append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
         log.info("the deploy of %s took effect; recorded it", entry.path.name)
     else:  # failed, cut short before the activation took effect, or while rolling back
@@ -375,7 +426,7 @@ def deploy(settings: Settings) -> int:
     with locked(paths.state_dir, wait=LOCK_WAIT):
         if not settings.dry_run:
             _wait_for_running_activation(paths)
-            recover(paths)
+            recover(settings)
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
         decision = decide(

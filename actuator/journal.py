@@ -5,12 +5,14 @@ its phase. Each phase is written (atomically) before the step it names takes eff
 run killed anywhere leaves a journal whose phase says what may have happened; the next run
 finishes it (see deploy.recover) before it decides anything anew.
 
-    planned -> profile-set -> activating -> activated -> done
-                   \\______________\\____________\\-> failed -> rolling-back -> rolled-back
+    planned -> profile-set -> activating -> activated [-> checking] -> done
+                   \\______________\\____________\\_____________\\-> failed -> rolling-back
+                                                                         -> rolled-back
     (a run killed before its activation took effect: rolling-back, without `failed`)
 
-A later phase (a health check between activated and done, a trial boot) is a new member
-here and a line in deploy's recovery table.
+`checking`: a switched system's health checks (actuator/health.py); failing, the deploy
+fails and is rolled back. A later phase (a trial boot) is a new member here and a line in
+deploy's recovery table.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class Phase(StrEnum):
     PLANNED = "planned"  # nothing changed yet; next: the in-flight record
     PROFILE_SET = "profile-set"  # next: `nix-env --set` (may have happened)
     ACTIVATING = "activating"  # next: switch-to-configuration (may have taken effect)
-    ACTIVATED = "activated"  # the activation succeeded; next: the record, the result
+    ACTIVATED = "activated"  # the activation succeeded; next: the checks, the record
+    CHECKING = "checking"  # the health checks of a switched system run (again, if cut short)
     DONE = "done"
     FAILED = "failed"  # the deploy failed; next: the result, then the rollback
     ROLLING_BACK = "rolling-back"  # next: record, profile and activation go back

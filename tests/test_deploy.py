@@ -1092,6 +1092,7 @@ RECOVERY: dict[Phase, list[tuple[str, str]]] = {
     Phase.PROFILE_SET: [("switch", "b")],
     Phase.ACTIVATING: [("boot", "a"), ("switch", "b")],  # may have touched the boot loader
     Phase.ACTIVATED: [("switch", "b")],  # took effect: rolled forward
+    Phase.CHECKING: [("switch", "b")],  # checked again, passing
     Phase.DONE: [("switch", "b")],
     Phase.FAILED: [("switch", "b"), ("switch", "a")],  # counted, then rolled back
     Phase.ROLLING_BACK: [("switch", "b"), ("switch", "a")],
