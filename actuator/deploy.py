@@ -421,12 +421,24 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         print("would run: " + shlex.join(argv))
 
 
+def _show_what_was_done(settings: Settings) -> None:
+    """After a recovery that failed (its checks, its rollback): the snapshot and metrics
+    follow what it did, against the last known upstream."""
+    snapshot = load_snapshot(settings.paths)
+    if snapshot is not None:
+        observe(settings, snapshot.upstream, snapshot.duration_seconds)
+
+
 def deploy(settings: Settings) -> int:
     paths = settings.paths
     with locked(paths.state_dir, wait=LOCK_WAIT):
         if not settings.dry_run:
             _wait_for_running_activation(paths)
-            recover(settings)
+            try:
+                recover(settings)
+            except AutodeployError:
+                _show_what_was_done(settings)
+                raise
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
         decision = decide(

@@ -314,10 +314,11 @@ def test_tracking_and_new_upstream_deploys(host: Host) -> None:
     assert host.recorded("systemctl") == [] and host.recorded("kexec") == []
     # One history line per decision and per action.
     events = history(host)
-    assert [e["event"] for e in events] == ["decision", "deploy"]
+    assert [e["event"] for e in events] == ["decision", "health", "deploy"]
     assert (events[0]["action"], events[0]["state"]) == ("deploy", "update-available")
     assert b.basename in events[0]["reason"]
-    assert {k: events[1][k] for k in ("path", "mode", "result", "message")} == {
+    assert (events[1]["path"], events[1]["ok"]) == (b.path, True)
+    assert {k: events[2][k] for k in ("path", "mode", "result", "message")} == {
         "path": b.path,
         "mode": "switch",
         "result": "success",
@@ -689,7 +690,10 @@ def test_fresh_snapshot_is_used_and_a_stale_one_is_collected_again(host: Host) -
     path.write_text(json.dumps(snapshot))
     stale = deploy(host, "--max-snapshot-age", "600")
     assert stale.returncode == 0, stale
-    assert host.server.count("/upstream") == 1, "a stale snapshot is collected again first"
+    # One fetch to collect first, one by the health check after the switch (upstream still
+    # reachable from the new system).
+    assert host.server.count("/upstream") == 2, "a stale snapshot is collected again first"
+    assert host.read_json("deploys.json")["health"]["checks"][0]["name"] == "upstream"
     assert decisions(host)[-1] == ("deploy", "update-available")
     assert host.activations() == [("switch", b.path)]
     assert_record(host, b, "switch", previous=a)

@@ -5,7 +5,9 @@ clock and the pause between rounds are injected so no test waits for the retry i
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import select
 import sys
 from collections.abc import Iterator
@@ -16,8 +18,9 @@ import pytest
 from harness import Reply, TestServer
 
 from actuator import health
-from collector.config import HealthSettings, Paths, Settings
-from collector.errors import ProcessError
+from collector.cli import build_parser, main
+from collector.config import HealthSettings, Paths, Settings, settings_from
+from collector.errors import ConfigError, ProcessError
 from collector.process import OUTPUT_KEEP, run_bounded
 
 STORE_PATH = "/nix/store/" + "a" * 32 + "-nixos-system-test"
@@ -99,12 +102,13 @@ def test_run_bounded_kills_a_hang_and_everything_it_started(tmp_path: Path) -> N
 
 
 def test_run_bounded_keeps_only_the_end_of_a_flood() -> None:
-    result = run_bounded(
-        ["sh", "-c", "yes flood | head -c 20000000; echo; echo the end"], timeout=60
-    )
+    flood = f"{sys.executable} -c \"import sys; sys.stdout.write('flood\\n' * 4_000_000)\""
+    result = run_bounded(["sh", "-c", f"{flood}; echo the end"], timeout=60)
     assert not result.timed_out and result.returncode == 0
     assert len(result.stdout.encode()) <= OUTPUT_KEEP
-    assert result.stdout.rstrip().endswith("the end")
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "the end" and set(lines[1:-1]) == {"flood"}
+    assert len(lines) > 1000
 
 
 def test_run_bounded_reports_exit_status_and_both_streams() -> None:
@@ -147,7 +151,7 @@ def test_command_check(root: Path, command: str, ok: bool, last_line: str | None
 
 def test_failing_output_is_kept_as_its_last_lines(root: Path) -> None:
     clock = FakeClock()
-    command = "for i in $(seq 1 100000); do echo line $i; done; exit 1"
+    command = "awk 'BEGIN { for (i = 1; i <= 100000; i++) print \"line \" i; exit 1 }'"
     result = health.run_checks(
         settings_for(root, timeout=1, commands=(command,)), clock=clock, sleep=clock.sleep
     )
@@ -337,3 +341,83 @@ def test_result_json_round_trip_fields(root: Path) -> None:
     assert data["ok"] is True and data["attempts"] == 1
     assert data["summary"] == "all 1 checks passed"
     assert data["checks"] == [{"name": "echo hi", "ok": True, "output": ["hi"]}]
+
+
+# ---- options: flags, config file, bad input -------------------------------------------
+
+
+def parsed(tmp_path: Path, *flags: str, file: dict[str, object] | None = None) -> HealthSettings:
+    argv = ["deploy", "--state-dir", str(tmp_path / "state"), *flags]
+    if file is not None:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(file))
+        argv += ["--config", str(config)]
+    return settings_from(build_parser().parse_args(argv)).health
+
+
+@pytest.mark.parametrize(
+    ("flags", "file", "expected"),
+    [
+        ((), None, HealthSettings()),
+        (
+            ("--health-check", "true", "--health-check", "curl -f x", "--health-unit", "a"),
+            None,
+            HealthSettings(commands=("true", "curl -f x"), units=("a",)),
+        ),
+        (
+            ("--health-url", "http://127.0.0.1/h", "--health-ignore-unit", "x*"),
+            {"health_timeout": 30},
+            HealthSettings(urls=("http://127.0.0.1/h",), ignore_units=("x*",), timeout=30.0),
+        ),
+        (
+            ("--health-timeout", "9"),
+            {"health_timeout": 30, "health_commands": ["file"], "health_units": ["u"]},
+            HealthSettings(commands=("file",), units=("u",), timeout=9.0),
+        ),
+        (
+            ("--health-check", "flag"),
+            {"health_commands": ["file"], "health_ignore_units": ["i"], "health_urls": []},
+            HealthSettings(commands=("flag",), ignore_units=("i",)),
+        ),
+        (("--no-health-checks",), {"health_checks": True}, HealthSettings(enabled=False)),
+        ((), {"health_checks": False}, HealthSettings(enabled=False)),
+    ],
+)
+def test_health_options_from_flags_and_the_config_file(
+    tmp_path: Path,
+    flags: tuple[str, ...],
+    file: dict[str, object] | None,
+    expected: HealthSettings,
+) -> None:
+    assert parsed(tmp_path, *flags, file=file) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "file", "message"),
+    [
+        (("--health-timeout", "0"), None, "health timeout must be positive"),
+        (("--health-url", "ftp://x/y"), None, "health URL 'ftp://x/y' is not an http"),
+        (("--health-url", "127.0.0.1/health"), None, "is not an http or https URL"),
+        (("--health-check", " "), None, "health commands must be a list of non-empty strings"),
+        ((), {"health_units": "nginx"}, "health_units has the wrong type"),
+        ((), {"health_urls": [1]}, "health URLs must be a list of non-empty strings"),
+        ((), {"health_checks": "no"}, "health_checks has the wrong type"),
+        ((), {"health_check": ["true"]}, "unknown key 'health_check'"),
+    ],
+)
+def test_bad_health_options_are_one_error_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: tuple[str, ...],
+    file: dict[str, object] | None,
+    message: str,
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parsed(tmp_path, *flags, file=file)
+    argv = ["deploy", "--state-dir", str(tmp_path / "state"), "--url", "http://127.0.0.1:9/"]
+    if file is not None:
+        argv += ["--config", str(tmp_path / "config.json")]
+    assert main([*argv, *flags]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "state").exists()

@@ -31,7 +31,7 @@ import pytest
 from harness import require_tool
 
 from collector.cli import build_parser
-from collector.config import RebootMode, Settings, SwitchMode, settings_from
+from collector.config import HealthSettings, RebootMode, Settings, SwitchMode, settings_from
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
@@ -40,6 +40,7 @@ SKIP_DIRS = {".git", ".venv", ".cache", "node_modules", "result"}
 
 COLLECTOR = "nixos-autodeploy-collector"
 ACTUATOR = "nixos-autodeploy"
+BOOT = "nixos-autodeploy-boot"  # the actuator once at boot: confirms a trial boot
 # What systemd substitutes for %d (the unit's credentials directory).
 CREDENTIALS_DIR = "/run/credentials/unit.service"
 
@@ -300,7 +301,7 @@ def test_options_are_documented_and_keep_the_original_names(evaluate: Evaluate) 
 def test_units_and_timers(evaluate: Evaluate) -> None:
     (record,) = evaluate(BASE)
     assert record["failedAssertions"] == []
-    assert set(record["services"]) == {COLLECTOR, ACTUATOR}
+    assert set(record["services"]) == {COLLECTOR, ACTUATOR, BOOT}
     assert set(record["timers"]) == {COLLECTOR, ACTUATOR}
     for timer in record["timers"].values():
         assert timer["wantedBy"] == ["timers.target"]
@@ -426,6 +427,52 @@ def test_actuator_unit_carries_modes_and_extra_args(evaluate: Evaluate) -> None:
         "FixedRandomDelay": True,
         "Persistent": True,
     }
+
+
+@pytest.mark.nix
+def test_health_checks_reach_the_actuator_and_its_run_at_boot(evaluate: Evaluate) -> None:
+    commands = ["curl -f http://127.0.0.1/healthz", "test -e /run/ok"]
+    health: dict[str, Any] = {
+        "commands": commands,
+        "urls": ["http://127.0.0.1:8080/health"],
+        "units": ["nginx.service"],
+        "ignoreUnits": ["flaky@*"],
+        "timeout": 120,
+        "path": ["/run/current-system/sw"],
+    }
+    (record, off) = evaluate(
+        BASE | {"healthChecks": health}, BASE | {"healthChecks": {"enable": False}}
+    )
+    assert record["failedAssertions"] == []
+    expected = HealthSettings(
+        commands=tuple(commands),
+        urls=("http://127.0.0.1:8080/health",),
+        units=("nginx.service",),
+        ignore_units=("flaky@*",),
+        timeout=120.0,
+    )
+    actuator, boot = record["services"][ACTUATOR], record["services"][BOOT]
+    for service in (actuator, boot):
+        settings = program_settings(exec_argv(service["serviceConfig"]["ExecStart"]))
+        assert settings.health == expected
+        assert service["path"] == health["path"]
+    assert boot["serviceConfig"]["ExecStart"] == actuator["serviceConfig"]["ExecStart"]
+    # Once per boot, after multi-user.target; Type=exec so that the boot is finished
+    # while it runs (its systemd check waits for that), never restarted by a switch.
+    assert boot["wantedBy"] == ["multi-user.target"]
+    assert "multi-user.target" in boot["after"]
+    assert boot["serviceConfig"]["Type"] == "exec"
+    assert boot["restartIfChanged"] is False
+    assert BOOT not in record["timers"]
+    off_settings = program_settings(
+        exec_argv(off["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+    assert off_settings.health == HealthSettings(enabled=False)
+    (default,) = evaluate(BASE)
+    default_settings = program_settings(
+        exec_argv(default["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+    assert default_settings.health == HealthSettings()
 
 
 @pytest.mark.nix
@@ -567,6 +614,10 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
         ),
         ({"extraHeaders": {"X Host": "web1"}}, "system.autoDeploy.extraHeaders must map"),
         ({"extraHeaders": {"X-Host": "a\r\nX-Evil: 1"}}, "system.autoDeploy.extraHeaders must"),
+        (
+            {"healthChecks": {"urls": ["127.0.0.1/health"]}},
+            "system.autoDeploy.healthChecks.urls must be http:// or https:// URLs",
+        ),
     ],
 )
 def test_assertions_explain_what_is_wrong(
@@ -584,6 +635,7 @@ def test_assertions_explain_what_is_wrong(
         ({"switchMode": "now"}, "system.autoDeploy.switchMode"),
         ({"rebootMode": "poweroff"}, "system.autoDeploy.rebootMode"),
         ({"timeout": 0}, "system.autoDeploy.timeout"),
+        ({"healthChecks": {"timeout": 0}}, "system.autoDeploy.healthChecks.timeout"),
     ],
 )
 def test_invalid_values_are_rejected(
