@@ -22,6 +22,7 @@ from collector.state import (
     Activation,
     Deployed,
     forget_deployed,
+    load_deployed,
     pinned,
     read_links,
     save_deployed,
@@ -29,7 +30,7 @@ from collector.state import (
 )
 from collector.store import StorePath, path_of
 
-from . import health, journal
+from . import health, journal, trial
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 from .journal import Before, Journal, Phase
 
@@ -39,6 +40,7 @@ LOCK_WAIT = 600.0  # a collect (fetch + realise) is bounded by its own deadline
 SWITCH_UNIT = "nixos-autodeploy-switch-to-configuration"
 ACTIVATION_WAIT = 3600.0  # a slow activation; far longer means something hangs
 HISTORY_MAX = 1 << 20
+PANIC_SECONDS = 30  # the kernel's own reset after a panic (kexec)
 
 
 class ActuatorError(AutodeployError):
@@ -121,13 +123,15 @@ def reboot_argvs(settings: Settings, system: StorePath) -> list[list[str]]:
             "--load",
             os.path.join(system.path, "kernel"),
             f"--initrd={os.path.join(system.path, 'initrd')}",
-            f"--append={params} init={os.path.join(system.path, 'init')}",
+            # panic=: a kernel that never reaches userspace resets into the boot loader's
+            # default, which a trial boot has left on the old system.
+            f"--append={params} init={os.path.join(system.path, 'init')} panic={PANIC_SECONDS}",
         ],
         ["systemctl", "kexec"],
     ]
 
 
-def _append_history(paths: Paths, entry: dict[str, Any]) -> None:
+def append_history(paths: Paths, entry: dict[str, Any]) -> None:
     """One JSON line per decision and action; past 1 MiB the older half is dropped."""
     path = paths.state("history.jsonl")
     line = json.dumps({"at": time.time(), **entry}, sort_keys=True) + "\n"
@@ -169,7 +173,7 @@ def _record_result(
     if deploy_id is not None:
         last["id"] = deploy_id
     save_deploys(paths, deploys.with_result(last, system if blocks_retry else None))
-    _append_history(paths, {"event": "deploy", **last})
+    append_history(paths, {"event": "deploy", **last})
 
 
 def roll_back(paths: Paths, entry: Journal) -> Journal:
@@ -195,6 +199,7 @@ def roll_back(paths: Paths, entry: Journal) -> Journal:
     running = before.current
     if (
         entry.activation_started
+        and entry.trial is None  # a failed trial boot is left by a reboot, not a switch
         and links.current == entry.path
         and running not in (None, entry.path)
     ):
@@ -204,7 +209,7 @@ def roll_back(paths: Paths, entry: Journal) -> Journal:
     if entry.activation_started and target is not None and not booted_target:
         run(switch_argv(paths, target, Activation.BOOT), stream_stderr=True)
     entry = journal.advance(paths, entry, Phase.ROLLED_BACK)
-    _append_history(paths, {"event": "rolled-back", "path": entry.path.path, "to": path_of(target)})
+    append_history(paths, {"event": "rolled-back", "path": entry.path.path, "to": path_of(target)})
     _record_rollback(paths, entry, None)
     return entry
 
@@ -230,7 +235,7 @@ def _record_rollback(paths: Paths, entry: Journal, error: str | None) -> None:
     save_deploys(paths, dataclasses.replace(deploys, rollbacks=count, last_rollback=last))
 
 
-def _fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
+def fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
     """The failure is journaled and recorded before the rollback: should the rollback be
     cut short, the next run knows both and finishes it."""
     entry = journal.advance(paths, entry, Phase.FAILED, message=message, blocks_retry=blocks_retry)
@@ -254,15 +259,19 @@ def _try_roll_back(paths: Paths, entry: Journal) -> str:
     try:
         roll_back(paths, entry)
     except AutodeployError as e:
-        _append_history(paths, {"event": "rollback-failed", "message": str(e)})
+        append_history(paths, {"event": "rollback-failed", "message": str(e)})
         _record_rollback(paths, entry, str(e))
         return f"; rolling back failed too (the next run tries again): {e}"
     return ""
 
 
-def _complete(paths: Paths, entry: Journal) -> None:
-    """The activation succeeded: the record says so, the result is counted, done."""
-    save_deployed(paths, Deployed(entry.path, entry.activation, entry.before.current, time.time()))
+def complete(paths: Paths, entry: Journal) -> None:
+    """The activation succeeded: the record says so, the result is counted, done. A reboot
+    already issued for it stays recorded: it is the one reboot of this deploy."""
+    record = load_deployed(paths)
+    rebooted = record.reboot_issued_at if record and record.path == entry.path else None
+    done = Deployed(entry.path, entry.activation, entry.before.current, time.time(), rebooted)
+    save_deployed(paths, done)
     _record_result(paths, entry.path, entry.activation, None, deploy_id=entry.id)
     journal.advance(paths, entry, Phase.DONE)
 
@@ -275,19 +284,19 @@ def _confirm(settings: Settings, entry: Journal) -> None:
     if entry.activation is Activation.SWITCH and health.checks_for(settings):
         entry = journal.advance(paths, entry, Phase.CHECKING)
         result = health.run_checks(settings)
-        _record_health(paths, entry.path, result)
+        record_health(paths, entry.path, result)
         if not result.ok:
             message = f"{entry.path.name} failed its health checks: {result.summary}"
-            raise _fail(paths, entry, message, blocks_retry=True)
-    _complete(paths, entry)
+            raise fail(paths, entry, message, blocks_retry=True)
+    complete(paths, entry)
 
 
-def _record_health(paths: Paths, system: StorePath, result: health.HealthResult) -> None:
+def record_health(paths: Paths, system: StorePath, result: health.HealthResult) -> None:
     deploys = load_deploys(paths)
     save_deploys(
         paths, dataclasses.replace(deploys, health={**result.to_json(), "path": system.path})
     )
-    _append_history(
+    append_history(
         paths,
         {"event": "health", "path": system.path, "ok": result.ok, "summary": result.summary},
     )
@@ -326,22 +335,29 @@ def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> N
         _record_result(paths, system, activation, message, blocks_retry=True)
         raise ActuatorError(message)
     before = _before(paths, snapshot)
-    entry = journal.begin(paths, system, activation, before)
+    tried = trial.kind(settings, activation)
+    entry = journal.begin(paths, system, activation, before, trial=tried)
     # The in-flight record, for the collector: a deploy is under way (never dirty).
     save_deployed(paths, Deployed(system, activation, before.current, time.time(), complete=False))
+    if tried == RebootMode.KEXEC.value:
+        trial.boot(settings, entry)  # profile and boot default change after its checks
+        return
     entry = journal.advance(paths, entry, Phase.PROFILE_SET)
     try:
         nix.set_profile(paths.profile, system)
     except AutodeployError as e:
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
-        raise _fail(paths, entry, message, blocks_retry=False) from None
+        raise fail(paths, entry, message, blocks_retry=False) from None
     entry = journal.advance(paths, entry, Phase.ACTIVATING, activation_started=True)
     try:
         run(switch_argv(paths, system, activation), stream_stderr=True)
     except AutodeployError as e:
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
-        raise _fail(paths, entry, message, blocks_retry=True) from None
+        raise fail(paths, entry, message, blocks_retry=True) from None
     entry = journal.advance(paths, entry, Phase.ACTIVATED)
+    if tried is not None:
+        trial.boot(settings, entry)  # confirmed by the run after the boot
+        return
     _confirm(settings, entry)
     log.info("deployed %s (%s)", system.name, activation.value)
 
@@ -355,10 +371,13 @@ def recover(settings: Settings) -> None:
     entry = journal.load(paths)
     if entry is None or not entry.open:
         return
+    if entry.trial is not None and entry.phase in trial.PHASES:
+        trial.finish(settings, entry)  # not interrupted: this is the run after its boot
+        return
     log.info(
         "the deploy of %s was interrupted (%s); finishing it", entry.path.name, entry.phase.value
     )
-    _append_history(
+    append_history(
         paths,
         {"event": "interrupted-deploy", "path": entry.path.path, "phase": entry.phase.value},
     )
@@ -369,10 +388,12 @@ def recover(settings: Settings) -> None:
         and read_links(paths).current == entry.path
     ):
         phase = Phase.ACTIVATED  # the switch took effect
-    if phase in (Phase.ACTIVATED, Phase.CHECKING):
+    if phase is Phase.ACTIVATED and entry.trial is not None:
+        trial.boot(settings, entry)  # cut short before its reboot: it goes on
+    elif phase in (Phase.ACTIVATED, Phase.CHECKING):
         # Took effect; a switched system is checked (again) before it stays.
         _confirm(settings, entry)
-        _append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
+        append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
         log.info("the deploy of %s took effect; recorded it", entry.path.name)
     else:  # failed, cut short before the activation took effect, or while rolling back
         if phase is Phase.FAILED:
@@ -380,6 +401,8 @@ def recover(settings: Settings) -> None:
         problem = _try_roll_back(paths, entry)
         if problem:
             raise ActuatorError(f"finishing the interrupted deploy of {entry.path.name}{problem}")
+        if entry.trial is not None and entry.blocks_retry:
+            trial.reboot_back(settings, journal.load(paths) or entry)
 
 
 def _reboot(settings: Settings, snapshot: Snapshot) -> None:
@@ -392,7 +415,7 @@ def _reboot(settings: Settings, snapshot: Snapshot) -> None:
     # Recorded before the reboot: a machine that comes back still waiting is not rebooted again.
     rebooting = dataclasses.replace(deployed, reboot_issued_at=time.time())
     save_deployed(settings.paths, rebooting)
-    _append_history(settings.paths, {"event": settings.reboot_mode, "path": deployed.path.path})
+    append_history(settings.paths, {"event": settings.reboot_mode, "path": deployed.path.path})
     report(settings, dataclasses.replace(snapshot, deployed=rebooting), deploys)
     log.info("rebooting (%s) into %s", settings.reboot_mode, deployed.path.name)
     try:
@@ -412,6 +435,8 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
             ["nix-env", "--profile", paths.profile, "--set", upstream.path],
             switch_argv(paths, upstream, decision.activation),
         ]
+        if trial.kind(settings, decision.activation) == RebootMode.KEXEC.value:
+            commands = []  # the profile and the boot loader follow once it passes its checks
         if leaves_reboot_required(decision.activation, snapshot.links.booted, upstream):
             commands += reboot_argvs(settings, upstream)
     elif decision.action is Action.REBOOT and snapshot.deployed is not None:
@@ -448,7 +473,7 @@ def deploy(settings: Settings) -> int:
             _dry_run(settings, snapshot, decision)
             return 0
         log.info("%s: %s", decision.action.value, decision.reason)
-        _append_history(
+        append_history(
             paths,
             {
                 "event": "decision",

@@ -11,8 +11,9 @@ finishes it (see deploy.recover) before it decides anything anew.
     (a run killed before its activation took effect: rolling-back, without `failed`)
 
 `checking`: a switched system's health checks (actuator/health.py); failing, the deploy
-fails and is rolled back. A later phase (a trial boot) is a new member here and a line in
-deploy's recovery table.
+fails and is rolled back. A trial boot (actuator/trial.py) goes on from `booting` (kexec:
+straight from `planned`; reboot: after its `activated`) to the run after the boot, which
+checks, then confirms (`done`) or fails and rolls back, then `rebooting-back` once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Phase(StrEnum):
     ACTIVATING = "activating"  # next: switch-to-configuration (may have taken effect)
     ACTIVATED = "activated"  # the activation succeeded; next: the checks, the record
     CHECKING = "checking"  # the health checks of a switched system run (again, if cut short)
+    BOOTING = "booting"  # a trial boot: next the reboot or kexec; then the run after the boot
+    REBOOTING_BACK = "rebooting-back"  # a failed trial, rolled back: next its one reboot
     DONE = "done"
     FAILED = "failed"  # the deploy failed; next: the result, then the rollback
     ROLLING_BACK = "rolling-back"  # next: record, profile and activation go back
@@ -56,6 +59,12 @@ FINISHED = frozenset({Phase.DONE, Phase.ROLLED_BACK})
 
 def _path(value: Any) -> StorePath | None:
     return None if value is None else StorePath.parse(value)
+
+
+def _trial(value: Any) -> str | None:
+    if value not in (None, "kexec", "reboot"):
+        raise ValueError(f"unknown trial {value!r}")
+    return str(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,7 @@ class Journal:
     activation_started: bool = False  # switch-to-configuration may have touched the host
     blocks_retry: bool = False  # the system itself failed: not retried until upstream changes
     message: str = ""  # why it failed
+    trial: str | None = None  # a trial boot by "kexec" or "reboot" (actuator/trial.py)
 
     @property
     def open(self) -> bool:
@@ -124,6 +134,7 @@ class Journal:
             "activation_started": self.activation_started,
             "blocks_retry": self.blocks_retry,
             "message": self.message,
+            "trial": self.trial,
         }
 
     @classmethod
@@ -141,6 +152,7 @@ class Journal:
                 activation_started=bool(data["activation_started"]),
                 blocks_retry=bool(data["blocks_retry"]),
                 message=str(data["message"]),
+                trial=_trial(data.get("trial")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
@@ -165,7 +177,13 @@ def _write(paths: Paths, journal: Journal) -> Journal:
     return journal
 
 
-def begin(paths: Paths, path: StorePath, activation: Activation, before: Before) -> Journal:
+def begin(
+    paths: Paths,
+    path: StorePath,
+    activation: Activation,
+    before: Before,
+    trial: str | None = None,
+) -> Journal:
     """A new deploy, written before anything changes."""
     journal = Journal(
         id=uuid.uuid4().hex,
@@ -174,6 +192,7 @@ def begin(paths: Paths, path: StorePath, activation: Activation, before: Before)
         before=before,
         phase=Phase.PLANNED,
         started_at=time.time(),
+        trial=trial,
     )
     return _write(paths, journal)
 
