@@ -79,6 +79,24 @@ let
 
   health = cfg.healthChecks;
 
+  # What the actuator's two units share.
+  actuatorService = type: {
+    # It may be running the very activation that changes it: never restart or
+    # stop it from switch-to-configuration.
+    restartIfChanged = false;
+    unitConfig.X-StopOnRemoval = false;
+    environment = config.networking.proxy.envVars;
+    path = health.path; # for the health check commands
+    # Not sandboxed: it sets the system profile and runs switch-to-configuration
+    # (through systemd-run), reboots and kexecs.
+    serviceConfig = {
+      Type = type;
+      ExecStart = actuatorCommand;
+      StateDirectory = "nixos-autodeploy";
+    }
+    // credentialConfig;
+  };
+
   collectorConfigFile = settingsFormat.generate "nixos-autodeploy-collector.json" collectorSettings;
   actuatorConfigFile = settingsFormat.generate "nixos-autodeploy-actuator.json" actuatorSettings;
 
@@ -495,7 +513,7 @@ in
     }
 
     (mkIf cfg.actuator.enable {
-      systemd.services.nixos-autodeploy = {
+      systemd.services.nixos-autodeploy = actuatorService "oneshot" // {
         description = "NixOS auto-deployment actuator: deploy the upstream system when safe";
         # Starting the actuator refreshes the snapshot first; a failed collection
         # does not block it (the actuator re-checks what it acts on).
@@ -507,27 +525,13 @@ in
           "network-online.target"
           collectorUnit
         ];
-        # It may be running the very activation that changes it: never restart or
-        # stop it from switch-to-configuration.
-        restartIfChanged = false;
-        unitConfig.X-StopOnRemoval = false;
-        environment = config.networking.proxy.envVars;
-        path = health.path;
-        # Not sandboxed: it sets the system profile and runs switch-to-configuration
-        # (through systemd-run), reboots and kexecs.
-        serviceConfig = {
-          Type = "oneshot";
-          ExecStart = actuatorCommand;
-          StateDirectory = "nixos-autodeploy";
-        }
-        // credentialConfig;
       };
 
       # Once per boot, after multi-user.target: the actuator confirms (or rolls back) a
       # system on its trial boot before anything else, then goes on as on its timer.
       # Type=exec, so the boot is finished while it runs: its systemd check waits for
       # the end of the boot (`is-system-running --wait`), which a oneshot would hold up.
-      systemd.services.nixos-autodeploy-boot = {
+      systemd.services.nixos-autodeploy-boot = actuatorService "exec" // {
         description = "NixOS auto-deployment actuator, once at boot: confirm a trial boot";
         wantedBy = [ "multi-user.target" ];
         after = [
@@ -535,16 +539,6 @@ in
           "network-online.target"
         ];
         wants = [ "network-online.target" ];
-        restartIfChanged = false;
-        unitConfig.X-StopOnRemoval = false;
-        environment = config.networking.proxy.envVars;
-        path = health.path;
-        serviceConfig = {
-          Type = "exec";
-          ExecStart = actuatorCommand;
-          StateDirectory = "nixos-autodeploy";
-        }
-        // credentialConfig;
       };
 
       systemd.timers.nixos-autodeploy = {
