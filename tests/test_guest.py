@@ -43,7 +43,7 @@ REPORT_PREFIX = "AUTODEPLOY-GUEST "
 SANDBOX_PATHS = "/bin /usr /lib /lib64"
 NIX_COMMAND = ("--extra-experimental-features", "nix-command")
 # The whole guest session (all boots, health checks and trial boots included).
-GUEST_TIMEOUT_SECONDS = 1200
+GUEST_TIMEOUT_SECONDS = 1800
 SYSTEM_NAMES = (
     "initial",
     "switched",

@@ -89,7 +89,7 @@ in {
   broken = mkSystem {
     tag = "broken";
     kernel = "a";
-    onSwitch = "systemd-run --unit=autodeploy-guest-broken --service-type=exec /nonexistent/daemon || true";
+    onSwitch = "systemd-run --unit=autodeploy-guest-broken --service-type=oneshot /bin/false || true";
   };
   # Never reaches userspace: its root device does not exist, so the initramfs gives up
   # and (with the agent's panic=) resets the machine.
