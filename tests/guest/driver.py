@@ -40,6 +40,7 @@ SYSTEMS: dict[str, str] = CONFIG["systems"]
 
 def report(event: str, **facts: object) -> None:
     """One JSON line on ttyS1 (the console on ttyS0 carries everything else)."""
+    facts = {"at": time.time(), **facts}  # the guest's clock: for the scenarios' wall times
     line = REPORT_PREFIX + json.dumps({"event": event, **facts}, sort_keys=True) + "\n"
     fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
     try:
