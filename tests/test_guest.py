@@ -312,6 +312,12 @@ def test_activation_survives_restart_of_agent_unit(guest: GuestRun) -> None:
     assert restart["status"]["dirty"] is False
 
 
+def failures(event: dict[str, Any]) -> float:
+    counter = 'nixos_autodeploy_deployments_total{result="failure"} '
+    (line,) = [line for line in event["metrics"] if line.startswith(counter)]
+    return float(line.removeprefix(counter))
+
+
 def test_restarted_agent_records_no_failure_for_running_activation(guest: GuestRun) -> None:
     """The restarted agent finds the activation still running in its unit: that is
     not a failed deploy (it would alert, and block the path until upstream changes)."""
@@ -319,7 +325,8 @@ def test_restarted_agent_records_no_failure_for_running_activation(guest: GuestR
     restart = guest.event("restart")
     assert restart["restart_rc"] == 0, "the restarted agent's unit failed"
     assert restart["status"]["last_deploy"]["result"] == "success"
-    assert 'nixos_autodeploy_deployments_total{result="failure"} 0.0' in restart["metrics"]
+    # No more failures than the broken system's rolled-back deploy before it.
+    assert failures(restart) == failures(guest.event("broken")) == 1
 
 
 def test_smart_kexec_boots_new_kernel(guest: GuestRun) -> None:
