@@ -29,6 +29,7 @@ from collector.state import (
     track,
 )
 from collector.store import StorePath, path_of
+from collector.upstream import digest
 
 from . import health, journal, trial
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
@@ -49,20 +50,24 @@ class ActuatorError(AutodeployError):
 
 def _current_snapshot(settings: Settings, deploys: Deploys) -> Snapshot:
     """The live facts, judged against the snapshot's upstream when that was fetched within
-    --max-snapshot-age and the links the actuator acts on (current, upstream) are still as
-    the snapshot saw them; otherwise collect first. A dry run never collects: it says so."""
+    --max-snapshot-age, from the URL asked for, and the links the actuator acts on
+    (current, upstream) are still as the snapshot saw them; otherwise collect first. A dry
+    run never collects: it says so."""
     paths = settings.paths
     snapshot = load_snapshot(paths)  # a corrupt one stops here, before anything changes
     if snapshot is not None:
         fetched_at = snapshot.upstream.fetched_at
         age = None if fetched_at is None else time.time() - fetched_at
-        live = assess(settings, snapshot.upstream, snapshot.duration_seconds, deploys)
+        live = assess(
+            settings, snapshot.upstream, snapshot.duration_seconds, deploys, snapshot.collected_at
+        )
         fresh = age is not None and 0 <= age <= settings.max_snapshot_age
         same = (live.links.current, live.links.upstream) == (
             snapshot.links.current,
             snapshot.links.upstream,
         )
-        if fresh and same and not snapshot.upstream.error:
+        asked = settings.url is None or snapshot.upstream.url_sha256 == digest(settings.url)
+        if fresh and same and asked and not snapshot.upstream.error:
             return live
         if settings.dry_run:
             log.warning("the snapshot is out of date; a real run would collect first")
@@ -236,8 +241,9 @@ def _record_rollback(paths: Paths, entry: Journal, error: str | None) -> None:
 
 
 def fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
-    """The failure is journaled and recorded before the rollback: should the rollback be
-    cut short, the next run knows both and finishes it."""
+    """entry's deploy failed (its activation, or later a health check): journaled and
+    recorded before the rollback, so should the rollback be cut short the next run knows
+    both and finishes it. Returns the error to raise (it says if rolling back failed)."""
     entry = journal.advance(paths, entry, Phase.FAILED, message=message, blocks_retry=blocks_retry)
     _record_failure(paths, entry)
     return ActuatorError(message + _try_roll_back(paths, entry))
@@ -316,7 +322,14 @@ def _before(paths: Paths, snapshot: Snapshot) -> Before:
     return Before(current=links.current, profile=links.profile, deployed=old)
 
 
-def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> None:
+def _deploy(
+    settings: Settings,
+    snapshot: Snapshot,
+    activation: Activation,
+    superseded: Journal | None = None,
+) -> None:
+    """superseded: a deploy cut short before its activation took effect; this one takes
+    its place, so what ran before that one is what a failure goes back to."""
     paths = settings.paths
     system = snapshot.links.upstream
     assert system is not None
@@ -334,9 +347,13 @@ def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> N
         )
         _record_result(paths, system, activation, message, blocks_retry=True)
         raise ActuatorError(message)
-    before = _before(paths, snapshot)
+    before = superseded.before if superseded else _before(paths, snapshot)
+    # A superseded activation may have touched the boot loader: a rollback must reset it.
+    touched = superseded is not None and superseded.activation_started
     tried = trial.kind(settings, activation)
-    entry = journal.begin(paths, system, activation, before, trial=tried)
+    entry = journal.begin(
+        paths, system, activation, before, trial=tried, activation_started=touched
+    )
     # The in-flight record, for the collector: a deploy is under way (never dirty).
     save_deployed(paths, Deployed(system, activation, before.current, time.time(), complete=False))
     if tried == RebootMode.KEXEC.value:
@@ -362,21 +379,34 @@ def _deploy(settings: Settings, snapshot: Snapshot, activation: Activation) -> N
     log.info("deployed %s (%s)", system.name, activation.value)
 
 
-def recover(settings: Settings) -> None:
+def _finish_unjournaled(paths: Paths) -> None:
+    """A record under way without an open journal (left by a version before the journal)
+    whose switch took effect: record it as done, as that version would have."""
+    deployed = load_deployed(paths)
+    if deployed is None or deployed.complete or read_links(paths).current != deployed.path:
+        return
+    save_deployed(paths, dataclasses.replace(deployed, complete=True))
+    _record_result(paths, deployed.path, deployed.mode, None)
+    append_history(paths, {"event": "completed-interrupted-deploy", "path": deployed.path.path})
+
+
+CUT_SHORT = frozenset({Phase.PLANNED, Phase.PROFILE_SET, Phase.ACTIVATING})
+
+
+def recover(settings: Settings) -> Journal | None:
     """Finish what an open journal left, before anything is decided anew: roll forward an
-    activation that took effect, count and roll back a failure, undo a deploy cut short
-    before its activation took effect (the gate then deploys it again), and finish a
-    rollback that was cut short. A rollback that fails again stops the run here."""
+    activation that took effect, count and roll back a failure, finish a rollback that was
+    cut short (one that fails again stops the run here). A deploy cut short before its
+    activation took effect is returned: the run's decision supersedes it (see deploy)."""
     paths = settings.paths
     entry = journal.load(paths)
     if entry is None or not entry.open:
-        return
+        _finish_unjournaled(paths)
+        return None
     if entry.trial is not None and entry.phase in trial.PHASES:
         trial.finish(settings, entry)  # not interrupted: this is the run after its boot
-        return
-    log.info(
-        "the deploy of %s was interrupted (%s); finishing it", entry.path.name, entry.phase.value
-    )
+        return None
+    log.info("the deploy of %s was interrupted (%s)", entry.path.name, entry.phase.value)
     append_history(
         paths,
         {"event": "interrupted-deploy", "path": entry.path.path, "phase": entry.phase.value},
@@ -390,19 +420,27 @@ def recover(settings: Settings) -> None:
         phase = Phase.ACTIVATED  # the switch took effect
     if phase is Phase.ACTIVATED and entry.trial is not None:
         trial.boot(settings, entry)  # cut short before its reboot: it goes on
-    elif phase in (Phase.ACTIVATED, Phase.CHECKING):
+        return None
+    if phase in (Phase.ACTIVATED, Phase.CHECKING):
         # Took effect; a switched system is checked (again) before it stays.
         _confirm(settings, entry)
         append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
         log.info("the deploy of %s took effect; recorded it", entry.path.name)
-    else:  # failed, cut short before the activation took effect, or while rolling back
-        if phase is Phase.FAILED:
-            _record_failure(paths, entry)
-        problem = _try_roll_back(paths, entry)
-        if problem:
-            raise ActuatorError(f"finishing the interrupted deploy of {entry.path.name}{problem}")
-        if entry.trial is not None and entry.blocks_retry:
-            trial.reboot_back(settings, journal.load(paths) or entry)
+        return None
+    if phase in CUT_SHORT:
+        return entry
+    if phase is Phase.FAILED:
+        _record_failure(paths, entry)
+    _undo(paths, entry)
+    if entry.trial is not None and entry.blocks_retry:
+        trial.reboot_back(settings, journal.load(paths) or entry)
+    return None
+
+
+def _undo(paths: Paths, entry: Journal) -> None:
+    problem = _try_roll_back(paths, entry)
+    if problem:
+        raise ActuatorError(f"finishing the interrupted deploy of {entry.path.name}{problem}")
 
 
 def _reboot(settings: Settings, snapshot: Snapshot) -> None:
@@ -425,6 +463,12 @@ def _reboot(settings: Settings, snapshot: Snapshot) -> None:
         save_deployed(settings.paths, deployed)
         report(settings, snapshot, deploys)
         raise
+
+
+def _say_interrupted(paths: Paths) -> None:
+    entry = journal.load(paths)
+    if entry is not None and entry.open:
+        print(f"first: would finish the interrupted deploy of {entry.path.name} ({entry.phase})")
 
 
 def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None:
@@ -457,13 +501,16 @@ def _show_what_was_done(settings: Settings) -> None:
 def deploy(settings: Settings) -> int:
     paths = settings.paths
     with locked(paths.state_dir, wait=LOCK_WAIT):
+        cut_short = None
         if not settings.dry_run:
             _wait_for_running_activation(paths)
             try:
-                recover(settings)
+                cut_short = recover(settings)
             except AutodeployError:
                 _show_what_was_done(settings)
                 raise
+        else:
+            _say_interrupted(paths)
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
         decision = decide(
@@ -483,16 +530,21 @@ def deploy(settings: Settings) -> int:
             },
         )
         try:
+            if cut_short is not None and decision.action is not Action.DEPLOY:
+                # Not deployed anew (by this decision): what ran before comes back.
+                _undo(paths, cut_short)
             if decision.action is Action.TRACK:
                 current = snapshot.links.current
                 assert current is not None
                 track(paths, current)
             elif decision.action is Action.DEPLOY:
                 assert decision.activation is not None
-                _deploy(settings, snapshot, decision.activation)
+                _deploy(settings, snapshot, decision.activation, cut_short)
         finally:
             # Whatever happened, what operators see must not lag behind what was done.
-            snapshot = observe(settings, snapshot.upstream, snapshot.duration_seconds)
+            snapshot = observe(
+                settings, snapshot.upstream, snapshot.duration_seconds, snapshot.collected_at
+            )
         if decision.action is Action.REBOOT or (
             decision.action is Action.DEPLOY and may_reboot(snapshot, settings.reboot_mode)
         ):

@@ -8,7 +8,8 @@ finishes it (see deploy.recover) before it decides anything anew.
     planned -> profile-set -> activating -> activated [-> checking] -> done
                    \\______________\\____________\\_____________\\-> failed -> rolling-back
                                                                          -> rolled-back
-    (a run killed before its activation took effect: rolling-back, without `failed`)
+    (a run killed before its activation took effect is superseded by the next run's
+    deploy, which keeps its `before`; when that run deploys nothing: rolling-back)
 
 `checking`: a switched system's health checks (actuator/health.py); failing, the deploy
 fails and is rolled back. A trial boot (actuator/trial.py) goes on from `booting` (kexec:
@@ -183,8 +184,11 @@ def begin(
     activation: Activation,
     before: Before,
     trial: str | None = None,
+    *,
+    activation_started: bool = False,
 ) -> Journal:
-    """A new deploy, written before anything changes."""
+    """A new deploy, written before anything changes (activation_started: one it replaces
+    may have touched the boot loader)."""
     journal = Journal(
         id=uuid.uuid4().hex,
         path=path,
@@ -193,6 +197,7 @@ def begin(
         phase=Phase.PLANNED,
         started_at=time.time(),
         trial=trial,
+        activation_started=activation_started,
     )
     return _write(paths, journal)
 

@@ -43,10 +43,11 @@ def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) ->
     if (
         known is not None
         and known.path is not None
-        and known.url == upstream.shown(settings.url)
+        and known.url_sha256 == upstream.digest(settings.url)
+        and known.validated_sha256 is not None
         and (known.etag or known.last_modified)
     ):
-        validators = upstream.Validators(known.etag, known.last_modified)
+        validators = upstream.Validators(known.etag, known.last_modified, known.validated_sha256)
     fetched = upstream.fetch(settings, validators)
     path = fetched.path or (known.path if known else None)
     assert path is not None  # fetch accepts a 304 only in answer to our validators
@@ -63,6 +64,8 @@ def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) ->
         last_modified=fetched.last_modified,
         fetched_at=now,
         changed_at=known.changed_at if known is not None and not changed else now,
+        url_sha256=upstream.digest(settings.url),
+        validated_sha256=fetched.url,
     )
     # On the no-change path only fetched_at moved; the snapshot carries that.
     if known is None or dataclasses.replace(known, fetched_at=now, error=None) != record:
@@ -91,9 +94,15 @@ def _last_fetched_at(settings: Settings, known: Upstream) -> float | None:
 
 
 def assess(
-    settings: Settings, upstream_record: Upstream, duration: float, deploys: Deploys
+    settings: Settings,
+    upstream_record: Upstream,
+    duration: float,
+    deploys: Deploys,
+    collected_at: float | None = None,
 ) -> Snapshot:
-    """The live facts, classified; writes nothing."""
+    """The live facts, classified; writes nothing. collected_at: when the collect these
+    facts refresh ran (default now): the actuator's refresh is not a collect, and the
+    stale-collector alert must still see a dead collector timer."""
     paths = settings.paths
     links = read_links(paths)
     if links.upstream is None:
@@ -103,7 +112,7 @@ def assess(
     deployed = load_deployed(paths)
     state = classify(links, deployed, deploys.failed)
     return Snapshot(
-        collected_at=time.time(),
+        collected_at=time.time() if collected_at is None else collected_at,
         duration_seconds=duration,
         upstream=upstream_record,
         links=links,
@@ -132,11 +141,17 @@ def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
     )
 
 
-def observe(settings: Settings, upstream_record: Upstream, duration: float) -> Snapshot:
+def observe(
+    settings: Settings,
+    upstream_record: Upstream,
+    duration: float,
+    collected_at: float | None = None,
+) -> Snapshot:
     """Assess and report. The actuator calls this after acting, so what operators see never
-    lags behind what was done; it passes on the duration of the collect it acted on."""
+    lags behind what was done; it passes on the time and duration of the collect it acted
+    on."""
     deploys = load_deploys(settings.paths)
-    snapshot = assess(settings, upstream_record, duration, deploys)
+    snapshot = assess(settings, upstream_record, duration, deploys, collected_at)
     report(settings, snapshot, deploys)
     return snapshot
 
@@ -162,5 +177,5 @@ def collect(settings: Settings) -> Snapshot:
         # it, so that a later publish reads as update-available, not as dirty.
         track(settings.paths, current)
         log.info("tracking %s", current.name)
-        snapshot = observe(settings, record, snapshot.duration_seconds)
+        snapshot = observe(settings, record, snapshot.duration_seconds, snapshot.collected_at)
     return snapshot

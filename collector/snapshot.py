@@ -71,6 +71,10 @@ class Upstream:
     fetched_at: float | None = None
     changed_at: float | None = None
     error: str | None = None
+    # sha256 of the exact URL asked for (query and all: url is shown without them) and of
+    # the one that answered the validators, after redirects.
+    url_sha256: str | None = None
+    validated_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +85,8 @@ class Upstream:
             "fetched_at": self.fetched_at,
             "changed_at": self.changed_at,
             "error": self.error,
+            "url_sha256": self.url_sha256,
+            "validated_sha256": self.validated_sha256,
         }
 
     @classmethod
@@ -93,6 +99,8 @@ class Upstream:
             fetched_at=d["fetched_at"],
             changed_at=d["changed_at"],
             error=d.get("error"),
+            url_sha256=d.get("url_sha256"),
+            validated_sha256=d.get("validated_sha256"),
         )
 
 
@@ -123,7 +131,10 @@ class Deploys:
         before; a failure of the system itself (failed) is remembered."""
         totals = dict(self.totals)
         totals[last["result"]] = totals.get(last["result"], 0) + 1
-        remembered = {p: at for p, at in self.failed.items() if p.path != last["path"]}
+        succeeded = last["result"] == "success"
+        remembered = {
+            p: at for p, at in self.failed.items() if not (succeeded and p.path == last["path"])
+        }
         if failed is not None:
             remembered[failed] = last["at"]
         newest = sorted(remembered.items(), key=lambda item: item[1])[-FAILED_MAX:]

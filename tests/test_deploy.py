@@ -25,6 +25,7 @@ import pytest
 from harness import (
     AgentResult,
     Host,
+    Reply,
     System,
     SystemSpec,
     error_lines,
@@ -855,9 +856,7 @@ def test_sigkill_during_activation_then_the_next_run_converges(host: Host) -> No
     result = deploy(host)
     assert result.returncode == 0, result
     assert decisions(host)[-1] == ("deploy", "update-available")
-    # The activation never took effect: undone (a's `boot`, in case the boot loader had
-    # moved), then deployed anew.
-    assert host.activations() == [("boot", a.path), ("switch", b.path)]
+    assert host.activations() == [("switch", b.path)]
     assert_links(host, current=b, profile=b)
     assert_record(host, b, "switch", previous=a)
     assert host.snapshot()["dirty"] is False
@@ -979,18 +978,14 @@ def test_a_passing_nix_failure_does_not_block_the_retry(host: Host) -> None:
     systems = host.build(SystemSpec("a"), SystemSpec("b"))
     a, b = systems["a"], systems["b"]
     tracking(host, a, b)
-    nix_env = host.bin_dir / "nix-env"
-    wrapper = nix_env.read_text()
-    nix_env.write_text(
-        "#!/bin/sh\necho 'error: writing to file: No space left on device' >&2\nexit 1\n"
-    )
+    wrapper = fail_nix_env(host)
     failed = deploy(host)
     assert failed.returncode == 1, failed
     assert "No space left on device" in error_lines(failed)[0]
     deploys = host.read_json("deploys.json")
     assert (deploys["last"]["result"], deploys["failed"]) == ("failure", {})
     assert_links(host, current=a, profile=a)
-    nix_env.write_text(wrapper)
+    (host.bin_dir / "nix-env").write_text(wrapper)
     assert deploy(host).returncode == 0
     assert_links(host, current=b, profile=b)
 
@@ -1084,9 +1079,9 @@ def test_interrupted_boot_deploy_then_upstream_back_makes_current_the_next_boot(
 # phase -> the activations of the killed run and the next one, in order ("a"/"b": which
 # system). Failing phases deploy a b whose activation fails after its switch.
 RECOVERY: dict[Phase, list[tuple[str, str]]] = {
-    Phase.PLANNED: [("switch", "b")],  # nothing changed yet: undone, deployed anew
+    Phase.PLANNED: [("switch", "b")],  # nothing changed yet: deployed anew
     Phase.PROFILE_SET: [("switch", "b")],
-    Phase.ACTIVATING: [("boot", "a"), ("switch", "b")],  # may have touched the boot loader
+    Phase.ACTIVATING: [("switch", "b")],  # not taken effect: superseded by the next deploy
     Phase.ACTIVATED: [("switch", "b")],  # took effect: rolled forward
     Phase.CHECKING: [("switch", "b")],  # checked again, passing
     Phase.DONE: [("switch", "b")],
@@ -1317,3 +1312,194 @@ def test_upstream_b_then_a_then_b_again_retries_b(host: Host) -> None:
     assert_links(host, current=b, profile=b)
     assert_record(host, b, "switch", previous=a)
     assert host.read_json("deploys.json")["failed"] == {}, "a success forgets the failure"
+
+
+def test_deploy_with_another_url_fetches_it_first(host: Host) -> None:
+    """8: the snapshot's upstream came from another URL: collect the asked one first."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, a)
+    assert host.collect().returncode == 0
+    host.publish(b, "/other")
+    other = host.server.url("/other")
+    result = host.run_agent("deploy", "--url", other, "--prometheus-path", str(host.metrics_path))
+    assert result.returncode == 0, result
+    # Collected first, then fetched by the health check after the switch.
+    assert host.server.count("/other") == 2
+    assert_links(host, current=b, profile=b)
+    assert host.snapshot()["upstream"]["url"] == other
+
+
+def test_a_deploy_that_fetched_nothing_keeps_the_collect_time(host: Host) -> None:
+    """10: the timestamp (and the file's mtime) say when the collector last collected."""
+    a = host.build_one("a")
+    tracking(host, a, a)
+    assert host.collect().returncode == 0
+    collected_at = metric(host.metrics(), "nixos_autodeploy_last_collect_timestamp_seconds")
+    assert host.metrics_path.stat().st_mtime == pytest.approx(collected_at)
+    os.utime(host.metrics_path, (collected_at - 100, collected_at - 100))
+    host.server.reset_requests()
+    assert deploy(host).returncode == 0
+    assert host.server.count() == 0
+    text = host.metrics()
+    assert metric(text, "nixos_autodeploy_last_collect_timestamp_seconds") == collected_at
+    assert host.snapshot()["collected_at"] == collected_at
+    assert host.metrics_path.stat().st_mtime == pytest.approx(collected_at)
+
+
+def test_a_record_under_way_from_before_the_journal_is_completed(host: Host) -> None:
+    """A host upgraded from a version without the journal, killed after its switch: the
+    in-flight record alone says what happened."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    under_way = {
+        "version": 1,
+        "path": b.path,
+        "mode": "switch",
+        "previous": a.path,
+        "at": 1.0,
+        "reboot_issued_at": None,
+        "complete": False,
+    }
+    (host.state_dir / "deployed.json").write_text(json.dumps(under_way))
+    host.deploy_by_hand(b)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "completed-interrupted-deploy" in [e["event"] for e in history(host)]
+    assert_record(host, b, "switch", previous=a)
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_a_dry_run_says_it_would_finish_an_interrupted_deploy(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activating")
+    before, before_files = host.links(), state_files(host)
+    result = deploy(host, "--dry-run")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines()[0] == (
+        f"first: would finish the interrupted deploy of {b.basename} (activating)"
+    )
+    assert host.links() == before and state_files(host) == before_files
+
+
+def kill_agent_at_nix_call(host: Host, n: int, *, after: bool) -> None:
+    """The agent is killed (kill -9 of the caller) at its n-th run of nix-store or nix-env
+    from now on, before that command acts or, with after, once it has."""
+    counter = host.tmp / "nix-calls"
+    for tool in ("nix-store", "nix-env"):
+        wrapper = host.bin_dir / tool
+        shebang, _, rest = wrapper.read_text().partition("\n")
+        act = f"'{host.real_tools[tool]}' \"$@\"; " if after else ""
+        trap = (
+            f"count=$(( $(cat '{counter}' 2>/dev/null || echo 0) + 1 )); "
+            f"echo \"$count\" > '{counter}'\n"
+            f'if [ "$count" = {n} ]; then {act}kill -9 "$PPID"; exit 137; fi\n'
+        )
+        wrapper.write_text(f"{shebang}\n{trap}{rest}")
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails-late"])
+def test_killed_at_any_nix_call_the_next_runs_converge(
+    host: Host, fails: bool, n: int, after: bool
+) -> None:
+    """kill -9 around each Nix command a deploy runs (realise, profile, profile back), then
+    runs until nothing changes: the same end as an uninterrupted deploy, counted once."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    if fails:
+        host.fail_activation_late(b)
+    kill_agent_at_nix_call(host, n, after=after)
+    first = deploy(host)
+    calls = 3 if fails else 2  # realise b, profile to b (, profile back to a)
+    assert (first.returncode == -signal.SIGKILL) is (n <= calls), first
+    for _ in range(2):
+        deploy(host)
+    good = a if fails else b
+    assert_links(host, current=good, profile=good)
+    assert host.boot_default() == good.path
+    assert_record(host, good, "switch", previous=a)
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": int(not fails), "failure": int(fails)}
+    assert list(deploys["failed"]) == ([b.path] if fails else [])
+    assert not journal(host) or journal(host)["phase"] in ("done", "rolled-back")
+    assert host.snapshot()["dirty"] is False
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 0
+
+
+def test_an_activation_that_outlives_its_killed_agent_is_rolled_forward(host: Host) -> None:
+    """As under systemd, where the activation runs in a unit of its own: the agent is
+    killed, its activation goes on and succeeds; the next run records it, once, without a
+    second activation."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    os.mkfifo(host.root / "slow-activation")
+    deploy_run = start_deploy(host)
+    try:
+        with held_activation(host, deploy_run):
+            os.kill(deploy_run.pid, signal.SIGKILL)  # the agent alone
+            deploy_run.wait()
+        give_up = time.monotonic() + 300  # a safety net, not an assertion
+        while host.current() != b.path:  # the orphaned activation finishing its switch
+            assert time.monotonic() < give_up, "the activation never finished"
+            time.sleep(0.05)
+    finally:
+        stop(deploy_run)
+    assert journal(host)["phase"] == "activating"
+    (host.root / "slow-activation").unlink()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "took effect; recorded it" in result.stderr
+    assert host.activations() == [("switch", b.path)]
+    assert_record(host, b, "switch", previous=a)
+    assert host.read_json("deploys.json")["totals"] == {"success": 1, "failure": 0}
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b'{"version": 2}', b'{"version": 1, "phase": "planned"}'],
+    ids=["truncated", "version", "fields"],
+)
+def test_a_corrupt_journal_is_one_error_line_and_changes_nothing(
+    host: Host, content: bytes
+) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    (host.state_dir / "journal.json").write_bytes(content)
+    before, before_files = host.links(), state_files(host)
+    result = deploy(host)
+    assert result.returncode == 1, result
+    assert len(result.stderr_lines) == 1, result
+    (line,) = error_lines(result)
+    assert "journal.json" in line and "remove it" in line
+    assert host.links() == before and state_files(host) == before_files
+    assert host.activations() == [] and host.server.count() == 0
+
+
+def test_a_deploy_cut_short_and_not_deployed_anew_is_undone(host: Host) -> None:
+    """Killed before its activation took effect (which may have installed the boot loader
+    already), and the next run deploys nothing (upstream cannot be fetched): what ran
+    before comes back, the boot loader's default included."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activating")
+    point_link(host.boot_default_link, b.path)  # as NixOS's activation does first
+    host.server.route("/upstream", Reply(status=404))
+    result = deploy(host, "--max-snapshot-age", "0")
+    assert result.returncode == 0, result
+    assert "the last upstream fetch failed" in result.stderr
+    assert host.activations() == [("boot", a.path)]
+    assert_links(host, current=a, profile=a)
+    assert host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    assert journal(host)["phase"] == "rolled-back"
+    assert not (host.state_dir / "deploys.json").exists(), "an interruption is no result"

@@ -51,6 +51,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lower-cased names
     host: str  # the Host header, to tell 127.0.0.1 from localhost
+    query: str = ""  # after "?"; routes are chosen by path alone
 
 
 ReplySource = Reply | Sequence[Reply] | Callable[[RecordedRequest], Reply]
@@ -169,10 +170,14 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
             self._handle(send_body=False)
 
         def _handle(self, send_body: bool) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             headers = {k.lower(): v for k, v in self.headers.items()}
             request = RecordedRequest(
-                method=self.command, path=path, headers=headers, host=headers.get("host", "")
+                method=self.command,
+                path=path,
+                headers=headers,
+                host=headers.get("host", ""),
+                query=query,
             )
             route = server._record(request)
             try:
