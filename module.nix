@@ -80,7 +80,36 @@ let
       switch_mode = cfg.switchMode;
     }
     // optionalAttrs (cfg.rebootMode != null) { reboot_mode = cfg.rebootMode; }
-    // optionalAttrs (cfg.maxSnapshotAge != null) { max_snapshot_age = cfg.maxSnapshotAge; };
+    // optionalAttrs (cfg.maxSnapshotAge != null) { max_snapshot_age = cfg.maxSnapshotAge; }
+    // {
+      health_checks = health.enable;
+      health_commands = health.commands;
+      health_urls = health.urls;
+      health_units = health.units;
+      health_ignore_units = health.ignoreUnits;
+      health_timeout = health.timeout;
+    };
+
+  health = cfg.healthChecks;
+
+  # What the actuator's two units share.
+  actuatorService = type: {
+    # It may be running the very activation that changes it: never restart or
+    # stop it from switch-to-configuration.
+    restartIfChanged = false;
+    unitConfig.X-StopOnRemoval = false;
+    environment = config.networking.proxy.envVars;
+    path = health.path; # for the health check commands
+    # Not sandboxed: it sets the system profile and runs switch-to-configuration
+    # (through systemd-run), reboots and kexecs.
+    serviceConfig = {
+      Type = type;
+      ExecStart = actuatorCommand;
+      StateDirectory = "nixos-autodeploy";
+    }
+    // runtimeDirectory
+    // credentialConfig;
+  };
 
   collectorConfigFile = settingsFormat.generate "nixos-autodeploy-collector.json" collectorSettings;
   actuatorConfigFile = settingsFormat.generate "nixos-autodeploy-actuator.json" actuatorSettings;
@@ -374,6 +403,82 @@ in
       '';
     };
 
+    healthChecks = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        example = false;
+        description = ''
+          Whether the actuator checks the host after every switch and after the
+          first boot of a newly deployed system, and rolls back when a check
+          fails (the failed system is not retried until upstream changes).
+          Built in: systemd's verdict (`systemctl is-system-running --wait`;
+          `degraded` fails unless every failed unit is in
+          {option}`system.autoDeploy.healthChecks.ignoreUnits`), and the
+          upstream URL still answering (a configuration that breaks the network
+          rolls back). The lists below add the operator's own checks; all are
+          retried until they pass or {option}`system.autoDeploy.healthChecks.timeout`.
+        '';
+      };
+
+      commands = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "curl --fail --silent http://127.0.0.1:8080/healthz" ];
+        description = ''
+          Shell commands (run with `sh -c`) that must exit 0. They run in the
+          actuator's unit: put the programs they need in
+          {option}`system.autoDeploy.healthChecks.path`, or use absolute store
+          paths like `''${pkgs.curl}/bin/curl`. Killed at the deadline; only the
+          last lines of their output are kept.
+        '';
+      };
+
+      path = mkOption {
+        type = types.listOf (types.either types.package types.str);
+        default = [ ];
+        example = literalExpression "[ pkgs.curl pkgs.postgresql ]";
+        description = "Packages on `PATH` for {option}`system.autoDeploy.healthChecks.commands`.";
+      };
+
+      urls = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "http://127.0.0.1:8080/healthz" ];
+        description = ''
+          HTTP(S) URLs that must answer with a 2xx status (redirects followed, at
+          most 5). The upstream URL's credentials are not sent to them;
+          {option}`system.autoDeploy.caFile` and the proxy settings apply.
+        '';
+      };
+
+      units = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "nginx.service" "postgresql.service" ];
+        description = "systemd units that must be active.";
+      };
+
+      ignoreUnits = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "flaky-backup.service" "user@*.service" ];
+        description = ''
+          Failed units that do not fail systemd's verdict (shell-style patterns;
+          a name without a suffix means `.service`).
+        '';
+      };
+
+      timeout = mkOption {
+        type = types.ints.positive;
+        default = 300;
+        description = ''
+          Seconds the checks may take to pass, retried a few seconds apart; a
+          check still running at the deadline is killed and fails.
+        '';
+      };
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -404,6 +509,10 @@ in
         {
           assertion = badHeaders == { };
           message = "system.autoDeploy.extraHeaders must map HTTP header names (letters, digits, !#$%&'*+-.^_`|~) to values without line breaks; invalid: ${lib.concatStringsSep ", " (builtins.attrNames badHeaders)}";
+        }
+        {
+          assertion = lib.all (url: builtins.match "https?://[^/].*" url != null) health.urls;
+          message = "system.autoDeploy.healthChecks.urls must be http:// or https:// URLs, got: ${lib.concatStringsSep ", " health.urls}";
         }
         (secretAssertion "bearerTokenFile" cfg.bearerTokenFile)
         (secretAssertion "netrcFile" cfg.netrcFile)
@@ -520,7 +629,7 @@ in
     }
 
     (mkIf cfg.actuator.enable {
-      systemd.services.nixos-autodeploy = {
+      systemd.services.nixos-autodeploy = actuatorService "oneshot" // {
         description = "NixOS auto-deployment actuator: deploy the upstream system when safe";
         # Starting the actuator refreshes the snapshot first; a failed collection
         # does not block it (the actuator re-checks what it acts on).
@@ -532,20 +641,20 @@ in
           "network-online.target"
           collectorUnit
         ];
-        # It may be running the very activation that changes it: never restart or
-        # stop it from switch-to-configuration.
-        restartIfChanged = false;
-        unitConfig.X-StopOnRemoval = false;
-        environment = config.networking.proxy.envVars;
-        # Not sandboxed: it sets the system profile and runs switch-to-configuration
-        # (through systemd-run), reboots and kexecs.
-        serviceConfig = {
-          Type = "oneshot";
-          ExecStart = actuatorCommand;
-          StateDirectory = "nixos-autodeploy";
-        }
-        // runtimeDirectory
-        // credentialConfig;
+      };
+
+      # Once per boot, after multi-user.target: the actuator confirms (or rolls back) a
+      # system on its trial boot before anything else, then goes on as on its timer.
+      # Type=exec, so the boot is finished while it runs: its systemd check waits for
+      # the end of the boot (`is-system-running --wait`), which a oneshot would hold up.
+      systemd.services.nixos-autodeploy-boot = actuatorService "exec" // {
+        description = "NixOS auto-deployment actuator, once at boot: confirm a trial boot";
+        wantedBy = [ "multi-user.target" ];
+        after = [
+          "multi-user.target"
+          "network-online.target"
+        ];
+        wants = [ "network-online.target" ];
       };
 
       systemd.timers.nixos-autodeploy = {

@@ -31,7 +31,7 @@ from collector.state import (
 from collector.store import StorePath, path_of
 from collector.upstream import digest
 
-from . import journal
+from . import health, journal, trial
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 from .journal import Before, Journal, Phase
 
@@ -41,6 +41,7 @@ LOCK_WAIT = 600.0  # a collect (fetch + realise) is bounded by its own deadline
 SWITCH_UNIT = "nixos-autodeploy-switch-to-configuration"
 ACTIVATION_WAIT = 3600.0  # a slow activation; far longer means something hangs
 HISTORY_MAX = 1 << 20
+PANIC_SECONDS = 30  # the kernel's own reset after a panic (kexec)
 
 
 class ActuatorError(AutodeployError):
@@ -127,13 +128,15 @@ def reboot_argvs(settings: Settings, system: StorePath) -> list[list[str]]:
             "--load",
             os.path.join(system.path, "kernel"),
             f"--initrd={os.path.join(system.path, 'initrd')}",
-            f"--append={params} init={os.path.join(system.path, 'init')}",
+            # panic=: a kernel that never reaches userspace resets into the boot loader's
+            # default, which a trial boot has left on the old system.
+            f"--append={params} init={os.path.join(system.path, 'init')} panic={PANIC_SECONDS}",
         ],
         ["systemctl", "kexec"],
     ]
 
 
-def _append_history(paths: Paths, entry: dict[str, Any]) -> None:
+def append_history(paths: Paths, entry: dict[str, Any]) -> None:
     """One JSON line per decision and action; past 1 MiB the older half is dropped."""
     path = paths.state("history.jsonl")
     line = json.dumps({"at": time.time(), **entry}, sort_keys=True) + "\n"
@@ -175,7 +178,7 @@ def _record_result(
     if deploy_id is not None:
         last["id"] = deploy_id
     save_deploys(paths, deploys.with_result(last, system if blocks_retry else None))
-    _append_history(paths, {"event": "deploy", **last})
+    append_history(paths, {"event": "deploy", **last})
 
 
 def roll_back(paths: Paths, entry: Journal) -> Journal:
@@ -201,6 +204,7 @@ def roll_back(paths: Paths, entry: Journal) -> Journal:
     running = before.current
     if (
         entry.activation_started
+        and entry.trial is None  # a failed trial boot is left by a reboot, not a switch
         and links.current == entry.path
         and running not in (None, entry.path)
     ):
@@ -210,8 +214,30 @@ def roll_back(paths: Paths, entry: Journal) -> Journal:
     if entry.activation_started and target is not None and not booted_target:
         run(switch_argv(paths, target, Activation.BOOT), stream_stderr=True)
     entry = journal.advance(paths, entry, Phase.ROLLED_BACK)
-    _append_history(paths, {"event": "rolled-back", "path": entry.path.path, "to": path_of(target)})
+    append_history(paths, {"event": "rolled-back", "path": entry.path.path, "to": path_of(target)})
+    _record_rollback(paths, entry, None)
     return entry
+
+
+def _record_rollback(paths: Paths, entry: Journal, error: str | None) -> None:
+    """Counted once per deploy, and only when the system itself failed (its activation,
+    its health checks): a deploy merely cut short is undone, not rolled back from."""
+    if not entry.blocks_retry:
+        return
+    deploys = load_deploys(paths)
+    earlier = deploys.last_rollback
+    again = earlier is not None and earlier.get("id") == entry.id
+    reason = entry.message + (f"; rolling back failed: {error}" if error else "")
+    last = {
+        "id": entry.id,
+        "at": time.time(),
+        "from": entry.path.path,
+        "to": path_of(entry.fallback),
+        "ok": error is None,
+        "reason": reason,
+    }
+    count = deploys.rollbacks + (0 if again else 1)
+    save_deploys(paths, dataclasses.replace(deploys, rollbacks=count, last_rollback=last))
 
 
 def fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
@@ -239,16 +265,47 @@ def _try_roll_back(paths: Paths, entry: Journal) -> str:
     try:
         roll_back(paths, entry)
     except AutodeployError as e:
-        _append_history(paths, {"event": "rollback-failed", "message": str(e)})
+        append_history(paths, {"event": "rollback-failed", "message": str(e)})
+        _record_rollback(paths, entry, str(e))
         return f"; rolling back failed too (the next run tries again): {e}"
     return ""
 
 
-def _complete(paths: Paths, entry: Journal) -> None:
-    """The activation succeeded: the record says so, the result is counted, done."""
-    save_deployed(paths, Deployed(entry.path, entry.activation, entry.before.current, time.time()))
+def complete(paths: Paths, entry: Journal) -> None:
+    """The activation succeeded: the record says so, the result is counted, done. A reboot
+    already issued for it stays recorded: it is the one reboot of this deploy."""
+    record = load_deployed(paths)
+    rebooted = record.reboot_issued_at if record and record.path == entry.path else None
+    done = Deployed(entry.path, entry.activation, entry.before.current, time.time(), rebooted)
+    save_deployed(paths, done)
     _record_result(paths, entry.path, entry.activation, None, deploy_id=entry.id)
     journal.advance(paths, entry, Phase.DONE)
+
+
+def _confirm(settings: Settings, entry: Journal) -> None:
+    """An activation that took effect stays only when the switched system passes its
+    health checks (a boot-mode deploy is checked after its boot); failing, it is rolled
+    back and not retried until upstream changes."""
+    paths = settings.paths
+    if entry.activation is Activation.SWITCH and health.checks_for(settings):
+        entry = journal.advance(paths, entry, Phase.CHECKING)
+        result = health.run_checks(settings)
+        record_health(paths, entry.path, result)
+        if not result.ok:
+            message = f"{entry.path.name} failed its health checks: {result.summary}"
+            raise fail(paths, entry, message, blocks_retry=True)
+    complete(paths, entry)
+
+
+def record_health(paths: Paths, system: StorePath, result: health.HealthResult) -> None:
+    deploys = load_deploys(paths)
+    save_deploys(
+        paths, dataclasses.replace(deploys, health={**result.to_json(), "path": system.path})
+    )
+    append_history(
+        paths,
+        {"event": "health", "path": system.path, "ok": result.ok, "summary": result.summary},
+    )
 
 
 def _before(paths: Paths, snapshot: Snapshot) -> Before:
@@ -293,9 +350,15 @@ def _deploy(
     before = superseded.before if superseded else _before(paths, snapshot)
     # A superseded activation may have touched the boot loader: a rollback must reset it.
     touched = superseded is not None and superseded.activation_started
-    entry = journal.begin(paths, system, activation, before, activation_started=touched)
+    tried = trial.kind(settings, activation)
+    entry = journal.begin(
+        paths, system, activation, before, trial=tried, activation_started=touched
+    )
     # The in-flight record, for the collector: a deploy is under way (never dirty).
     save_deployed(paths, Deployed(system, activation, before.current, time.time(), complete=False))
+    if tried == RebootMode.KEXEC.value:
+        trial.boot(settings, entry)  # profile and boot default change after its checks
+        return
     entry = journal.advance(paths, entry, Phase.PROFILE_SET)
     try:
         nix.set_profile(paths.profile, system)
@@ -309,7 +372,10 @@ def _deploy(
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
         raise fail(paths, entry, message, blocks_retry=True) from None
     entry = journal.advance(paths, entry, Phase.ACTIVATED)
-    _complete(paths, entry)
+    if tried is not None:
+        trial.boot(settings, entry)  # confirmed by the run after the boot
+        return
+    _confirm(settings, entry)
     log.info("deployed %s (%s)", system.name, activation.value)
 
 
@@ -321,23 +387,27 @@ def _finish_unjournaled(paths: Paths) -> None:
         return
     save_deployed(paths, dataclasses.replace(deployed, complete=True))
     _record_result(paths, deployed.path, deployed.mode, None)
-    _append_history(paths, {"event": "completed-interrupted-deploy", "path": deployed.path.path})
+    append_history(paths, {"event": "completed-interrupted-deploy", "path": deployed.path.path})
 
 
 CUT_SHORT = frozenset({Phase.PLANNED, Phase.PROFILE_SET, Phase.ACTIVATING})
 
 
-def recover(paths: Paths) -> Journal | None:
+def recover(settings: Settings) -> Journal | None:
     """Finish what an open journal left, before anything is decided anew: roll forward an
     activation that took effect, count and roll back a failure, finish a rollback that was
     cut short (one that fails again stops the run here). A deploy cut short before its
     activation took effect is returned: the run's decision supersedes it (see deploy)."""
+    paths = settings.paths
     entry = journal.load(paths)
     if entry is None or not entry.open:
         _finish_unjournaled(paths)
         return None
+    if entry.trial is not None and entry.phase in trial.PHASES:
+        trial.finish(settings, entry)  # not interrupted: this is the run after its boot
+        return None
     log.info("the deploy of %s was interrupted (%s)", entry.path.name, entry.phase.value)
-    _append_history(
+    append_history(
         paths,
         {"event": "interrupted-deploy", "path": entry.path.path, "phase": entry.phase.value},
     )
@@ -348,9 +418,13 @@ def recover(paths: Paths) -> Journal | None:
         and read_links(paths).current == entry.path
     ):
         phase = Phase.ACTIVATED  # the switch took effect
-    if phase is Phase.ACTIVATED:
-        _complete(paths, entry)
-        _append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
+    if phase is Phase.ACTIVATED and entry.trial is not None:
+        trial.boot(settings, entry)  # cut short before its reboot: it goes on
+        return None
+    if phase in (Phase.ACTIVATED, Phase.CHECKING):
+        # Took effect; a switched system is checked (again) before it stays.
+        _confirm(settings, entry)
+        append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
         log.info("the deploy of %s took effect; recorded it", entry.path.name)
         return None
     if phase in CUT_SHORT:
@@ -358,6 +432,8 @@ def recover(paths: Paths) -> Journal | None:
     if phase is Phase.FAILED:
         _record_failure(paths, entry)
     _undo(paths, entry)
+    if entry.trial is not None and entry.blocks_retry:
+        trial.reboot_back(settings, journal.load(paths) or entry)
     return None
 
 
@@ -377,7 +453,7 @@ def _reboot(settings: Settings, snapshot: Snapshot) -> None:
     # Recorded before the reboot: a machine that comes back still waiting is not rebooted again.
     rebooting = dataclasses.replace(deployed, reboot_issued_at=time.time())
     save_deployed(settings.paths, rebooting)
-    _append_history(settings.paths, {"event": settings.reboot_mode, "path": deployed.path.path})
+    append_history(settings.paths, {"event": settings.reboot_mode, "path": deployed.path.path})
     report(settings, dataclasses.replace(snapshot, deployed=rebooting), deploys)
     log.info("rebooting (%s) into %s", settings.reboot_mode, deployed.path.name)
     try:
@@ -403,6 +479,8 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
             ["nix-env", "--profile", paths.profile, "--set", upstream.path],
             switch_argv(paths, upstream, decision.activation),
         ]
+        if trial.kind(settings, decision.activation) == RebootMode.KEXEC.value:
+            commands = []  # the profile and the boot loader follow once it passes its checks
         if leaves_reboot_required(decision.activation, snapshot.links.booted, upstream):
             commands += reboot_argvs(settings, upstream)
     elif decision.action is Action.REBOOT and snapshot.deployed is not None:
@@ -412,13 +490,25 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         print("would run: " + shlex.join(argv))
 
 
+def _show_what_was_done(settings: Settings) -> None:
+    """After a recovery that failed (its checks, its rollback): the snapshot and metrics
+    follow what it did, against the last known upstream."""
+    snapshot = load_snapshot(settings.paths)
+    if snapshot is not None:
+        observe(settings, snapshot.upstream, snapshot.duration_seconds)
+
+
 def deploy(settings: Settings) -> int:
     paths = settings.paths
     with locked(paths.state_dir, wait=LOCK_WAIT):
         cut_short = None
         if not settings.dry_run:
             _wait_for_running_activation(paths)
-            cut_short = recover(paths)
+            try:
+                cut_short = recover(settings)
+            except AutodeployError:
+                _show_what_was_done(settings)
+                raise
         else:
             _say_interrupted(paths)
         deploys = load_deploys(paths)
@@ -430,7 +520,7 @@ def deploy(settings: Settings) -> int:
             _dry_run(settings, snapshot, decision)
             return 0
         log.info("%s: %s", decision.action.value, decision.reason)
-        _append_history(
+        append_history(
             paths,
             {
                 "event": "decision",

@@ -105,8 +105,8 @@ def decide(
     if failed:
         return Decision(
             Action.NOTHING,
-            f"{upstream.name} failed to activate before; not retried until upstream changes "
-            "(--force overrides)",
+            f"{upstream.name} failed before (its activation, health checks or trial boot); "
+            "not retried until upstream changes (--force overrides)",
         )
     activation = activation_for(mode, links.current, upstream)
     why = "dirty, deploying anyway because of --force" if state is State.DIRTY else state.value

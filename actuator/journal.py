@@ -5,13 +5,16 @@ its phase. Each phase is written (atomically) before the step it names takes eff
 run killed anywhere leaves a journal whose phase says what may have happened; the next run
 finishes it (see deploy.recover) before it decides anything anew.
 
-    planned -> profile-set -> activating -> activated -> done
-                   \\______________\\____________\\-> failed -> rolling-back -> rolled-back
+    planned -> profile-set -> activating -> activated [-> checking] -> done
+                   \\______________\\____________\\_____________\\-> failed -> rolling-back
+                                                                         -> rolled-back
     (a run killed before its activation took effect is superseded by the next run's
     deploy, which keeps its `before`; when that run deploys nothing: rolling-back)
 
-A later phase (a health check between activated and done, a trial boot) is a new member
-here and a line in deploy's recovery table.
+`checking`: a switched system's health checks (actuator/health.py); failing, the deploy
+fails and is rolled back. A trial boot (actuator/trial.py) goes on from `booting` (kexec:
+straight from `planned`; reboot: after its `activated`) to the run after the boot, which
+checks, then confirms (`done`) or fails and rolls back, then `rebooting-back` once.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ class Phase(StrEnum):
     PLANNED = "planned"  # nothing changed yet; next: the in-flight record
     PROFILE_SET = "profile-set"  # next: `nix-env --set` (may have happened)
     ACTIVATING = "activating"  # next: switch-to-configuration (may have taken effect)
-    ACTIVATED = "activated"  # the activation succeeded; next: the record, the result
+    ACTIVATED = "activated"  # the activation succeeded; next: the checks, the record
+    CHECKING = "checking"  # the health checks of a switched system run (again, if cut short)
+    BOOTING = "booting"  # a trial boot: next the reboot or kexec; then the run after the boot
+    REBOOTING_BACK = "rebooting-back"  # a failed trial, rolled back: next its one reboot
     DONE = "done"
     FAILED = "failed"  # the deploy failed; next: the result, then the rollback
     ROLLING_BACK = "rolling-back"  # next: record, profile and activation go back
@@ -54,6 +60,12 @@ FINISHED = frozenset({Phase.DONE, Phase.ROLLED_BACK})
 
 def _path(value: Any) -> StorePath | None:
     return None if value is None else StorePath.parse(value)
+
+
+def _trial(value: Any) -> str | None:
+    if value not in (None, "kexec", "reboot"):
+        raise ValueError(f"unknown trial {value!r}")
+    return str(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class Journal:
     activation_started: bool = False  # switch-to-configuration may have touched the host
     blocks_retry: bool = False  # the system itself failed: not retried until upstream changes
     message: str = ""  # why it failed
+    trial: str | None = None  # a trial boot by "kexec" or "reboot" (actuator/trial.py)
 
     @property
     def open(self) -> bool:
@@ -122,6 +135,7 @@ class Journal:
             "activation_started": self.activation_started,
             "blocks_retry": self.blocks_retry,
             "message": self.message,
+            "trial": self.trial,
         }
 
     @classmethod
@@ -139,6 +153,7 @@ class Journal:
                 activation_started=bool(data["activation_started"]),
                 blocks_retry=bool(data["blocks_retry"]),
                 message=str(data["message"]),
+                trial=_trial(data.get("trial")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
@@ -168,6 +183,7 @@ def begin(
     path: StorePath,
     activation: Activation,
     before: Before,
+    trial: str | None = None,
     *,
     activation_started: bool = False,
 ) -> Journal:
@@ -180,6 +196,7 @@ def begin(
         before=before,
         phase=Phase.PLANNED,
         started_at=time.time(),
+        trial=trial,
         activation_started=activation_started,
     )
     return _write(paths, journal)

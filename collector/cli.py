@@ -120,7 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="collect first when the snapshot is older (3600)",
     )
+    _health(p)
     return parser
+
+
+def _health(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("health checks after a switch or a trial boot")
+    for flag, dest, metavar, what in (
+        ("--health-check", "health_commands", "'COMMAND'", "run with sh -c; exit 0 passes"),
+        ("--health-url", "health_urls", "URL", "GET it; a 2xx passes"),
+        ("--health-unit", "health_units", "UNIT", "passes when the unit is active"),
+        ("--health-ignore-unit", "health_ignore_units", "UNIT", "failed unit to overlook"),
+    ):
+        group.add_argument(
+            flag, dest=dest, action="append", metavar=metavar, help=what + " (repeatable)"
+        )
+    group.add_argument(
+        "--health-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="retry the checks until they all pass or this deadline (300)",
+    )
+    group.add_argument(
+        "--no-health-checks",
+        dest="health_checks",
+        action="store_false",
+        default=None,
+        help="no checks, and so no automatic rollback",
+    )
 
 
 def _collect(settings: Settings) -> int:

@@ -123,6 +123,8 @@ def assess(
         state=state,
         reboot_required=reboot_required(links, state),
         last_deploy=deploys.last,
+        last_health=deploys.health,
+        last_rollback=deploys.last_rollback,
     )
 
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -76,6 +77,18 @@ class Paths:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """What the actuator checks after a switch or a trial boot (actuator/health.py)."""
+
+    enabled: bool = True
+    commands: tuple[str, ...] = ()  # run with sh -c; exit 0 passes
+    urls: tuple[str, ...] = ()  # a 2xx passes
+    units: tuple[str, ...] = ()  # active passes
+    ignore_units: tuple[str, ...] = ()  # failed units systemd's verdict overlooks
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: Paths
     url: str | None = None
@@ -92,6 +105,7 @@ class Settings:
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
     dry_run: bool = False
+    health: HealthSettings = HealthSettings()
 
 
 _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -110,6 +124,12 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_snapshot_age": (int, float),
     "track": bool,
     "every": (int, float),
+    "health_checks": bool,
+    "health_commands": list,
+    "health_urls": list,
+    "health_units": list,
+    "health_ignore_units": list,
+    "health_timeout": (int, float),
 }
 
 
@@ -158,6 +178,30 @@ def _enum(kind: type[E], value: str, what: str) -> E:
     except ValueError:
         choices = ", ".join(m.value for m in kind)
         raise ConfigError(f"{what} must be one of {choices}, not {value!r}") from None
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{what} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _health(pick: Any) -> HealthSettings:
+    timeout = float(pick("health_timeout", 300.0))
+    if timeout <= 0:
+        raise ConfigError("health timeout must be positive")
+    urls = _strings(pick("health_urls", []), "health URLs")
+    for url in urls:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise ConfigError(f"health URL {url[:80]!r} is not an http or https URL")
+    return HealthSettings(
+        enabled=bool(pick("health_checks", True)),
+        commands=_strings(pick("health_commands", []), "health commands"),
+        urls=urls,
+        units=_strings(pick("health_units", []), "health units"),
+        ignore_units=_strings(pick("health_ignore_units", []), "ignored units"),
+        timeout=timeout,
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -212,4 +256,5 @@ def settings_from(args: argparse.Namespace) -> Settings:
         every=None if every is None else float(every),
         force=bool(getattr(args, "force", False)),
         dry_run=bool(getattr(args, "dry_run", False)),
+        health=_health(pick),
     )

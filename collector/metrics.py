@@ -99,6 +99,7 @@ class _SnapshotCollector(Collector):
             totals.add_metric([result], self.deploys.totals.get(result, 0))
         yield totals
         yield from self._changes()
+        yield from self._health()
 
     def _changes(self) -> Iterable[Metric]:
         """Only for a difference that was computed: none while it is not known."""
@@ -119,6 +120,31 @@ class _SnapshotCollector(Collector):
         sizes.add_metric(["current"], diff.size_before)
         sizes.add_metric(["upstream"], diff.size_after)
         yield sizes
+
+    def _health(self) -> Iterable[Metric]:
+        health, rollback = self.deploys.health, self.deploys.last_rollback
+        if health is not None:
+            yield _gauge(
+                "last_health_check_success",
+                "1 when the last health checks after a switch or trial boot all passed",
+                health["ok"],
+            )
+            yield _gauge(
+                "last_health_check_timestamp_seconds",
+                "When the actuator last ran the health checks",
+                health["at"],
+            )
+        yield CounterMetricFamily(
+            P + "rollbacks",
+            "Times the actuator brought back the system that ran before a failed one",
+            value=self.deploys.rollbacks,
+        )
+        if rollback is not None:
+            yield _gauge(
+                "last_rollback_success",
+                "1 when the last rollback brought the previous system back",
+                rollback["ok"],
+            )
 
 
 def write(path: str, snapshot: Snapshot, deploys: Deploys, changes: Changes | None = None) -> None:

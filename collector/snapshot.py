@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,31 @@ def _last_deploy(value: Any) -> dict[str, Any] | None:
     float(value["at"])
     if not isinstance(value.get("mode"), str) or not isinstance(value.get("message"), str):
         raise ValueError("last deploy has no mode or message")
+    return value
+
+
+def _last_health(value: Any) -> dict[str, Any] | None:
+    """The last health checks' result, as actuator/health.py records it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
+        raise ValueError("last health check has no result")
+    float(value["at"])
+    if not isinstance(value.get("summary"), str) or not isinstance(value.get("checks"), list):
+        raise ValueError("last health check has no summary or checks")
+    return value
+
+
+def _last_rollback(value: Any) -> dict[str, Any] | None:
+    """The last rollback: from, to (store paths), at, ok, reason."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
+        raise ValueError("last rollback has no result")
+    StorePath.parse(value["from"])
+    float(value["at"])
+    if not isinstance(value.get("reason"), str):
+        raise ValueError("last rollback has no reason")
     return value
 
 
@@ -90,6 +116,9 @@ class Deploys:
     # Systems that failed under the agent (activation, not a NixOS system), by when. Kept
     # per path, so a failure of something else (Nix, the disk) never erases one.
     failed: dict[StorePath, float] = field(default_factory=dict)
+    health: dict[str, Any] | None = None  # the last health checks (at, ok, summary, checks)
+    rollbacks: int = 0
+    last_rollback: dict[str, Any] | None = None  # at, from, to, ok, reason
 
     def blocks(self, path: StorePath, upstream_changed_at: float | None) -> bool:
         """Whether path failed since upstream last changed: not retried until it changes
@@ -109,7 +138,7 @@ class Deploys:
         if failed is not None:
             remembered[failed] = last["at"]
         newest = sorted(remembered.items(), key=lambda item: item[1])[-FAILED_MAX:]
-        return Deploys(last=last, totals=totals, failed=dict(newest))
+        return dataclasses.replace(self, last=last, totals=totals, failed=dict(newest))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +146,9 @@ class Deploys:
             "last": self.last,
             "totals": self.totals,
             "failed": {p.path: at for p, at in self.failed.items()},
+            "health": self.health,
+            "rollbacks": self.rollbacks,
+            "last_rollback": self.last_rollback,
         }
 
 
@@ -130,6 +162,8 @@ class Snapshot:
     state: State
     reboot_required: bool
     last_deploy: dict[str, Any] | None = None
+    last_health: dict[str, Any] | None = None
+    last_rollback: dict[str, Any] | None = None
 
     @property
     def dirty(self) -> bool:
@@ -150,6 +184,8 @@ class Snapshot:
             "dirty": self.dirty,
             "reboot_required": self.reboot_required,
             "last_deploy": self.last_deploy,
+            "last_health": self.last_health,
+            "last_rollback": self.last_rollback,
         }
 
 
@@ -191,7 +227,14 @@ def load_deploys(paths: Paths) -> Deploys:
         legacy = _path(data.get("failed_path"))  # before per-path memory: one slot
         if legacy is not None and legacy not in failed:
             failed[legacy] = float(last["at"]) if last and last["path"] == legacy.path else 0.0
-        return Deploys(last=last, totals=totals, failed=failed)
+        return Deploys(
+            last=last,
+            totals=totals,
+            failed=failed,
+            health=_last_health(data.get("health")),
+            rollbacks=int(data.get("rollbacks", 0)),
+            last_rollback=_last_rollback(data.get("last_rollback")),
+        )
     except (StateError, KeyError, TypeError, ValueError, AttributeError) as e:
         log.warning("warning: deploy results %s are corrupt (%s); starting them afresh", source, e)
         return Deploys()
@@ -226,6 +269,8 @@ def load_snapshot(paths: Paths) -> Snapshot | None:
             state=State(data["state"]),
             reboot_required=bool(data["reboot_required"]),
             last_deploy=_last_deploy(data.get("last_deploy")),
+            last_health=_last_health(data.get("last_health")),
+            last_rollback=_last_rollback(data.get("last_rollback")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StateError(f"snapshot {source} is corrupt: {e}") from None

@@ -77,6 +77,8 @@ def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
         "collected_at": s.collected_at,
         "upstream_fetched_at": s.upstream.fetched_at,
         "last_deploy": s.last_deploy,
+        "last_health": s.last_health,
+        "last_rollback": s.last_rollback,
     }
 
 
@@ -147,6 +149,29 @@ def hand_summary(d: Diff) -> str:
     )
 
 
+def _when(at: float) -> str:
+    return (
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) + f" ({_age(time.time() - at)} ago)"
+    )
+
+
+def _health_facts(s: Snapshot) -> list[str]:
+    facts = []
+    if s.last_health:
+        h = s.last_health
+        result = "[green]passed[/green]" if h["ok"] else "[red]failed[/red]"
+        facts.append(
+            f"last health check: {result} {_age(time.time() - h['at'])} ago: {escape(h['summary'])}"
+        )
+    if s.last_rollback:
+        r = s.last_rollback
+        moved = f"rolled back from {r['from']} at {_when(r['at'])}"
+        if not r["ok"]:
+            moved = f"[bold red]rolling back failed[/bold red] ({moved})"
+        facts.append(f"{moved}: {escape(r['reason'])}")
+    return facts
+
+
 def render(s: Snapshot, console: Console, changes: Changes | None = None) -> None:
     table = Table(title="nixos-autodeploy", show_lines=False)
     table.add_column("system")
@@ -187,6 +212,7 @@ def render(s: Snapshot, console: Console, changes: Changes | None = None) -> Non
             f"last deploy: {result} ({d.get('mode')}) {_age(time.time() - d['at'])} ago"
             + (f": {d['message']}" if d.get("message") else "")
         )
+    facts += _health_facts(s)
     for fact in facts:
         console.print(fact, highlight=False)
     shown = current_changes(s, changes or Changes())
@@ -274,7 +300,11 @@ def event_text(entry: dict[str, Any]) -> str:
         return text + (f": {e['message']}" if e.get("message") else "")
     if event == "rolled-back" and "path" in e:
         return f"{_basename(e['path'])}, back to {_basename(e.get('to'))}"
-    if event in ("reboot", "kexec", "completed-interrupted-deploy") and "path" in e:
+    if event == "health" and "ok" in e:
+        result = "passed" if e["ok"] else "failed"
+        return f"{result} on {_basename(e.get('path', ''))}: {e.get('summary', '')}"
+    simple = ("reboot", "kexec", "completed-interrupted-deploy", "rollback-reboot")
+    if (event in simple or event.startswith("trial-")) and "path" in e:
         return _basename(e["path"])
     rest = {k: v for k, v in e.items() if k not in ("at", "event")}
     return " ".join(f"{k}={_basename(v)}" for k, v in sorted(rest.items()))
@@ -283,7 +313,11 @@ def event_text(entry: dict[str, Any]) -> str:
 def _event_style(entry: dict[str, Any]) -> str:
     if entry.get("result") == "failure" or "fail" in str(entry["event"]):
         return "red"
-    if entry["event"] in ("reboot", "kexec"):
+    if entry.get("ok") is False:
+        return "red"
+    if entry["event"] in ("reboot", "kexec", "rollback-reboot") or entry["event"].startswith(
+        "trial-"
+    ):
         return "magenta"
     if entry["event"] == "rolled-back":
         return "yellow"

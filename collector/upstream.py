@@ -28,6 +28,7 @@ from .store import StorePath
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+PROBE_BODY = 4096  # of a health URL's body, kept for the operator
 _TOKEN = re.compile(r"[!-~]+")  # visible ASCII: a header value that needs no encoding
 MAX_REDIRECTS = 5
 MAX_ATTEMPTS = 4
@@ -316,19 +317,19 @@ def _reason(e: requests.RequestException) -> str:
     return text.splitlines()[0][:200] if text else type(reason).__name__
 
 
-def _redirect(url: str, location: str | None) -> str:
+def _redirect(url: str, location: str | None, what: str = "upstream ") -> str:
     if not location:
-        raise UpstreamError(f"upstream {shown(url)} redirected without a Location")
+        raise UpstreamError(f"{what}{shown(url)} redirected without a Location")
     try:
         target = urljoin(url, location)
     except ValueError as e:
-        raise UpstreamError(f"upstream {shown(url)} redirected to an invalid URL: {e}") from None
-    _check_url(target, f"upstream {shown(url)} redirected to")
+        raise UpstreamError(f"{what}{shown(url)} redirected to an invalid URL: {e}") from None
+    _check_url(target, f"{what}{shown(url)} redirected to")
     scheme = urlsplit(target).scheme
     if scheme not in ("http", "https"):
-        raise UpstreamError(f"upstream {shown(url)} redirected to a {scheme}: URL, refused")
+        raise UpstreamError(f"{what}{shown(url)} redirected to a {scheme}: URL, refused")
     if urlsplit(url).scheme == "https" and scheme == "http":
-        raise UpstreamError(f"upstream {shown(url)} redirected from https to http, refused")
+        raise UpstreamError(f"{what}{shown(url)} redirected from https to http, refused")
     return target
 
 
@@ -354,3 +355,52 @@ def _read(response: requests.Response, url: str) -> Fetched:
         last_modified=response.headers.get("Last-Modified"),
         url=digest(url),
     )
+
+
+@dataclass(frozen=True)
+class Probed:
+    status: int
+    reason: str
+    body: str  # the start of the body, for the operator
+
+
+def probe(settings: Settings, url: str, timeout: float) -> Probed:
+    """One GET of an operator's health URL within timeout: its final status after at most
+    MAX_REDIRECTS redirects, and the start of its body. The upstream URL's credentials
+    and headers are not sent (they are for upstream only); --ca-file and the proxy
+    variables apply. UpstreamError when it gives no answer."""
+    _check_url(url, "health URL")
+    try:
+        with _deadline(timeout):
+            return _probe(settings, url, time.monotonic() + timeout)
+    except _Deadline:
+        raise UpstreamError(f"{shown(url)} did not answer within {timeout:g}s") from None
+
+
+def _probe(settings: Settings, url: str, deadline: float) -> Probed:
+    session = requests.Session()
+    for _ in range(MAX_REDIRECTS + 1):
+        left = max(deadline - time.monotonic(), 0.1)
+        try:
+            response = session.get(
+                url,
+                headers={"User-Agent": f"nixos-autodeploy/{__version__}"},
+                auth=_NoAuth(),
+                allow_redirects=False,
+                stream=True,
+                timeout=(min(10.0, left), left),
+                verify=settings.ca_file or True,
+            )
+        except requests.RequestException as e:
+            raise UpstreamError(f"{shown(url)}: {_reason(e)}") from None
+        with response:
+            if response.status_code in REDIRECTS:
+                url = _redirect(url, response.headers.get("Location"), what="")
+                continue
+            try:
+                body = response.raw.read(PROBE_BODY, decode_content=False) or b""
+            except urllib3.exceptions.HTTPError:
+                body = b""  # the status is the answer; the body is only a hint
+            text = body.decode("utf-8", errors="replace").strip()
+            return Probed(response.status_code, response.reason or "", text)
+    raise UpstreamError(f"{shown(url)}: more than {MAX_REDIRECTS} redirects")

@@ -22,6 +22,7 @@ ALERTS = {
     "NixosAutodeployCollectorStale",
     "NixosAutodeployDeployFailed",
     "NixosAutodeployUpdateNotApplied",
+    "NixosAutodeployRolledBack",
 }
 SEVERITIES = {"info", "warning", "critical"}
 

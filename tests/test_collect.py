@@ -414,3 +414,58 @@ def test_a_failed_fetch_keeps_the_time_of_the_last_good_one(host: Host) -> None:
     assert host.collect().returncode == 1
     upstream = host.snapshot()["upstream"]
     assert upstream["fetched_at"] == last_good and "404" in upstream["error"]
+
+
+@pytest.mark.parametrize("rolled_back", [True, False])
+def test_status_and_metrics_show_the_last_health_checks_and_rollback(
+    host: Host, rolled_back: bool
+) -> None:
+    """What the actuator records after failed health checks (docs/CONTRACT.md, deploys.json)
+    reaches the metrics, `status` and `status --json`."""
+    old, new = collected_update(host)
+    reason = "check 'http://127.0.0.1/health' failed: HTTP 503 Service Unavailable"
+    health = {
+        "at": 1_800_000_000.0,
+        "ok": False,
+        "attempts": 60,
+        "summary": reason,
+        "checks": [{"name": "http://127.0.0.1/health", "ok": False, "output": ["HTTP 503"]}],
+    }
+    rollback = {
+        "at": 1_800_000_010.0,
+        "from": new.path,
+        "to": old.path,
+        "ok": rolled_back,
+        "reason": reason,
+    }
+    deploys = {
+        "version": 1,
+        "last": None,
+        "totals": {"success": 0, "failure": 1},
+        "failed_path": new.path,
+        "health": health,
+        "rollbacks": 2,
+        "last_rollback": rollback,
+    }
+    (host.state_dir / "deploys.json").write_text(json.dumps(deploys))
+    assert host.collect().returncode == 0
+    metrics = host.metrics()
+    assert metric(metrics, "nixos_autodeploy_last_health_check_success") == 0
+    assert metric(metrics, "nixos_autodeploy_last_health_check_timestamp_seconds") == health["at"]
+    assert metric(metrics, "nixos_autodeploy_rollbacks_total") == 2
+    assert metric(metrics, "nixos_autodeploy_last_rollback_success") == rolled_back
+    shown = json.loads(host.status("--json").stdout)
+    assert (shown["last_health"], shown["last_rollback"]) == (health, rollback)
+    lines = status_table(host).stdout.splitlines()
+    assert any(x.startswith("last health check: failed") and x.endswith(reason) for x in lines)
+    (line,) = (x for x in lines if f"rolled back from {new.path} at 2027-01-15 08:00:10 UTC" in x)
+    assert line.startswith("rolled back" if rolled_back else "rolling back failed ("), line
+    assert line.endswith(f"ago): {reason}" if rolled_back else f"ago)): {reason}"), line
+
+
+def test_metrics_without_health_checks_yet_have_no_health_series(host: Host) -> None:
+    collected_update(host)
+    metrics = host.metrics()
+    assert metric(metrics, "nixos_autodeploy_rollbacks_total") == 0
+    assert "nixos_autodeploy_last_health_check_success" not in metrics
+    assert "nixos_autodeploy_last_rollback_success" not in metrics

@@ -35,6 +35,7 @@ from harness import (
     run_checked,
 )
 
+from actuator import trial
 from actuator.journal import STOP_AT, Phase
 
 pytestmark = pytest.mark.nix
@@ -315,10 +316,11 @@ def test_tracking_and_new_upstream_deploys(host: Host) -> None:
     assert host.recorded("systemctl") == [] and host.recorded("kexec") == []
     # One history line per decision and per action.
     events = history(host)
-    assert [e["event"] for e in events] == ["decision", "deploy"]
+    assert [e["event"] for e in events] == ["decision", "health", "deploy"]
     assert (events[0]["action"], events[0]["state"]) == ("deploy", "update-available")
     assert b.basename in events[0]["reason"]
-    assert {k: events[1][k] for k in ("path", "mode", "result", "message")} == {
+    assert (events[1]["path"], events[1]["ok"]) == (b.path, True)
+    assert {k: events[2][k] for k in ("path", "mode", "result", "message")} == {
         "path": b.path,
         "mode": "switch",
         "result": "success",
@@ -470,8 +472,9 @@ def test_pending_reboot_then_reboot_into_it_is_up_to_date(host: Host) -> None:
     assert deployed_mirror(host) == new.path, "the reboot wiped /run; its record mirror is back"
 
 
-@pytest.mark.parametrize("reboot_mode", ["reboot", "kexec"])
-def test_reboot_mode_reboots_once_into_a_boot_deploy(host: Host, reboot_mode: str) -> None:
+def test_reboot_mode_reboots_once_into_a_boot_deploy(host: Host) -> None:
+    """A reboot into a boot-mode deploy, once (the kexec trial boot: test_trial.py)."""
+    reboot_mode = "reboot"
     systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
     old, new = systems["old"], systems["new"]
     tracking(host, old, new)
@@ -480,30 +483,19 @@ def test_reboot_mode_reboots_once_into_a_boot_deploy(host: Host, reboot_mode: st
     result = deploy(host, *args)
     assert result.returncode == 0, result
     assert host.activations() == [("boot", new.path)]
-    if reboot_mode == "reboot":
-        assert host.recorded("systemctl") == [["reboot"]]
-        assert host.recorded("kexec") == []
-        assert reboot_calls(order) == ["systemctl"]
-    else:
-        assert host.recorded("kexec") == [
-            [
-                "--load",
-                f"{new}/kernel",
-                f"--initrd={new}/initrd",
-                f"--append=loglevel=4 autodeploy=new init={new}/init",
-            ]
-        ]
-        assert host.recorded("systemctl") == [["kexec"]]
-        assert reboot_calls(order) == ["kexec", "systemctl"]
+    assert host.recorded("systemctl") == [["reboot"]]
+    assert host.recorded("kexec") == []
+    assert reboot_calls(order) == ["systemctl"]
     assert_record(host, new, "boot", previous=old, rebooted=True)
-    assert [e["event"] for e in history(host)] == ["decision", "deploy", reboot_mode]
+    # Counted once the run after the boot has checked it (test_trial.py).
+    assert [e["event"] for e in history(host)] == ["decision", f"trial-{reboot_mode}"]
     # The reboot did not take: the boot menu picked the old generation.
     point_link(host.boot_default_link, old.path)
     host.reboot()
     again = deploy(host, *args)
     assert again.returncode == 0, again
     assert "not rebooting again" in again.stderr
-    assert len(reboot_calls(order)) == (1 if reboot_mode == "reboot" else 2)
+    assert reboot_calls(order) == ["systemctl"]
     assert host.activations() == [("boot", new.path)]
     assert_links(host, current=old, profile=new, booted=old)
     snapshot = host.snapshot()
@@ -690,7 +682,10 @@ def test_fresh_snapshot_is_used_and_a_stale_one_is_collected_again(host: Host) -
     path.write_text(json.dumps(snapshot))
     stale = deploy(host, "--max-snapshot-age", "600")
     assert stale.returncode == 0, stale
-    assert host.server.count("/upstream") == 1, "a stale snapshot is collected again first"
+    # One fetch to collect first, one by the health check after the switch (upstream still
+    # reachable from the new system).
+    assert host.server.count("/upstream") == 2, "a stale snapshot is collected again first"
+    assert host.read_json("deploys.json")["health"]["checks"][0]["name"] == "upstream"
     assert decisions(host)[-1] == ("deploy", "update-available")
     assert host.activations() == [("switch", b.path)]
     assert_record(host, b, "switch", previous=a)
@@ -727,13 +722,14 @@ def test_dry_run_prints_the_decision_and_commands_and_changes_nothing(
     if reboot == ["reboot"]:
         expected.append(["systemctl", "reboot"])
     if reboot == ["kexec"]:
-        expected += [
+        # A kexec trial boot: the profile and the boot loader follow after its checks.
+        expected = [
             [
                 "kexec",
                 "--load",
                 f"{new}/kernel",
                 f"--initrd={new}/initrd",
-                f"--append=loglevel=4 autodeploy=new init={new}/init",
+                f"--append=loglevel=4 autodeploy=new init={new}/init panic=30",
             ],
             ["systemctl", "kexec"],
         ]
@@ -1087,6 +1083,7 @@ RECOVERY: dict[Phase, list[tuple[str, str]]] = {
     Phase.PROFILE_SET: [("switch", "b")],
     Phase.ACTIVATING: [("switch", "b")],  # not taken effect: superseded by the next deploy
     Phase.ACTIVATED: [("switch", "b")],  # took effect: rolled forward
+    Phase.CHECKING: [("switch", "b")],  # checked again, passing
     Phase.DONE: [("switch", "b")],
     Phase.FAILED: [("switch", "b"), ("switch", "a")],  # counted, then rolled back
     Phase.ROLLING_BACK: [("switch", "b"), ("switch", "a")],
@@ -1096,7 +1093,9 @@ FAILING = {Phase.FAILED, Phase.ROLLING_BACK, Phase.ROLLED_BACK}
 
 
 def test_recovery_covers_every_phase() -> None:
-    assert set(RECOVERY) == set(Phase)
+    # A trial boot's own phases are finished by the run after the boot: test_trial.py.
+    assert set(RECOVERY) == set(Phase) - {Phase.BOOTING, Phase.REBOOTING_BACK}
+    assert trial.PHASES - set(RECOVERY) == {Phase.BOOTING, Phase.REBOOTING_BACK}
 
 
 @pytest.mark.parametrize("phase", list(RECOVERY), ids=[p.value for p in RECOVERY])
@@ -1325,7 +1324,8 @@ def test_deploy_with_another_url_fetches_it_first(host: Host) -> None:
     other = host.server.url("/other")
     result = host.run_agent("deploy", "--url", other, "--prometheus-path", str(host.metrics_path))
     assert result.returncode == 0, result
-    assert host.server.count("/other") == 1
+    # Collected first, then fetched by the health check after the switch.
+    assert host.server.count("/other") == 2
     assert_links(host, current=b, profile=b)
     assert host.snapshot()["upstream"]["url"] == other
 

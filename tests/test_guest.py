@@ -42,9 +42,18 @@ AGENT_UNIT = "nixos-autodeploy-deploy.service"
 REPORT_PREFIX = "AUTODEPLOY-GUEST "
 SANDBOX_PATHS = "/bin /usr /lib /lib64"
 NIX_COMMAND = ("--extra-experimental-features", "nix-command")
-# The whole guest session (all boots); the issue's budget is 10 minutes in all.
-GUEST_TIMEOUT_SECONDS = 540
-SYSTEM_NAMES = ("initial", "switched", "slow", "kexeced", "rebooted")
+# The whole guest session (all boots, health checks and trial boots included).
+GUEST_TIMEOUT_SECONDS = 1800
+SYSTEM_NAMES = (
+    "initial",
+    "switched",
+    "slow",
+    "kexeced",
+    "rebooted",
+    "broken",
+    "unbootable",
+    "unhealthy",
+)
 
 
 def require(condition: bool, message: str) -> None:
@@ -314,6 +323,12 @@ def test_activation_survives_restart_of_agent_unit(guest: GuestRun) -> None:
     assert restart["status"]["dirty"] is False
 
 
+def failures(event: dict[str, Any]) -> float:
+    counter = 'nixos_autodeploy_deployments_total{result="failure"} '
+    (line,) = [line for line in event["metrics"] if line.startswith(counter)]
+    return float(line.removeprefix(counter))
+
+
 def test_restarted_agent_records_no_failure_for_running_activation(guest: GuestRun) -> None:
     """The restarted agent finds the activation still running in its unit: that is
     not a failed deploy (it would alert, and block the path until upstream changes)."""
@@ -321,7 +336,8 @@ def test_restarted_agent_records_no_failure_for_running_activation(guest: GuestR
     restart = guest.event("restart")
     assert restart["restart_rc"] == 0, "the restarted agent's unit failed"
     assert restart["status"]["last_deploy"]["result"] == "success"
-    assert 'nixos_autodeploy_deployments_total{result="failure"} 0.0' in restart["metrics"]
+    # No more failures than the broken system's rolled-back deploy before it.
+    assert failures(restart) == failures(guest.event("broken")) == 1
 
 
 def test_smart_kexec_boots_new_kernel(guest: GuestRun) -> None:
@@ -336,8 +352,18 @@ def test_smart_kexec_boots_new_kernel(guest: GuestRun) -> None:
     assert "kexec_core: Starting new kernel" in guest.console
     assert after["booted"] == kexeced
     assert after["current"] == kexeced
+    # A trial: the profile and the boot entry stayed on the old system until the run
+    # after the boot had checked the new one.
+    switched_or_slow = after["before_confirmation"]["profile"]
+    assert switched_or_slow == guest.systems["slow"]
+    assert after["before_confirmation"]["boot_entry"] == guest.systems["slow"]
+    assert after["agent_rc"] == 0
     assert after["profile"] == kexeced
+    assert after["boot_entry"] == kexeced
     assert after["deployed"]["path"] == kexeced
+    assert "panic=30" in after["cmdline"].split()
+    assert after["deploys"]["health"]["ok"] is True
+    assert [c["name"] for c in after["deploys"]["health"]["checks"]] == ["systemd", "upstream"]
     steps = activation_lines(guest, after, "kexeced")
     assert [step[:3] for step in steps] == [["start", kexeced, "boot"], ["done", kexeced, "boot"]]
     status = after["status"]
@@ -409,3 +435,90 @@ def test_resident_collector_is_a_notify_service_that_picks_up_a_switch(
     assert stopped["ExecMainStatus"] == "0", stopped
     assert "stopped" in resident["journal"]
     assert any(line.startswith("nixos_autodeploy_info{") for line in resident["metrics"])
+
+
+def boots_in(guest: GuestRun, phase: str) -> int:
+    return sum(1 for e in guest.events if e["event"] == "boot" and e["phase"] == phase)
+
+
+def test_switch_to_a_system_with_a_failing_unit_is_rolled_back_by_systemd(
+    guest: GuestRun,
+) -> None:
+    guest.show()
+    broken = guest.event("broken")
+    switched = guest.systems["switched"]
+    assert broken["agent_rc"] != 0
+    health = broken["deploys"]["health"]
+    assert health["ok"] is False and health["path"] == guest.systems["broken"]
+    assert (
+        "check 'systemd' failed: failed units: autodeploy-guest-broken.service"
+        in (health["summary"])
+    )
+    # Switched to broken, then back to switched, both in the transient unit.
+    assert [step[:3] for step in activation_lines(guest, broken, "broken")] == [
+        ["start", guest.systems["broken"], "switch"],
+        ["done", guest.systems["broken"], "switch"],
+    ]
+    assert [step[:3] for step in activation_lines(guest, broken, "switched")][-2:] == [
+        ["start", switched, "switch"],
+        ["done", switched, "switch"],
+    ]
+    assert (broken["current"], broken["profile"], broken["boot_entry"]) == (switched,) * 3
+    assert broken["deployed"]["path"] == switched
+    assert broken["deploys"]["rollbacks"] == 1
+    assert guest.systems["broken"] in broken["deploys"]["failed"]
+    assert broken["status"]["state"] == "update-available"
+    assert broken["status"]["dirty"] is False
+    assert "nixos_autodeploy_rollbacks_total 1.0" in broken["metrics"]
+
+
+def test_kexec_trial_into_an_unbootable_system_comes_back_and_stays(guest: GuestRun) -> None:
+    guest.show()
+    after = guest.event("after-kexec-unbootable")
+    kexeced, unbootable = guest.systems["kexeced"], guest.systems["unbootable"]
+    # The initramfs gave up on the root device; panic= made it reset the machine, and the
+    # firmware booted qemu's own kernel command line (the boot loader's default).
+    assert "Rebooting automatically due to panic= boot argument" in guest.console
+    assert "autodeploy=initial" in after["cmdline"].split()
+    assert (after["current"], after["profile"], after["boot_entry"]) == (kexeced,) * 3
+    assert after["agent_rc"] != 0
+    said = " ".join(after["journal"])
+    assert (
+        f"did not come up on its trial boot: the host came back on {kexeced.split('/')[-1]}" in said
+    )
+    assert unbootable in after["deploys"]["failed"]
+    assert after["deploys"]["last_rollback"]["from"] == unbootable
+    assert after["second_rc"] == 0, "the timer's next run leaves it alone"
+    assert "not retried" in " ".join(after["second_journal"])
+    assert after["status"]["state"] == "update-available" and after["status"]["dirty"] is False
+    # No further reboot: the next boot is the next scenario's own reboot.
+    assert boots_in(guest, "after-kexec-unbootable") == 1
+    phases = [e["phase"] for e in guest.events if e["event"] == "boot"]
+    assert phases[phases.index("after-kexec-unbootable") + 1] == "after-reboot"
+
+
+def boot_event(guest: GuestRun, phase: str) -> dict[str, Any]:
+    found = [e for e in guest.events if e["event"] == "boot" and e["phase"] == phase]
+    assert len(found) == 1, f"{len(found)} boots into phase {phase!r}"
+    return found[0]
+
+
+def test_reboot_trial_failing_its_check_reboots_back_once(guest: GuestRun) -> None:
+    guest.show()
+    trial = boot_event(guest, "after-reboot-unhealthy")
+    back = guest.event("after-rollback-reboot")
+    rebooted, unhealthy = guest.systems["rebooted"], guest.systems["unhealthy"]
+    # The trial boot: unhealthy was the boot entry and came up.
+    assert (trial["current"], trial["boot_entry"]) == (unhealthy, unhealthy)
+    # Its run after the boot failed the check, went back and rebooted, once.
+    said = " ".join(back["previous_journal"])
+    assert "failed its health checks after its trial boot" in said
+    assert trial["boot_id"] != back["boot_id"]
+    assert (back["current"], back["profile"], back["boot_entry"]) == (rebooted,) * 3
+    assert back["agent_rc"] == 0
+    assert back["agent_journal"]["phase"] == "rolled-back"
+    assert back["deploys"]["last_rollback"]["from"] == unhealthy
+    assert unhealthy in back["deploys"]["failed"]
+    assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
+    assert boot_event(guest, "after-rollback-reboot")
+    assert boots_in(guest, "done") == 0, "no reboot after the rollback reboot"

@@ -205,8 +205,9 @@ def has_data(response: Any) -> bool:
 
 def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
     """A host someone deployed by hand (dirty), on a new kernel it has not booted
-    (reboot required), whose last deploy by the actuator failed; CI published a third
-    system. Every metric of docs/CONTRACT.md then exists."""
+    (reboot required), whose last deploy by the actuator failed and an earlier one was
+    rolled back after its health checks failed; CI published a third system. Every
+    metric of docs/CONTRACT.md then exists."""
     systems = host.build(
         SystemSpec("ours", kernel="6.1.7"),
         SystemSpec("theirs", kernel="6.6.1"),
@@ -228,6 +229,21 @@ def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
         },
         "totals": {"success": 3, "failure": 1},
         "failed_path": ci.path,
+        "health": {
+            "at": time.time() - 7200,
+            "ok": False,
+            "attempts": 3,
+            "summary": "check 'systemd' failed: failed units: web.service",
+            "checks": [{"name": "systemd", "ok": False, "output": ["failed units: web.service"]}],
+        },
+        "rollbacks": 1,
+        "last_rollback": {
+            "at": time.time() - 7200,
+            "from": ci.path,
+            "to": ours.path,
+            "ok": True,
+            "reason": "check 'systemd' failed: failed units: web.service",
+        },
     }
     (host.state_dir / "deploys.json").write_text(json.dumps(deploys))
     collected = host.collect()

@@ -32,7 +32,7 @@ import pytest
 from harness import Host, RecordedRequest, Reply, TestServer, require_tool, run_checked
 
 from collector.cli import build_parser
-from collector.config import RebootMode, Settings, SwitchMode, settings_from
+from collector.config import HealthSettings, RebootMode, Settings, SwitchMode, settings_from
 from collector.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +49,7 @@ OWN_LINKS = [
     f"L+ /run/upstream-system - - - - {RUNTIME_DIR}/upstream-system",
     f"L+ /run/deployed-system - - - - {RUNTIME_DIR}/deployed-system",
 ]
+BOOT = "nixos-autodeploy-boot"  # the actuator once at boot: confirms a trial boot
 # What systemd substitutes for %d (the unit's credentials directory).
 CREDENTIALS_DIR = "/run/credentials/unit.service"
 
@@ -342,9 +343,9 @@ def test_units_and_timers(evaluate: Evaluate) -> None:
     resident, timer = evaluate(BASE, TIMER)
     assert resident["failedAssertions"] == [] and timer["failedAssertions"] == []
     # Resident by default: no timer for the collector.
-    assert set(resident["services"]) == {COLLECTOR, ACTUATOR, TRIGGER}
+    assert set(resident["services"]) == {COLLECTOR, ACTUATOR, TRIGGER, BOOT}
     assert set(resident["timers"]) == {ACTUATOR}
-    assert set(timer["services"]) == {COLLECTOR, ACTUATOR, TRIGGER}
+    assert set(timer["services"]) == {COLLECTOR, ACTUATOR, TRIGGER, BOOT}
     assert set(timer["timers"]) == {COLLECTOR, ACTUATOR}
     for record in (resident, timer):
         for unit in record["timers"].values():
@@ -516,6 +517,52 @@ def test_actuator_unit_carries_modes_and_extra_args(evaluate: Evaluate) -> None:
         "FixedRandomDelay": True,
         "Persistent": True,
     }
+
+
+@pytest.mark.nix
+def test_health_checks_reach_the_actuator_and_its_run_at_boot(evaluate: Evaluate) -> None:
+    commands = ["curl -f http://127.0.0.1/healthz", "test -e /run/ok"]
+    health: dict[str, Any] = {
+        "commands": commands,
+        "urls": ["http://127.0.0.1:8080/health"],
+        "units": ["nginx.service"],
+        "ignoreUnits": ["flaky@*"],
+        "timeout": 120,
+        "path": ["/run/current-system/sw"],
+    }
+    (record, off) = evaluate(
+        BASE | {"healthChecks": health}, BASE | {"healthChecks": {"enable": False}}
+    )
+    assert record["failedAssertions"] == []
+    expected = HealthSettings(
+        commands=tuple(commands),
+        urls=("http://127.0.0.1:8080/health",),
+        units=("nginx.service",),
+        ignore_units=("flaky@*",),
+        timeout=120.0,
+    )
+    actuator, boot = record["services"][ACTUATOR], record["services"][BOOT]
+    for service in (actuator, boot):
+        settings = program_settings(exec_argv(service["serviceConfig"]["ExecStart"]))
+        assert settings.health == expected
+        assert service["path"] == health["path"]
+    assert boot["serviceConfig"]["ExecStart"] == actuator["serviceConfig"]["ExecStart"]
+    # Once per boot, after multi-user.target; Type=exec so that the boot is finished
+    # while it runs (its systemd check waits for that), never restarted by a switch.
+    assert boot["wantedBy"] == ["multi-user.target"]
+    assert "multi-user.target" in boot["after"]
+    assert boot["serviceConfig"]["Type"] == "exec"
+    assert boot["restartIfChanged"] is False
+    assert BOOT not in record["timers"]
+    off_settings = program_settings(
+        exec_argv(off["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+    assert off_settings.health == HealthSettings(enabled=False)
+    (default,) = evaluate(BASE)
+    default_settings = program_settings(
+        exec_argv(default["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+    assert default_settings.health == HealthSettings()
 
 
 @pytest.mark.nix
@@ -865,6 +912,10 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
         ),
         ({"extraHeaders": {"X Host": "web1"}}, "system.autoDeploy.extraHeaders must map"),
         ({"extraHeaders": {"X-Host": "a\r\nX-Evil: 1"}}, "system.autoDeploy.extraHeaders must"),
+        (
+            {"healthChecks": {"urls": ["127.0.0.1/health"]}},
+            "system.autoDeploy.healthChecks.urls must be http:// or https:// URLs",
+        ),
     ],
 )
 def test_assertions_explain_what_is_wrong(
@@ -883,6 +934,7 @@ def test_assertions_explain_what_is_wrong(
         ({"rebootMode": "poweroff"}, "system.autoDeploy.rebootMode"),
         ({"timeout": 0}, "system.autoDeploy.timeout"),
         ({"collector": {"pollInterval": 0}}, "system.autoDeploy.collector.pollInterval"),
+        ({"healthChecks": {"timeout": 0}}, "system.autoDeploy.healthChecks.timeout"),
     ],
 )
 def test_invalid_values_are_rejected(

@@ -341,13 +341,14 @@ def test_log_after_deploys_a_failed_deploy_and_a_reboot(host: Host) -> None:
     entries = json.loads(as_json.stdout)
     assert [(e["event"], e.get("result") or e.get("action")) for e in entries] == [
         ("decision", "deploy"),
+        ("health", None),
         ("deploy", "success"),
         ("decision", "deploy"),
         ("deploy", "failure"),
         ("rolled-back", None),
         ("decision", "deploy"),
-        ("deploy", "success"),
-        ("reboot", None),
+        # A boot-mode deploy with a reboot is a trial boot: a success once confirmed.
+        ("trial-reboot", None),
     ]
     assert [e["at"] for e in entries] == sorted(e["at"] for e in entries), "newest last"
 
@@ -356,10 +357,10 @@ def test_log_after_deploys_a_failed_deploy_and_a_reboot(host: Host) -> None:
     row = re.compile(r"│ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d │ +(\d+[dhms] ?)+ │ (\S+) +│ (.*)│")
     rows = [m.groups()[1:] for m in map(row.match, table.stdout.splitlines()) if m]
     assert [event for event, _ in rows] == [e["event"] for e in entries]
-    assert rows[1][1].startswith("success (switch) " + systems["b"].basename)
-    assert rows[3][1].startswith("failure (switch) " + systems["bad"].basename)
-    assert rows[4][1].strip() == f"{systems['bad'].basename}, back to {systems['b'].basename}"
-    assert rows[6][1].startswith("success (boot) " + systems["c"].basename)
+    assert rows[1][1].startswith("passed on " + systems["b"].basename)
+    assert rows[2][1].startswith("success (switch) " + systems["b"].basename)
+    assert rows[4][1].startswith("failure (switch) " + systems["bad"].basename)
+    assert rows[5][1].strip() == f"{systems['bad'].basename}, back to {systems['b'].basename}"
     assert rows[7][1].strip() == systems["c"].basename
     assert "a unit failed" in table.stdout
 

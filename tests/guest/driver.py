@@ -45,6 +45,7 @@ SYSTEMS: dict[str, str] = CONFIG["systems"]
 
 def report(event: str, **facts: object) -> None:
     """One JSON line on ttyS1 (the console on ttyS0 carries everything else)."""
+    facts = {"at": time.time(), **facts}  # the guest's clock: for the scenarios' wall times
     line = REPORT_PREFIX + json.dumps({"event": event, **facts}, sort_keys=True) + "\n"
     fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
     try:
@@ -95,6 +96,19 @@ def boot_facts() -> dict[str, object]:
     return {
         "cmdline": Path("/proc/cmdline").read_text().strip(),
         "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+    }
+
+
+def systemd_state() -> dict[str, object]:
+    state = run("systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+    failed = run("systemctl", "list-units", "--state=failed", "--plain", "--no-legend", check=False)
+    return {"systemd": state, "failed_units": failed.stdout.split("\n")}
+
+
+def deploy_state() -> dict[str, object]:
+    return {
+        "deploys": read_json(AGENT_STATE / "deploys.json"),
+        "agent_journal": read_json(AGENT_STATE / "journal.json"),
     }
 
 
@@ -252,6 +266,24 @@ def phase_switch() -> None:
         switch_journal=journal(CONFIG["switch_unit"]),
         **links(),
     )
+    set_phase("broken")
+
+
+def phase_broken() -> None:
+    """Scenario 5: a switch to a system with a unit that fails to start: systemd's
+    verdict (degraded) fails the health checks; the agent switches back."""
+    publish("broken")
+    agent = start_agent("--switch-mode", "switch", "--health-timeout", "20")
+    report(
+        "broken",
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
+        **systemd_state(),
+        **links(),
+        **deploy_state(),
+        **status(),
+    )
+    run("systemctl", "reset-failed")  # the operator clears the failed unit
     set_phase("restart")
 
 
@@ -287,12 +319,53 @@ def phase_kexec() -> None:
     wait_for_shutdown("kexec")
 
 
+def boot_run(*deploy_args: str) -> subprocess.CompletedProcess[str]:
+    """The agent's run after a boot (nixos-autodeploy-boot.service on NixOS): it confirms
+    or rolls back a trial boot before anything else."""
+    return start_agent(*deploy_args)
+
+
 def phase_after_kexec() -> None:
+    before = links()
+    agent = boot_run("--switch-mode", "smart", "--reboot-mode", "kexec")
     report(
         "after-kexec",
         previous_journal=journal(AGENT_UNIT, "-1"),
+        before_confirmation=before,
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
         **boot_facts(),
         **links(),
+        **deploy_state(),
+        **status(),
+    )
+    set_phase("kexec-unbootable")
+
+
+def phase_kexec_unbootable() -> None:
+    """Scenario 6: a kexec trial into a system that never reaches userspace."""
+    publish("unbootable")
+    set_phase("after-kexec-unbootable")
+    agent = start_agent("--switch-mode", "smart", "--reboot-mode", "kexec")
+    report("kexec-unbootable-requested", agent_rc=agent.returncode, journal=journal(AGENT_UNIT))
+    wait_for_shutdown("kexec")
+
+
+def phase_after_kexec_unbootable() -> None:
+    first = boot_run("--switch-mode", "smart", "--reboot-mode", "kexec")
+    first_journal = journal(AGENT_UNIT)
+    # And the timer's next run: the failed system is not tried again.
+    second = start_agent("--switch-mode", "smart", "--reboot-mode", "kexec")
+    report(
+        "after-kexec-unbootable",
+        previous_journal=journal(AGENT_UNIT, "-1"),
+        agent_rc=first.returncode,
+        journal=first_journal,
+        second_rc=second.returncode,
+        second_journal=journal(AGENT_UNIT),
+        **boot_facts(),
+        **links(),
+        **deploy_state(),
         **status(),
     )
     set_phase("reboot")
@@ -308,11 +381,74 @@ def phase_reboot() -> None:
 
 
 def phase_after_reboot() -> None:
+    agent = boot_run("--switch-mode", "smart", "--reboot-mode", "reboot")
     report(
         "after-reboot",
         previous_journal=journal(AGENT_UNIT, "-1"),
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
         **boot_facts(),
         **links(),
+        **deploy_state(),
+        **status(),
+    )
+    set_phase("reboot-unhealthy")
+
+
+UNHEALTHY_CHECK = STATE / "check-not-unhealthy"
+
+
+def unhealthy_args() -> tuple[str, ...]:
+    """The operator's check that fails while the "unhealthy" system runs."""
+    UNHEALTHY_CHECK.write_text(
+        f'#!/bin/sh\n[ "$(readlink /run/current-system)" != {SYSTEMS["unhealthy"]} ]\n'
+    )
+    UNHEALTHY_CHECK.chmod(0o755)
+    return (
+        "--switch-mode",
+        "smart",
+        "--reboot-mode",
+        "reboot",
+        "--health-check",
+        str(UNHEALTHY_CHECK),
+        "--health-timeout",
+        "20",
+    )
+
+
+def phase_reboot_unhealthy() -> None:
+    """Scenario 7: a reboot trial whose after-boot check fails: one rollback reboot."""
+    publish("unhealthy")
+    set_phase("after-reboot-unhealthy")
+    agent = start_agent(*unhealthy_args())
+    report("reboot-unhealthy-requested", agent_rc=agent.returncode, journal=journal(AGENT_UNIT))
+    wait_for_shutdown("reboot")
+
+
+def phase_after_reboot_unhealthy() -> None:
+    set_phase("after-rollback-reboot")
+    agent = boot_run(*unhealthy_args())
+    report(
+        "after-reboot-unhealthy",
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
+        **boot_facts(),
+        **links(),
+        **deploy_state(),
+    )
+    wait_for_shutdown("the rollback reboot")
+
+
+def phase_after_rollback_reboot() -> None:
+    agent = boot_run(*unhealthy_args())
+    report(
+        "after-rollback-reboot",
+        previous_journal=journal(AGENT_UNIT, "-1"),
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
+        **boot_facts(),
+        **links(),
+        **deploy_state(),
         **status(),
     )
     finish()
@@ -399,20 +535,55 @@ def phase_resident() -> None:
 PHASES = {
     "install": phase_install,
     "switch": phase_switch,
+    "broken": phase_broken,
     "restart": phase_restart,
     "kexec": phase_kexec,
     "after-kexec": phase_after_kexec,
+    "kexec-unbootable": phase_kexec_unbootable,
+    "after-kexec-unbootable": phase_after_kexec_unbootable,
     "reboot": phase_reboot,
     "after-reboot": phase_after_reboot,
     "resident": phase_resident,
+    "reboot-unhealthy": phase_reboot_unhealthy,
+    "after-reboot-unhealthy": phase_after_reboot_unhealthy,
+    "after-rollback-reboot": phase_after_rollback_reboot,
 }
 # One boot runs phases until one takes the machine down.
-NEXT_IN_SAME_BOOT = {"install", "switch", "restart", "after-kexec"}
+NEXT_IN_SAME_BOOT = {
+    "install",
+    "switch",
+    "broken",
+    "restart",
+    "after-kexec",
+    "after-kexec-unbootable",
+    "after-reboot",
+}
+
+
+def detach() -> bool:
+    """Go on in a transient unit of its own, outside the boot transaction: the boot then
+    finishes, as on NixOS where nothing of the agent's holds it up, and the agent's systemd
+    check (`systemctl is-system-running --wait`) sees a booted system."""
+    if os.environ.get("AUTODEPLOY_GUEST_DETACHED"):
+        return False
+    run(
+        "systemd-run",
+        "--unit=autodeploy-guest-scenarios",
+        "--collect",
+        "--setenv=AUTODEPLOY_GUEST_DETACHED=1",
+        "--property=StandardOutput=journal",
+        "--property=StandardError=journal+console",
+        sys.executable,
+        str(Path(__file__).resolve()),
+    )
+    return True
 
 
 def main() -> None:
+    if detach():
+        return
     phase = read_text(PHASE_FILE) or CONFIG.get("first_phase", "install")
-    report("boot", phase=phase, **boot_facts(), **links())
+    report("boot", phase=phase, **boot_facts(), **links(), **systemd_state())
     if phase == "done":  # booted again after the end: nothing to do
         run("systemctl", "poweroff", "--no-block")
         return

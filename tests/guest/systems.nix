@@ -27,7 +27,7 @@ let
       ''mkdir -p $out/lib/modules && echo ${variant} > $out/lib/modules/variant'';
   };
 
-  switchScript = activationSeconds: ''
+  switchScript = activationSeconds: onSwitch: ''
     #!/bin/sh
     # switch-to-configuration for the guest. switch/boot make this the boot
     # loader's default entry; switch/test activate it (point current at it).
@@ -41,6 +41,7 @@ let
     note() { echo "$1 $out $action $(date +%s) $(cat /proc/self/cgroup)" >> $state/activations.log; echo "switch-to-configuration: $1 $out $action"; }
     case "$action" in switch|boot|test) ;; *) echo "usage: $0 switch|boot|test" >&2; exit 1 ;; esac
     note start
+    case "$action" in switch) ${onSwitch} ;; esac
     case "$action" in switch|boot) ln -sfn $out $state/boot-entry.new && mv -T $state/boot-entry.new $state/boot-entry ;; esac
     case "$action" in switch|test)
       if [ ${toString activationSeconds} -gt 0 ]; then sleep ${toString activationSeconds}; fi
@@ -58,13 +59,13 @@ let
     exec /lib/systemd/systemd "$@"
   '';
 
-  mkSystem = { tag, kernel, activationSeconds ? 0 }:
+  mkSystem = { tag, kernel, activationSeconds ? 0, onSwitch ? ":", root ? "/dev/vda rw" }:
     let k = kernelPackage kernel; in
     sh {
       inherit (k) linux modules;
       initrdPackage = k.initrd;
-      kernelParams = "root=/dev/vda rw console=ttyS0 autodeploy=${tag}";
-      switchScript = switchScript activationSeconds;
+      kernelParams = "root=${root} console=ttyS0 autodeploy=${tag}";
+      switchScript = switchScript activationSeconds onSwitch;
       inherit initScript;
     } "nixos-system-guest-${tag}" ''
       set -eu
@@ -84,4 +85,15 @@ in {
   slow = mkSystem { tag = "slow"; kernel = "a"; activationSeconds = slowActivationSeconds; };
   kexeced = mkSystem { tag = "kexeced"; kernel = "b"; };
   rebooted = mkSystem { tag = "rebooted"; kernel = "a"; };
+  # Its activation succeeds, but leaves a unit that failed to start: systemd is degraded.
+  broken = mkSystem {
+    tag = "broken";
+    kernel = "a";
+    onSwitch = "systemd-run --unit=autodeploy-guest-broken --service-type=oneshot /bin/false || true";
+  };
+  # Never reaches userspace: its root device does not exist, so the initramfs gives up
+  # and (with the agent's panic=) resets the machine.
+  unbootable = mkSystem { tag = "unbootable"; kernel = "c"; root = "/dev/vdz rootdelay=3"; };
+  # Boots, but the operator's health check fails on it.
+  unhealthy = mkSystem { tag = "unhealthy"; kernel = "b"; };
 }

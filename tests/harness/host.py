@@ -250,6 +250,13 @@ class Host:
         point_link(self.booted_link, target)
         point_link(self.current_link, target)
 
+    def kexec_into(self, system: System | str) -> None:
+        """A kexec into system: it boots, the boot loader's default stays as it was."""
+        shutil.rmtree(self.root / "run")
+        (self.root / "run").mkdir()
+        point_link(self.booted_link, str(system))
+        point_link(self.current_link, str(system))
+
     def publish(self, system: System | str, path: str = "/upstream") -> None:
         """CI publishes `system`: the upstream URL answers its store path + newline."""
         self.server.publish_body((str(system) + "\n").encode(), path)

@@ -1,0 +1,166 @@
+"""Trial boots: a new kernel is tried before it is trusted.
+
+kexec: the new system is loaded and kexec'd with the profile and the boot loader's default
+left on the old system, and with `panic=` on its command line, so a kernel that never
+reaches userspace resets into the old default. reboot: the new system is made the default
+as before a plain reboot (no one-time boot entry yet), and the run after the boot checks it.
+
+The run after the boot (the module starts the actuator once at boot; any run does it
+first) finishes the trial: booted into the new system and its checks pass -> it becomes
+the profile and the boot default (kexec) and the deploy is done; its checks fail -> the
+profile and the boot default go back and the machine reboots into them, once; the machine
+came back on the old system -> a kexec trial failed (recorded, the host stays, no second
+reboot), a reboot was not taken by the boot loader (reported as pending, as always).
+
+A marker in /run (a tmpfs, empty after every boot) tells a run after the boot from a run
+whose reboot never happened (killed before it, or the command returned and nothing went
+down yet)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+
+from collector import nix
+from collector.config import Paths, RebootMode, Settings
+from collector.fsutil import atomic_write
+from collector.process import run
+from collector.state import Activation, load_deployed, read_links, save_deployed
+
+from . import deploy, health, journal
+from .journal import Journal, Phase
+
+log = logging.getLogger(__name__)
+
+MARKER = "/run/nixos-autodeploy/trial"
+# The phases a trial's run after the boot takes over from (deploy.recover).
+PHASES = frozenset({Phase.BOOTING, Phase.CHECKING, Phase.REBOOTING_BACK})
+
+
+def kind(settings: Settings, activation: Activation) -> str | None:
+    """A boot-mode deploy that the agent reboots into is a trial."""
+    if activation is not Activation.BOOT or settings.reboot_mode is None:
+        return None
+    return settings.reboot_mode.value
+
+
+def _marker(paths: Paths) -> str:
+    return paths.under_root(MARKER)
+
+
+def _marked(paths: Paths, entry: Journal) -> bool:
+    """Whether this boot is the one in which entry's reboot was issued."""
+    try:
+        with open(_marker(paths), encoding="utf-8") as f:
+            return f.read().strip() == entry.id
+    except FileNotFoundError:
+        return False
+
+
+def _mark(paths: Paths, entry: Journal) -> None:
+    atomic_write(_marker(paths), entry.id + "\n")
+
+
+def boot(settings: Settings, entry: Journal) -> None:
+    """Journal the boot, then reboot or kexec into entry's system. A command that fails
+    changed nothing the next run could not undo: the trial is undone and the error raised."""
+    paths = settings.paths
+    *prepare, go = deploy.reboot_argvs(settings, entry.path)
+    # Marked first: a run that finds `booting` and this boot's mark knows no boot happened.
+    _mark(paths, entry)
+    entry = journal.advance(paths, entry, Phase.BOOTING)
+    try:
+        for argv in prepare:  # kexec --load
+            run(argv, stream_stderr=True)
+        record = load_deployed(paths)
+        if record is not None:
+            save_deployed(paths, dataclasses.replace(record, reboot_issued_at=time.time()))
+        deploy.append_history(paths, {"event": f"trial-{entry.trial}", "path": entry.path.path})
+        log.info("trial boot (%s) into %s", entry.trial, entry.path.name)
+        run(go, stream_stderr=True)
+    except BaseException:
+        _undo(paths, entry)
+        raise
+
+
+def _undo(paths: Paths, entry: Journal) -> None:
+    """Nothing was booted: as if the deploy had not started (the gate tries it again)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_marker(paths))
+    deploy.roll_back(paths, entry)
+
+
+def finish(settings: Settings, entry: Journal) -> None:
+    """The run after a trial boot (entry's phase is booting, checking or rebooting-back)."""
+    paths = settings.paths
+    if entry.phase is Phase.REBOOTING_BACK:
+        reboot_back(settings, entry)
+        return
+    if _marked(paths, entry):
+        if entry.trial == RebootMode.KEXEC.value:
+            log.info("the kexec into %s did not happen; undoing the trial", entry.path.name)
+            _undo(paths, entry)
+        else:  # the reboot is still to come: the deploy is done as far as the agent goes
+            deploy.complete(paths, entry)
+        return
+    current = read_links(paths).current
+    if current != entry.path:
+        _came_back(settings, entry)
+        return
+    entry = journal.advance(paths, entry, Phase.CHECKING)
+    result = health.run_checks(settings)
+    deploy.record_health(paths, entry.path, result)
+    if result.ok:
+        if entry.trial == RebootMode.KEXEC.value:
+            # Only now does the new system become what the next boot loads.
+            nix.set_profile(paths.profile, entry.path)
+            run(deploy.switch_argv(paths, entry.path, Activation.BOOT), stream_stderr=True)
+        deploy.complete(paths, entry)
+        deploy.append_history(paths, {"event": "trial-confirmed", "path": entry.path.path})
+        log.info("trial boot of %s confirmed: %s", entry.path.name, result.summary)
+        return
+    message = f"{entry.path.name} failed its health checks after its trial boot: {result.summary}"
+    error = deploy.fail(paths, entry, message, blocks_retry=True)
+    entry = journal.load(paths) or entry
+    if entry.phase is Phase.ROLLED_BACK:
+        reboot_back(settings, entry)
+    raise error
+
+
+def _came_back(settings: Settings, entry: Journal) -> None:
+    paths = settings.paths
+    current = read_links(paths).current
+    name = current.name if current else "an unknown system"
+    if entry.trial == RebootMode.KEXEC.value:
+        # The boot loader's default is the old system: the kernel panicked (panic=) or
+        # hung and the machine was reset. The failure is recorded; no second reboot.
+        message = (
+            f"{entry.path.name} did not come up on its trial boot: the host came back on {name}"
+        )
+        raise deploy.fail(paths, entry, message, blocks_retry=True)
+    # The boot loader did not take the new default (someone picked another entry): as
+    # always, reported as a pending reboot and not rebooted again.
+    log.info("rebooted into %s, not %s; not rebooting again", name, entry.path.name)
+    deploy.complete(paths, entry)
+
+
+def reboot_back(settings: Settings, entry: Journal) -> None:
+    """The one reboot after a failed trial, into what ran before (the boot loader's default
+    again), while the failed system still runs. Journaled first: a run after it finds the
+    old system running and only closes the journal; a run that finds the reboot not done
+    (the failed system runs, or this boot's marker says the command was not followed by a
+    reboot) issues it."""
+    paths = settings.paths
+    if read_links(paths).current != entry.path and not _marked(paths, entry):
+        if entry.phase is not Phase.ROLLED_BACK:
+            journal.advance(paths, entry, Phase.ROLLED_BACK)
+        return
+    entry = journal.advance(paths, entry, Phase.REBOOTING_BACK)
+    _mark(paths, entry)
+    deploy.append_history(paths, {"event": "rollback-reboot", "path": entry.path.path})
+    log.info("rebooting back from %s", entry.path.name)
+    run(["systemctl", "reboot"], stream_stderr=True)
+    journal.advance(paths, entry, Phase.ROLLED_BACK)

@@ -1,0 +1,244 @@
+"""Trial boots end to end in a sandbox root: real Nix and the upstream URL on loopback; only
+`systemctl` and `kexec` are recorders (they would take this machine down), and the test
+plays the machine's part: Host.kexec_into (the new kernel runs, the boot loader's default
+is untouched) and Host.reboot (the boot loader's default boots; also what the kernel's
+`panic=` reset ends in)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import pytest
+from harness import AgentResult, Host, System, SystemSpec, error_lines, metric
+
+from actuator.journal import STOP_AT
+
+pytestmark = pytest.mark.nix
+
+NEW_KERNEL = "6.6.1"
+
+
+def deploy(host: Host, *args: str, env: dict[str, str] | None = None) -> AgentResult:
+    return host.run_agent(
+        "deploy",
+        "--url",
+        host.url,
+        "--timeout",
+        "5",
+        "--prometheus-path",
+        str(host.metrics_path),
+        "--switch-mode",
+        "boot",
+        "--health-timeout",
+        "1",
+        *args,
+        env=env,
+    )
+
+
+def kexec(host: Host, *args: str, env: dict[str, str] | None = None) -> AgentResult:
+    return deploy(host, "--reboot-mode", "kexec", *args, env=env)
+
+
+def reboot(host: Host, *args: str, env: dict[str, str] | None = None) -> AgentResult:
+    return deploy(host, "--reboot-mode", "reboot", *args, env=env)
+
+
+def not_running(host: Host, system: System) -> str:
+    return f'[ "$(readlink {host.current_link})" != {system.path} ]'
+
+
+def systems(host: Host) -> tuple[System, System]:
+    built = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = built["old"], built["new"]
+    host.install(old)
+    host.write_deployed(old, previous=old)
+    host.publish(new)
+    assert host.collect().returncode == 0
+    return old, new
+
+
+def events(host: Host) -> list[str]:
+    path = host.state_dir / "history.jsonl"
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+def journal(host: Host) -> Any:
+    return host.read_json("journal.json")
+
+
+def boots(host: Host) -> list[list[str]]:
+    """The reboots and kexecs the agent asked systemctl for."""
+    return [argv for argv in host.recorded("systemctl") if argv[:1] in (["reboot"], ["kexec"])]
+
+
+def assert_on(host: Host, system: System, state: str) -> None:
+    """system runs and is the profile, the boot default and the deployed record."""
+    assert (host.current(), host.profile(), host.boot_default()) == (system.path,) * 3
+    record = host.read_json("deployed.json")
+    assert (record["path"], record["complete"]) == (system.path, True)
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["dirty"]) == (state, False)
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 0
+
+
+def test_kexec_trial_leaves_the_boot_loader_until_the_new_system_passes(host: Host) -> None:
+    old, new = systems(host)
+    result = kexec(host)
+    assert result.returncode == 0, result
+    # Loaded with panic=, kexec'd; the profile and the boot default stay on old.
+    params = f"loglevel=4 autodeploy=new init={new}/init panic=30"
+    assert host.recorded("kexec") == [
+        ["--load", f"{new}/kernel", f"--initrd={new}/initrd", f"--append={params}"]
+    ]
+    assert boots(host) == [["kexec"]]
+    assert host.activations() == []
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert journal(host)["phase"] == "booting"
+    assert host.collect().returncode == 0
+    assert host.snapshot()["dirty"] is False
+
+    host.kexec_into(new)
+    confirmed = kexec(host)
+    assert confirmed.returncode == 0, confirmed
+    # Checked, then made the profile and the boot default.
+    assert host.activations() == [("boot", new.path)]
+    assert_on(host, new, "up-to-date")
+    assert journal(host)["phase"] == "done"
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": 1, "failure": 0}
+    assert deploys["health"]["ok"] is True and deploys["rollbacks"] == 0
+    assert events(host)[-4:] == ["health", "deploy", "trial-confirmed", "decision"]
+    assert boots(host) == [["kexec"]]
+    assert host.snapshot()["reboot_required"] is False
+
+
+def test_kexec_trial_that_never_reaches_userspace_stays_on_the_old_system(host: Host) -> None:
+    old, new = systems(host)
+    assert kexec(host).returncode == 0
+    host.reboot()  # the kernel panicked; panic= reset the machine into the old default
+    result = kexec(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert error == (
+        f"error: {new.basename} did not come up on its trial boot: "
+        f"the host came back on {old.basename}"
+    )
+    assert host.activations() == []
+    assert boots(host) == [["kexec"]], "no second reboot"
+    assert_on(host, old, "update-available")
+    deploys = host.read_json("deploys.json")
+    assert new.path in deploys["failed"] and deploys["rollbacks"] == 1
+    assert metric(host.metrics(), "nixos_autodeploy_rollbacks_total") == 1
+    again = kexec(host)
+    assert again.returncode == 0, again
+    assert "not retried" in again.stderr
+    assert boots(host) == [["kexec"]]
+
+
+def test_kexec_trial_failing_its_checks_reboots_back_once(host: Host) -> None:
+    old, new = systems(host)
+    check = ("--health-check", not_running(host, new))
+    assert kexec(host, *check).returncode == 0
+    host.kexec_into(new)
+    result = kexec(host, *check)
+    assert result.returncode == 1, result
+    assert "failed its health checks after its trial boot" in error_lines(result)[0]
+    assert boots(host) == [["kexec"], ["reboot"]]
+    assert host.activations() == []
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert journal(host)["phase"] == "rolled-back"
+    assert events(host)[-2:] == ["rolled-back", "rollback-reboot"]
+
+    host.reboot()
+    after = kexec(host, *check)
+    assert after.returncode == 0, after
+    assert boots(host) == [["kexec"], ["reboot"]], "the rollback reboot was the only one"
+    assert_on(host, old, "update-available")
+    rollback = host.read_json("deploys.json")["last_rollback"]
+    assert (rollback["from"], rollback["to"], rollback["ok"]) == (new.path, old.path, True)
+
+
+def test_reboot_trial_failing_its_checks_goes_back_and_reboots_once(host: Host) -> None:
+    old, new = systems(host)
+    check = ("--health-check", not_running(host, new))
+    assert reboot(host, *check).returncode == 0
+    # No one-time boot entry here: new is the default, the run after the boot decides.
+    assert host.activations() == [("boot", new.path)]
+    assert boots(host) == [["reboot"]]
+    host.reboot()
+    assert host.current() == new.path
+    result = reboot(host, *check)
+    assert result.returncode == 1, result
+    assert "failed its health checks after its trial boot" in error_lines(result)[0]
+    assert host.activations() == [("boot", new.path), ("boot", old.path)]
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert boots(host) == [["reboot"], ["reboot"]]
+    host.reboot()
+    after = reboot(host, *check)
+    assert after.returncode == 0, after
+    assert boots(host) == [["reboot"], ["reboot"]]
+    assert_on(host, old, "update-available")
+
+
+def test_reboot_trial_passing_its_checks_is_confirmed(host: Host) -> None:
+    _, new = systems(host)
+    assert reboot(host).returncode == 0
+    assert journal(host)["phase"] == "booting"
+    host.reboot()
+    confirmed = reboot(host)
+    assert confirmed.returncode == 0, confirmed
+    assert host.activations() == [("boot", new.path)]
+    assert_on(host, new, "up-to-date")
+    assert host.read_json("deploys.json")["totals"] == {"success": 1, "failure": 0}
+    assert boots(host) == [["reboot"]]
+
+
+@pytest.mark.parametrize("mode", ["kexec", "reboot"])
+def test_killed_during_the_checks_after_the_boot_checks_again(host: Host, mode: str) -> None:
+    old, new = systems(host)
+    run = kexec if mode == "kexec" else reboot
+    check = ("--health-check", not_running(host, new))
+    assert run(host, *check).returncode == 0
+    if mode == "kexec":
+        host.kexec_into(new)
+    else:
+        host.reboot()
+    killed = run(host, *check, env={STOP_AT: "checking"})
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert journal(host)["phase"] == "checking"
+    result = run(host, *check)
+    assert result.returncode == 1, result
+    assert "failed its health checks after its trial boot" in error_lines(result)[0]
+    assert boots(host)[-1] == ["reboot"] and len(boots(host)) == 2
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+
+
+@pytest.mark.parametrize("phase", ["booting", "rebooting-back"])
+def test_killed_before_a_reboot_the_next_run_issues_it_once(host: Host, phase: str) -> None:
+    old, new = systems(host)
+    check = ("--health-check", not_running(host, new))
+    if phase == "booting":
+        killed = kexec(host, *check, env={STOP_AT: phase})
+        assert killed.returncode == -signal.SIGKILL, killed
+        assert boots(host) == []
+        # The kexec never happened (this boot's mark): undone, then tried again.
+        again = kexec(host, *check)
+        assert again.returncode == 0, again
+        assert boots(host) == [["kexec"]]
+        assert journal(host)["phase"] == "booting"
+        return
+    assert kexec(host, *check).returncode == 0
+    host.kexec_into(new)
+    killed = kexec(host, *check, env={STOP_AT: phase})
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert boots(host) == [["kexec"]]
+    finished = kexec(host, *check)
+    assert finished.returncode == 0, finished
+    assert boots(host) == [["kexec"], ["reboot"]]
+    host.reboot()
+    assert kexec(host, *check).returncode == 0
+    assert boots(host) == [["kexec"], ["reboot"]]
+    assert_on(host, old, "update-available")
