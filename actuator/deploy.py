@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from collector.state import (
 )
 from collector.store import StorePath
 
+from . import reboot_policy
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 
 log = logging.getLogger(__name__)
@@ -309,6 +311,7 @@ def _finish_interrupted(paths: Paths, snapshot: Snapshot, deploys: Deploys) -> S
 
 def deploy(settings: Settings) -> int:
     paths = settings.paths
+    reboot_policy.check(settings)
     with locked(paths.state_dir, wait=LOCK_WAIT):
         if not settings.dry_run:
             _wait_for_running_activation(paths)
@@ -333,6 +336,8 @@ def deploy(settings: Settings) -> int:
                 "state": snapshot.state.value,
             },
         )
+        note = functools.partial(_append_history, paths)
+        reboot_policy.settle(settings, snapshot, decision, note)
         try:
             if decision.action is Action.TRACK:
                 current = snapshot.links.current
@@ -347,5 +352,7 @@ def deploy(settings: Settings) -> int:
         if decision.action is Action.REBOOT or (
             decision.action is Action.DEPLOY and may_reboot(snapshot, settings.reboot_mode)
         ):
-            _reboot(settings, snapshot)
+            cleared = reboot_policy.clear_to_reboot(settings, snapshot, note)
+            if cleared is not None:
+                _reboot(settings, cleared)
     return 0

@@ -9,6 +9,7 @@ import time
 from . import metrics, nix, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, StateError
+from .reboot import load_reboot_state
 from .snapshot import (
     Deploys,
     Snapshot,
@@ -111,6 +112,7 @@ def assess(
         state=state,
         reboot_required=reboot_required(links, state),
         last_deploy=deploys.last,
+        reboot=load_reboot_state(paths),
     )
 
 

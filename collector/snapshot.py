@@ -9,6 +9,7 @@ from typing import Any
 from .config import Paths
 from .errors import StateError
 from .fsutil import atomic_write_json, read_json
+from .reboot import RebootState
 from .state import Deployed, Links, State
 from .store import StorePath, path_of
 
@@ -97,6 +98,8 @@ class Snapshot:
     state: State
     reboot_required: bool
     last_deploy: dict[str, Any] | None = None
+    # Why a required reboot waits; the FleetLock slot.
+    reboot: RebootState = field(default_factory=RebootState)
 
     @property
     def dirty(self) -> bool:
@@ -117,6 +120,7 @@ class Snapshot:
             "dirty": self.dirty,
             "reboot_required": self.reboot_required,
             "last_deploy": self.last_deploy,
+            "reboot": self.reboot.to_json(),
         }
 
 
@@ -192,6 +196,7 @@ def load_snapshot(paths: Paths) -> Snapshot | None:
             state=State(data["state"]),
             reboot_required=bool(data["reboot_required"]),
             last_deploy=_last_deploy(data.get("last_deploy")),
+            reboot=RebootState.from_json(data["reboot"]) if data.get("reboot") else RebootState(),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StateError(f"snapshot {source} is corrupt: {e}") from None

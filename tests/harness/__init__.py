@@ -1,5 +1,6 @@
 """Test harness: real Nix, a signed binary cache over HTTP, a sandbox host."""
 
+from .fleetlock import Fault, FleetLockServer, LockRequest
 from .host import (
     AgentResult,
     Host,
@@ -15,7 +16,10 @@ from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
     "AgentResult",
+    "Fault",
+    "FleetLockServer",
     "Host",
+    "LockRequest",
     "NixBuilder",
     "RecordedRequest",
     "Reply",
