@@ -60,14 +60,18 @@ class FleetLockServer:
         ).start()
 
     def stop(self) -> None:
-        self._resume.set()
+        self.fault = None
+        self.pause_after_grant = False
+        self.resume()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
 
     def resume(self) -> None:
-        """Let a slow answer or a paused grant go on."""
-        self._resume.set()
+        """Let the slow answers and paused grants waiting now go on (later ones wait)."""
+        with self._lock:
+            waiting, self._resume = self._resume, threading.Event()
+        waiting.set()
 
     @property
     def url(self) -> str:
@@ -145,7 +149,7 @@ def _handler(server: FleetLockServer) -> type[BaseHTTPRequestHandler]:
         def _answer(self, body: Any, headers: dict[str, str], fault: Fault | None) -> None:
             if fault is not None:
                 if fault.slow:
-                    server._resume.wait()
+                    server._resume.wait()  # the client's deadline ends it first
                     return
                 self._send(fault.status, fault.body, fault.headers)
                 return
