@@ -12,7 +12,8 @@ import requests
 from harness import Fault, FleetLockServer
 
 from actuator import fleetlock
-from collector.config import Paths, Settings
+from collector.cli import build_parser
+from collector.config import Paths, Settings, settings_from
 from collector.errors import ConfigError
 
 # A known answer from systemd itself: on a machine whose /etc/machine-id is MACHINE_ID,
@@ -194,3 +195,38 @@ def test_a_redirect_is_not_followed_and_no_credentials_leave(
     assert "answered HTTP 307" in str(raised.value)
     assert "s3cret" not in str(raised.value)
     assert [c.path for c in lock_server.calls()] == ["/v1/pre-reboot"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--fleet-lock-group", "a b"], "fleet lock group 'a b': only letters, digits"),
+        (["--fleet-lock-url", "airlock:3333"], "the fleet lock URL must be an http"),
+        (["--fleet-lock-url", "ftp://airlock"], "the fleet lock URL must be an http"),
+    ],
+)
+def test_bad_fleet_lock_settings_are_one_clear_error(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings_from(build_parser().parse_args(["deploy", *argv]))
+
+
+def test_config_file_keys(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "reboot_windows": ["Sat,Sun 02:00-05:00"],
+                "fleet_lock_url": "https://airlock.example.org",
+                "fleet_lock_group": "workers",
+            }
+        )
+    )
+    loaded = settings_from(build_parser().parse_args(["deploy", "--config", str(config)]))
+    assert loaded.reboot_windows == ("Sat,Sun 02:00-05:00",)
+    assert (loaded.fleet_lock_url, loaded.fleet_lock_group) == (
+        "https://airlock.example.org",
+        "workers",
+    )
+    config.write_text(json.dumps({"reboot_windows": "02:00-04:00"}))
+    with pytest.raises(ConfigError, match="reboot_windows has the wrong type"):
+        settings_from(build_parser().parse_args(["deploy", "--config", str(config)]))
