@@ -2,13 +2,18 @@
 (coreos/zincati docs/development/fleetlock/protocol.md): per group, a counting semaphore
 of owned, recursive slots. `POST /v1/pre-reboot` takes (or keeps) the caller's slot,
 `POST /v1/steady-state` releases it if held; 200 means done, anything else carries
-`{"kind", "value"}`. Tests script failures, slow answers and a pause after a grant."""
+`{"kind", "value"}`. Tests script failures, slow answers and a pause after a grant.
+
+With `state_file` the semaphore outlives the server, as airlock's does in etcd: the guest
+test runs it as `python3 fleetlock.py PORT STATE_FILE`, across the guest's reboots."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,13 +51,17 @@ class FleetLockServer:
     requests: list[LockRequest] = field(default_factory=list)
     fault: Fault | None = None  # answers every request while set
     pause_after_grant: bool = False
+    state_file: str | None = None  # holders, kept across restarts
     granted: threading.Event = field(default_factory=threading.Event)
     _resume: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
 
-    def start(self) -> None:
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+    def start(self, port: int = 0) -> None:
+        if self.state_file and os.path.exists(self.state_file):
+            with open(self.state_file, encoding="utf-8") as f:
+                self.holders = json.load(f)
+        httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         httpd.daemon_threads = True
         self._httpd = httpd
         threading.Thread(
@@ -99,6 +108,7 @@ class FleetLockServer:
                     "value": f"all {len(holders)} reboot slots of group {group} are taken",
                 }
             holders.append(ident)
+            self._save()
             return 200, None
 
     def unlock_if_held(self, group: str, ident: str) -> tuple[int, dict[str, str] | None]:
@@ -106,7 +116,19 @@ class FleetLockServer:
             holders = self.holders.get(group, [])
             if ident in holders:  # owned: only the holder's own slot goes
                 holders.remove(ident)
+                self._save()
             return 200, None
+
+    def _save(self) -> None:
+        """Called with the lock held; written to a temporary name and renamed."""
+        if self.state_file is None:
+            return
+        temporary = self.state_file + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(self.holders, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.state_file)
 
 
 def _client_params(body: Any) -> tuple[str, str] | None:
@@ -187,3 +209,15 @@ def _handler(server: FleetLockServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
     return Handler
+
+
+def main(argv: list[str]) -> None:
+    """`python3 fleetlock.py PORT STATE_FILE`: serve 127.0.0.1:PORT, one slot per group."""
+    port, state_file = int(argv[0]), argv[1]
+    server = FleetLockServer(default_slots=1, state_file=state_file)
+    server.start(port)
+    threading.Event().wait()  # until killed
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
