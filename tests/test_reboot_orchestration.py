@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from harness import (
+    FAULTS,
     AgentResult,
     Fault,
     FleetLockServer,
@@ -39,14 +40,6 @@ REASONS = ("window", "fleet-lock", "operator")
 
 
 # ---- helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def lock_server() -> Iterator[FleetLockServer]:
-    server = FleetLockServer(default_slots=1)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -259,17 +252,10 @@ def test_two_hosts_one_slot(host: Host, second_host: Host, lock_server: FleetLoc
     assert ident(a) != ident(b)
 
 
-FAILURES = {
+FAILURES: dict[str, tuple[Fault | None, str]] = {
     "server down": (None, "connection failed"),
-    "500 with an error body": (
-        Fault(500, b'{"kind": "etcd_unavailable", "value": "etcd: no leader"}'),
-        "answered HTTP 500: etcd: no leader (etcd_unavailable)",
-    ),
-    "500 with a malformed body": (
-        Fault(500, b"<html>oops</html>"),
-        "answered HTTP 500 without a FleetLock error object",
-    ),
-    "slow past the timeout": (Fault(slow=True), "no answer within 3s"),
+    **{case: FAULTS[case] for case in ("500 with an error object", "500 with a malformed body")},
+    "slow past the timeout": (FAULTS["slow past the timeout"][0], "no answer within 3s"),
 }
 
 

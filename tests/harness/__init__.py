@@ -1,6 +1,6 @@
 """Test harness: real Nix, a signed binary cache over HTTP, a sandbox host."""
 
-from .fleetlock import Fault, FleetLockServer, LockRequest
+from .fleetlock import FAULTS, Fault, FleetLockServer, LockRequest
 from .host import (
     AgentResult,
     Host,
@@ -15,6 +15,7 @@ from .nix import NixBuilder, SigningKey, System, SystemSpec, require_tool, run_c
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
+    "FAULTS",
     "AgentResult",
     "Fault",
     "FleetLockServer",

@@ -36,6 +36,29 @@ class Fault:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# Scripted failures, and what a client's message should quote from each.
+FAULTS: dict[str, tuple[Fault, str]] = {
+    "refusal": (
+        Fault(409, json.dumps({"kind": "maintenance", "value": "fleet frozen\nby ops"}).encode()),
+        "answered HTTP 409: fleet frozen by ops (maintenance)",
+    ),
+    "500 with an error object": (
+        Fault(500, b'{"kind": "etcd_unavailable", "value": "etcd: no leader"}'),
+        "answered HTTP 500: etcd: no leader (etcd_unavailable)",
+    ),
+    "500 with a malformed body": (
+        Fault(500, b"<html>Internal Server Error</html>"),
+        "answered HTTP 500 without a FleetLock error object",
+    ),
+    "error object missing its value": (
+        Fault(503, b'{"kind": "x"}'),
+        "answered HTTP 503 without a FleetLock error object",
+    ),
+    "a 200 is the only yes": (Fault(204, b""), "answered HTTP 204"),
+    "slow past the timeout": (Fault(slow=True), "no answer within"),
+}
+
+
 @dataclass(frozen=True)
 class LockRequest:
     path: str
