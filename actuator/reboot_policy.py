@@ -62,8 +62,14 @@ def _operator_reason(settings: Settings, snapshot: Snapshot) -> str:
     return "the running system was deployed by hand: its owner reboots"
 
 
-def _waiting_since(state: RebootState) -> float:
-    return state.waiting.since if state.waiting else time.time()
+def _waiting_since(state: RebootState, reason: WaitReason) -> float:
+    """A reboot the agent waits to do keeps its start through windows and slots; one left
+    to the operator counts apart."""
+    previous = state.waiting
+    operator = WaitReason.OPERATOR
+    if previous is not None and (previous.reason is operator) == (reason is operator):
+        return previous.since
+    return time.time()
 
 
 def settle(settings: Settings, snapshot: Snapshot, decision: Decision, note: Note) -> None:
@@ -84,7 +90,8 @@ def settle(settings: Settings, snapshot: Snapshot, decision: Decision, note: Not
         waiting = None
     elif decision.action is not Action.REBOOT and not may_reboot(snapshot, settings.reboot_mode):
         reason = _operator_reason(settings, snapshot)
-        waiting = Waiting(WaitReason.OPERATOR, reason, _waiting_since(state))
+        operator = WaitReason.OPERATOR
+        waiting = Waiting(operator, reason, _waiting_since(state, operator))
     # Otherwise a reboot the agent will do keeps what it waited for (a REBOOT decision
     # checks again, a failed fetch leaves it as it was).
     if dataclasses.replace(state, waiting=waiting) != snapshot.reboot:
@@ -147,7 +154,7 @@ def _wait(
 ) -> None:
     log.info("%s", message)
     state = snapshot.reboot
-    waiting = Waiting(reason, message, _waiting_since(state))
+    waiting = Waiting(reason, message, _waiting_since(state, reason))
     state = dataclasses.replace(state, waiting=waiting)
     save_reboot_state(settings.paths, state)
     note({"event": "reboot-wait", "reason": reason.value, "message": message})

@@ -100,7 +100,7 @@ class _SnapshotCollector(Collector):
         for reason in WaitReason:
             reasons.add_metric([reason.value], reason is waiting)
         yield reasons
-        if waiting is not None and s.reboot.waiting is not None:
+        if waiting in (WaitReason.WINDOW, WaitReason.FLEET_LOCK) and s.reboot.waiting:
             yield _gauge(
                 "reboot_waiting_since_timestamp_seconds",
                 "Since when the required reboot waits for a window or a reboot slot",

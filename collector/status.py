@@ -53,7 +53,8 @@ def _reboot_wait(s: Snapshot) -> dict[str, Any] | None:
         return None
     waiting = s.reboot.waiting
     if waiting is None:
-        return {"reason": reason.value, "message": "no actuator run has rebooted", "since": None}
+        message = "left to the operator: the agent does not reboot for this"
+        return {"reason": reason.value, "message": message, "since": None}
     return {"reason": reason.value, "message": waiting.message, "since": waiting.since}
 
 

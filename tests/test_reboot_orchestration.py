@@ -168,6 +168,9 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(host: Host) -> None:
     assert host.activations() == [("boot", new.path)]
     assert host.snapshot()["state"] == "pending-reboot"
     assert reasons(host) == only("operator")
+    shown = json.loads(host.status("--json").stdout)["reboot_wait"]
+    assert (shown["reason"], shown["since"]) == ("operator", None)
+    assert "nixos_autodeploy_reboot_waiting_since" not in host.metrics()
 
     noon, _ = local_tz("12:00")
     outside = deploy(host, "--reboot-window", "02:00-04:00", tz=noon)
@@ -228,7 +231,7 @@ def test_two_hosts_one_slot(host: Host, second_host: Host, lock_server: FleetLoc
     ]
     assert waiting(b)["reason"] == "fleet-lock" and reasons(b) == only("fleet-lock")
     assert metric(b.metrics(), "nixos_autodeploy_fleet_lock_held") == 0
-    assert status_line(b, "reboot waits: ") == f"reboot waits: {refused[0]} (for 0s)"
+    assert status_line(b, "reboot waits: ").startswith(f"reboot waits: {refused[0]} (for ")
 
     # A comes back on its new system: that boot is confirmed, its slot goes back.
     a.reboot()

@@ -357,16 +357,11 @@ def phase_reboot() -> None:
         **fleet_facts(),
         **status(),
     )
-    other_released = fleet_lock("/v1/steady-state", OTHER_HOST)
+    # Reported before the agent runs: its reboot ends this process.
+    report("slot-freed", other_released=fleet_lock("/v1/steady-state", OTHER_HOST), **fleet_facts())
     set_phase("after-reboot")
     agent = start_agent(*REBOOT_ARGS)
-    report(
-        "reboot-requested",
-        other_released=other_released,
-        agent_rc=agent.returncode,
-        journal=journal(AGENT_UNIT),
-        **fleet_facts(),
-    )
+    report("reboot-requested", agent_rc=agent.returncode, journal=journal(AGENT_UNIT))
     wait_for_shutdown("reboot")
 
 
