@@ -58,7 +58,7 @@ def _operator_reason(settings: Settings, snapshot: Snapshot) -> str:
     if settings.reboot_mode is None:
         return "no --reboot-mode: the operator reboots"
     if deployed is not None and deployed.reboot_issued_at is not None:
-        return "rebooted once already and came back on the old system: the operator reboots"
+        return "rebooted once already and still waits: the operator reboots"
     return "the running system was deployed by hand: its owner reboots"
 
 
@@ -128,7 +128,11 @@ def clear_to_reboot(
         opens = window.next_opening(windows, at)
         later = f" (next opens {opens:%a %H:%M})" if opens else ""
         message = f"reboot waits for window {specs}{later}"
-        _wait(settings, snapshot, WaitReason.WINDOW, message, note)
+        if settings.fleet_lock_url:  # a slot is taken only inside a window: this one is stale
+            state = _release(settings, state, note)
+        _wait(
+            settings, dataclasses.replace(snapshot, reboot=state), WaitReason.WINDOW, message, note
+        )
         return None
     if settings.fleet_lock_url:
         ident = fleetlock.host_id(settings.paths)

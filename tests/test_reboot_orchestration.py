@@ -103,8 +103,8 @@ def deploy(host: Host, *args: str, tz: str = "UTC") -> AgentResult:
     )
 
 
-def locked_deploy(host: Host, server: FleetLockServer, *args: str) -> AgentResult:
-    return deploy(host, "--fleet-lock-url", server.url, *args)
+def locked_deploy(host: Host, server: FleetLockServer, *args: str, tz: str = "UTC") -> AgentResult:
+    return deploy(host, "--fleet-lock-url", server.url, *args, tz=tz)
 
 
 def ident(host: Host) -> str:
@@ -148,7 +148,9 @@ def reboots(host: Host) -> int:
 # ---- windows ---------------------------------------------------------------------------
 
 
-def test_reboot_waits_for_its_window_then_happens_inside_it(host: Host) -> None:
+def test_reboot_waits_for_its_window_then_happens_inside_it(
+    host: Host, lock_server: FleetLockServer
+) -> None:
     old, new = pending_reboot_host(host, "1" * 32)
     before = {p.name for p in host.state_dir.iterdir()}
     bad = deploy(host, "--reboot-window", "Fri..Mon 02:00-04:00")
@@ -173,8 +175,11 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(host: Host) -> None:
     assert "nixos_autodeploy_reboot_waiting_since" not in host.metrics()
 
     noon, _ = local_tz("12:00")
-    outside = deploy(host, "--reboot-window", "02:00-04:00", tz=noon)
+    # A slot this host took before a crash: outside the window, it is not kept.
+    lock_server.holders["default"] = [ident(host)]
+    outside = locked_deploy(host, lock_server, "--reboot-window", "02:00-04:00", tz=noon)
     assert outside.returncode == 0, outside
+    assert lock_server.held() == []
     assert reboots(host) == 0
     line = "reboot waits for window 02:00-04:00 (next opens "
     assert [x for x in outside.stderr_lines if x.startswith(line)], outside.stderr
@@ -189,20 +194,20 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(host: Host) -> None:
 
     # Crossing midnight, on the day it is there: inside.
     night, day = local_tz("23:30")
-    inside = deploy(host, "--reboot-window", "Mon..Fri 09:00-10:00", "--reboot-window",
-                    f"{day} 23:00-01:00", tz=night)  # fmt: skip
+    inside = locked_deploy(host, lock_server, "--reboot-window", "Mon..Fri 09:00-10:00",
+                           "--reboot-window", f"{day} 23:00-01:00", tz=night)  # fmt: skip
     assert inside.returncode == 0, inside
-    assert reboots(host) == 1
+    assert reboots(host) == 1 and lock_server.held() == [ident(host)]
     assert host.read_json("deployed.json")["reboot_issued_at"] is not None
     assert waiting(host) is None
     assert reasons(host)["window"] == 0
     assert [e["event"] for e in history(host)][-1] == "reboot"
 
     host.reboot()
-    back = deploy(host, "--reboot-window", "02:00-04:00", tz=noon)
+    back = locked_deploy(host, lock_server, "--reboot-window", "02:00-04:00", tz=noon)
     assert back.returncode == 0, back
     assert (host.snapshot()["state"], host.current()) == ("up-to-date", new.path)
-    assert reasons(host) == only(None) and reboots(host) == 1
+    assert reasons(host) == only(None) and reboots(host) == 1 and lock_server.held() == []
     assert old.path != new.path
 
 
