@@ -47,9 +47,19 @@ let
       "%d/netrc"
     ];
 
+  # The collector may write under /run only here (systemd's RuntimeDirectory): the upstream GC
+  # root and the deployed mirror. /run/upstream-system and /run/deployed-system, the original
+  # tool's places, are links into it (tmpfiles below).
+  runtimeDir = "/run/nixos-autodeploy";
+  ownLinks = [
+    "upstream-system"
+    "deployed-system"
+  ];
+
   upstreamSettings = {
     url = cfg.url;
     timeout = cfg.timeout;
+    runtime_dir = runtimeDir;
   }
   // optionalAttrs (cfg.extraHeaders != { }) {
     headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
@@ -79,9 +89,13 @@ let
 
   program = lib.getExe cfg.package;
 
+  # "-": a failed collection does not leave the unit failed. switch-to-configuration reports
+  # every failed unit and exits 4 (see docs/CONTRACT.md), so a failing collector would fail
+  # each nixos-rebuild switch; the failure is in the journal and in the metrics
+  # (nixos_autodeploy_upstream_fetch_success, the collector-stale alert).
   collectorCommand = lib.concatStringsSep " " (
     [
-      (escapeExecArgs [
+      ("-" + escapeExecArgs [
         program
         "collect"
         "--config"
@@ -105,6 +119,22 @@ let
   );
 
   collectorUnit = "nixos-autodeploy-collector.service";
+
+  # What tells the collector that a system was activated: it only queues a collection
+  # (--no-block), so nothing that runs it ever waits for one. A resident collector is told
+  # the same way, with `reload-or-restart` (its ExecReload sends SIGHUP) in place of `start`.
+  notifyCollector = escapeExecArgs [
+    "${config.systemd.package}/bin/systemctl"
+    "start"
+    "--no-block"
+    collectorUnit
+  ];
+
+  # Both units share the runtime directory; it must outlive each run (it holds the GC root).
+  runtimeDirectory = {
+    RuntimeDirectory = "nixos-autodeploy";
+    RuntimeDirectoryPreserve = true;
+  };
 
   metricsDir = if cfg.prometheusFilePath == null then null else dirOf cfg.prometheusFilePath;
 
@@ -436,7 +466,10 @@ in
 
       # The metrics directory must exist before the collector starts: ReadWritePaths
       # of a missing directory would fail the unit. "-" leaves an existing one as is.
-      systemd.tmpfiles.rules = optional (metricsDir != null) "d ${metricsDir} - - - -";
+      # "L+" replaces what an earlier version left at the old places (a GC root of its own).
+      systemd.tmpfiles.rules =
+        optional (metricsDir != null) "d ${metricsDir} - - - -"
+        ++ map (name: "L+ /run/${name} - - - - ${runtimeDir}/${name}") ownLinks;
 
       systemd.services.nixos-autodeploy-collector = {
         description = "NixOS auto-deployment collector: observe upstream and the local system";
@@ -445,6 +478,9 @@ in
           "nix-daemon.socket"
         ];
         wants = [ "network-online.target" ];
+        # Restarting a running oneshot waits for its run: a switch that changes this unit
+        # would wait for a collection. The next run uses the new unit anyway.
+        restartIfChanged = false;
         environment = config.networking.proxy.envVars // {
           # Store operations (realising upstream, registering the GC root) go
           # through the daemon, so the sandbox below can keep /nix read-only.
@@ -458,9 +494,8 @@ in
           CacheDirectory = "nixos-autodeploy";
           UMask = "0022"; # node_exporter must read the metrics file
 
+          # Read-only but for the state, cache and runtime directories and the metrics one.
           ProtectSystem = "strict";
-          # /run for the upstream GC root (/run/upstream-system) and the deployed mirror.
-          ReadWritePaths = [ "/run" ] ++ optional (metricsDir != null) metricsDir;
           ProtectHome = true;
           PrivateTmp = true;
           PrivateDevices = true;
@@ -486,6 +521,8 @@ in
             "AF_INET6"
           ];
         }
+        // optionalAttrs (metricsDir != null) { ReadWritePaths = [ metricsDir ]; }
+        // runtimeDirectory
         // credentialConfig;
       };
 
@@ -499,16 +536,20 @@ in
         };
       };
 
-      # switch-to-configuration restarts the units listed in this file after
-      # activation; other modules write to it too, hence append. A manual deploy
-      # (nixos-rebuild, colmena) thus shows as dirty within seconds. The collector
-      # exits at once if the actuator holds the lock, so no deadlock when the
-      # actuator itself is switching.
-      system.activationScripts.nixos-autodeploy = ''
-        if [ -d /run/nixos ]; then
-          echo ${collectorUnit} >> /run/nixos/activation-restart-list
-        fi
-      '';
+      # A hand deploy (nixos-rebuild, colmena) shows within seconds: after every activation
+      # (switch, test) switch-to-configuration starts the active targets again, which starts
+      # this oneshot again (it does not remain active), at boot too. It only queues the
+      # collector: the switch waits for no collection and cannot fail with one. No activation
+      # script: they do nothing under system.nixos-init. When the actuator itself switches,
+      # the queued collector finds the lock held and leaves the report to the actuator.
+      systemd.services.nixos-autodeploy-activated = {
+        description = "Tell the NixOS auto-deployment collector that a system was activated";
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = notifyCollector;
+        };
+      };
     }
 
     (mkIf cfg.actuator.enable {
@@ -536,6 +577,7 @@ in
           ExecStart = actuatorCommand;
           StateDirectory = "nixos-autodeploy";
         }
+        // runtimeDirectory
         // credentialConfig;
       };
 

@@ -7,7 +7,9 @@
 # fresh host differing (dirty: deploy exits 0 and changes nothing), a dry run
 # (fetches nothing; fails without a snapshot), tracking host deploying a new
 # upstream, manual deploy while tracking (dirty, left alone), a boot-mode
-# deploy waiting for a reboot and then rebooted into, and a monitoring-only host.
+# deploy waiting for a reboot and then rebooted into, a hand deploy while upstream is
+# unreachable (the switch neither waits for nor fails with the collector), and a
+# monitoring-only host.
 {
   pkgs ? import <nixpkgs> { },
   module ? ./module.nix,
@@ -30,10 +32,15 @@ let
         prometheusFilePath = "${metricsDir}/nixos-autodeploy.prom";
       };
 
+      # In the system's closure: with useBootLoader the guest's store holds only that.
       environment.systemPackages = [
         pkgs.curl
         pkgs.jq
+        pkgs.darkhttpd
       ];
+
+      # The scenarios switch by hand and through the actuator.
+      system.switch.enable = true;
 
       services.prometheus.exporters.node = {
         enable = true;
@@ -41,8 +48,7 @@ let
         extraFlags = [ "--collector.textfile.directory=${metricsDir}" ];
       };
 
-      # The scenarios start the units many times in a row.
-      systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
+      # The scenarios start the collector many times in a row.
       systemd.services.nixos-autodeploy-collector.unitConfig.StartLimitIntervalSec = 0;
 
       # A second system to publish: same kernel, different /etc.
@@ -58,9 +64,15 @@ pkgs.testers.runNixOSTest {
   nodes.machine = {
     imports = [ common ];
     # switch-to-configuration switch|boot installs the boot loader, and a reboot
-    # must come up in the newest generation, as on a real host.
+    # must come up in the newest generation, as on a real host. EFI and systemd-boot
+    # on both architectures: aarch64's machine type has no legacy BIOS for GRUB.
     virtualisation.useBootLoader = true;
+    virtualisation.useEFIBoot = true;
+    boot.loader.systemd-boot.enable = true;
+    boot.loader.efi.canTouchEfiVariables = true;
     virtualisation.memorySize = 1536;
+    # Only here: the monitoring-only node must have no actuator unit at all.
+    systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
   };
 
   nodes.monitor = {
@@ -84,6 +96,7 @@ pkgs.testers.runNixOSTest {
       BASE = "${base}"
       NEXT = "${next}"
       STATE = "/var/lib/nixos-autodeploy"
+      RUNTIME = "/run/nixos-autodeploy"
       DEPLOY = ${builtins.toJSON deployCommand}
       published = 0
 
@@ -91,7 +104,7 @@ pkgs.testers.runNixOSTest {
       def start_upstream(host):
           host.succeed("mkdir -p /srv/upstream")
           host.succeed(
-              "systemd-run --unit upstream-http ${pkgs.darkhttpd}/bin/darkhttpd /srv/upstream"
+              "systemd-run --unit upstream-http /run/current-system/sw/bin/darkhttpd /srv/upstream"
               " --addr 127.0.0.1 --port ${toString upstreamPort}"
           )
           host.wait_for_open_port(${toString upstreamPort})
@@ -114,9 +127,20 @@ pkgs.testers.runNixOSTest {
           host.succeed("systemctl start nixos-autodeploy-collector.service")
 
 
+      def settle(host):
+          """Wait for a collection a switch queued (nixos-autodeploy-activated) to end."""
+          host.wait_until_succeeds(
+              "test -z \"$(systemctl list-jobs --no-legend 'nixos-autodeploy-collector.*')\""
+              " && systemctl show -P ActiveState nixos-autodeploy-collector.service"
+              " | grep -qx inactive",
+              timeout=120,
+          )
+
+
       def actuate(host):
           # Exits 0 whatever the gate decides (dirty, up to date, ...); only errors fail it.
           host.succeed("systemctl start nixos-autodeploy.service")
+          settle(host)
 
 
       def metric(host, line):
@@ -147,7 +171,7 @@ pkgs.testers.runNixOSTest {
           actuator writes when it accepts what runs: previous == path)."""
           host.succeed(
               f"rm -f {STATE}/deployed.json {STATE}/deploys.json {STATE}/upstream.json"
-              f" {STATE}/snapshot.json {STATE}/history.jsonl /run/deployed-system"
+              f" {STATE}/snapshot.json {STATE}/history.jsonl {RUNTIME}/deployed-system"
           )
           if deployed is not None:
               tracked = {
@@ -155,14 +179,21 @@ pkgs.testers.runNixOSTest {
                   "at": 0, "reboot_issued_at": None, "complete": True,
               }
               host.succeed(f"echo '{json.dumps(tracked)}' > {STATE}/deployed.json")
-              host.succeed(f"ln -sfn {deployed} /run/deployed-system")
+              host.succeed(f"ln -sfn {deployed} {RUNTIME}/deployed-system")
 
 
       def switch_by_hand(host, path):
-          host.succeed(
+          """As nixos-rebuild switch does; switch-to-configuration's exit code must be 0."""
+          out = host.succeed(
               f"nix-env -p /nix/var/nix/profiles/system --set {path}"
-              f" && {path}/bin/switch-to-configuration switch"
+              f" && {path}/bin/switch-to-configuration switch 2>&1"
           )
+          settle(host)
+          return out
+
+
+      def invocation(host, unit):
+          return host.succeed(f"systemctl show -P InvocationID {unit}").strip()
 
 
       def quiesce(host):
@@ -189,6 +220,15 @@ pkgs.testers.runNixOSTest {
           machine.wait_for_unit("nixos-autodeploy-collector.timer")
           machine.wait_for_unit("nixos-autodeploy.timer")
           machine.succeed("systemctl show -P ProtectSystem nixos-autodeploy-collector.service | grep -qx strict")
+          # The collector writes under /run only in its runtime directory; the original
+          # tool's places are links into it.
+          rw = machine.succeed("systemctl show -P ReadWritePaths nixos-autodeploy-collector.service")
+          assert "/run" not in rw.split(), rw
+          for name in ("upstream-system", "deployed-system"):
+              target = machine.succeed(f"readlink /run/{name}").strip()
+              assert target == f"{RUNTIME}/{name}", target
+          # Nothing of ours in an activation script or switch-to-configuration's lists.
+          machine.fail("grep -rs nixos-autodeploy /run/nixos/")
           # switch-to-configuration must neither restart nor stop a running actuator.
           unit = machine.succeed("systemctl cat nixos-autodeploy.service")
           assert "X-RestartIfChanged=false" in unit and "X-StopOnRemoval=false" in unit, unit
@@ -261,7 +301,7 @@ pkgs.testers.runNixOSTest {
           collect(machine)
           assert status(machine)["state"] == "up-to-date"
           switch_by_hand(machine, BASE)
-          # The activation hook restarted the collector: no timer needed.
+          # The switch started nixos-autodeploy-activated, which queued the collector.
           machine.wait_until_succeeds(
               "nixos-autodeploy status --json | jq -e '.dirty == true'", timeout=60
           )
@@ -271,6 +311,23 @@ pkgs.testers.runNixOSTest {
           assert current(machine) == BASE, "the actuator overrode a manual deploy"
           assert link(machine, "/nix/var/nix/profiles/system") == BASE
           assert status(machine)["deployed"] == NEXT
+
+      with subtest("a hand deploy neither waits for nor fails with the collector"):
+          reset(machine, deployed=BASE)
+          machine.succeed("systemctl stop upstream-http")  # every collection now fails
+          collect(machine)  # a failed collection does not leave the unit failed
+          machine.fail("systemctl is-failed --quiet nixos-autodeploy-collector.service")
+          assert status(machine)["upstream_error"], status(machine)
+          for path in (NEXT, BASE):
+              before = invocation(machine, "nixos-autodeploy-collector.service")
+              out = switch_by_hand(machine, path)  # exit 4 would fail succeed()
+              assert "units failed" not in out, out
+              assert current(machine) == path
+              # ... and the collector still learnt of it: a new run.
+              assert invocation(machine, "nixos-autodeploy-collector.service") != before
+              machine.fail("systemctl is-failed --quiet nixos-autodeploy-collector.service")
+          metric(machine, "nixos_autodeploy_upstream_fetch_success 0")
+          start_upstream(machine)
 
       with subtest("boot-mode deploy waits for a reboot, then the reboot completes it"):
           reset(machine, deployed=BASE)

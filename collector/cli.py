@@ -21,6 +21,9 @@ log = logging.getLogger("nixos-autodeploy")
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", metavar="DIR", help="manage the system mounted at DIR (/)")
     parser.add_argument("--state-dir", metavar="DIR", help="state directory")
+    parser.add_argument(
+        "--runtime-dir", metavar="DIR", help="keep upstream-system and deployed-system here (/run)"
+    )
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML config file")
     parser.add_argument("--debug", action="store_true", help="log more, show tracebacks")
 
@@ -39,6 +42,8 @@ def _upstream(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ca-file", metavar="FILE", help="CA bundle for https")
     parser.add_argument("--prometheus-path", metavar="FILE", help="node_exporter textfile")
+    # The original tool's form: `nixos-autodeploy [OPTIONS] URL`.
+    parser.add_argument("url_argument", nargs="?", metavar="URL", help="same as --url")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("deploy", help="deploy upstream when the gate allows it")
     _common(p)
     _upstream(p)
-    p.add_argument("--switch-mode", choices=["switch", "boot", "smart"])
-    p.add_argument("--reboot-mode", choices=["reboot", "kexec"])
+    # The short flags and k-exec are the original tool's, kept so its extraArgs still work.
+    p.add_argument("-s", "--switch-mode", choices=["switch", "boot", "smart"])
+    p.add_argument("-r", "--reboot-mode", choices=["reboot", "kexec", "k-exec"])
     p.add_argument(
         "--reboot-window",
         dest="reboot_windows",
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fleet-lock-url", metavar="URL", help="take a reboot slot from this FleetLock server"
     )
     p.add_argument("--fleet-lock-group", metavar="NAME", help="FleetLock reboot group (default)")
-    p.add_argument("--force", action="store_true", help="deploy even when the host is dirty")
+    p.add_argument("-f", "--force", action="store_true", help="deploy even if the host is dirty")
     p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
     p.add_argument(
         "--max-snapshot-age",

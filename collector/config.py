@@ -34,6 +34,10 @@ class Paths:
 
     root: str
     state_dir: str
+    # Where the agent's own links (upstream GC root, deployed mirror) live; None: /run
+    # under root, the original tool's places. The module gives the sandboxed collector a
+    # directory of its own and links the old places to it.
+    runtime_dir: str | None = None
 
     def under_root(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
@@ -46,13 +50,18 @@ class Paths:
     def booted(self) -> str:
         return self.under_root("/run/booted-system")
 
+    def own_link(self, name: str) -> str:
+        if self.runtime_dir is not None:
+            return os.path.join(self.runtime_dir, name)
+        return self.under_root(f"/run/{name}")
+
     @property
     def upstream(self) -> str:
-        return self.under_root("/run/upstream-system")
+        return self.own_link("upstream-system")
 
     @property
     def deployed_link(self) -> str:
-        return self.under_root("/run/deployed-system")
+        return self.own_link("deployed-system")
 
     @property
     def profile(self) -> str:
@@ -97,6 +106,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "prometheus_path": str,
     "root": str,
     "state_dir": str,
+    "runtime_dir": str,
     "switch_mode": str,
     "reboot_mode": str,
     "max_snapshot_age": (int, float),
@@ -142,9 +152,13 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value.strip()
 
 
+# The original tool's spellings (its clap enum wrote kexec as k-exec).
+_ALIASES = {"k-exec": "kexec"}
+
+
 def _enum(kind: type[E], value: str, what: str) -> E:
     try:
-        return kind(value)
+        return kind(_ALIASES.get(value, value))
     except ValueError:
         choices = ", ".join(m.value for m in kind)
         raise ConfigError(f"{what} must be one of {choices}, not {value!r}") from None
@@ -161,6 +175,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
     root = os.path.abspath(pick("root", "/"))
     state_dir = pick("state_dir") or os.path.join(root, STATE_DIR.lstrip("/"))
+    runtime_dir = pick("runtime_dir")
+    url, positional = pick("url"), getattr(args, "url_argument", None)
+    if positional is not None:
+        # The original tool took the URL as its argument; a different --url is a mistake.
+        if getattr(args, "url", None) not in (None, positional):
+            raise ConfigError("the URL is given twice (--url and as an argument): give it once")
+        url = positional
     headers = pick("headers", [])
     if not all(isinstance(h, str) for h in headers):
         raise ConfigError("headers must be a list of 'Name: value' strings")
@@ -183,8 +204,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise ConfigError(f"fleet lock group {group[:40]!r}: only letters, digits, '.' and '-'")
     reboot = pick("reboot_mode")
     return Settings(
-        paths=Paths(root=root, state_dir=os.path.abspath(state_dir)),
-        url=pick("url"),
+        paths=Paths(
+            root=root,
+            state_dir=os.path.abspath(state_dir),
+            runtime_dir=None if runtime_dir is None else os.path.abspath(runtime_dir),
+        ),
+        url=url,
         timeout=timeout,
         netrc_file=pick("netrc_file"),
         bearer_token_file=pick("bearer_token_file"),

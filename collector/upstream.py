@@ -6,10 +6,11 @@ import base64
 import email.utils
 import logging
 import netrc
+import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -109,6 +110,18 @@ def _credentials(settings: Settings, url: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode()}
 
 
+def ca_bundle(settings: Settings, environ: Mapping[str, str] = os.environ) -> str | bool:
+    """What verifies https: --ca-file, else the system's bundle, found the way Nix and
+    OpenSSL find it. requests alone trusts certifi's copy, which on NixOS honours only
+    NIX_SSL_CERT_FILE, so CAs added with security.pki.certificates would be ignored.
+    True (certifi) only where none of these exists."""
+    if settings.ca_file:
+        return settings.ca_file
+    system = "/etc/ssl/certs/ca-certificates.crt"  # NixOS (security/ca.nix), Debian
+    candidates = (environ.get("NIX_SSL_CERT_FILE"), environ.get("SSL_CERT_FILE"), system)
+    return next((path for path in candidates if path and os.path.isfile(path)), True)
+
+
 def _without_userinfo(url: str) -> str:
     parts = urlsplit(url)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
@@ -201,7 +214,7 @@ def _fetch(
                 allow_redirects=False,
                 stream=True,
                 timeout=(max(min(10.0, remaining()), 0.1), max(remaining(), 0.1)),
-                verify=settings.ca_file or True,
+                verify=ca_bundle(settings),
             )
         except requests.exceptions.SSLError as e:  # retrying cannot fix a certificate
             raise UpstreamError(f"upstream {shown(url)}: {_reason(e)}") from None
@@ -306,7 +319,7 @@ def post_json(settings: Settings, url: str, body: object, headers: dict[str, str
                 allow_redirects=False,
                 stream=True,
                 timeout=(min(10.0, settings.timeout), settings.timeout),
-                verify=settings.ca_file or True,
+                verify=ca_bundle(settings),
             )
             with response:
                 data = response.raw.read(MAX_BODY + 1, decode_content=True) or b""

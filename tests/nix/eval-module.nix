@@ -135,7 +135,8 @@ let
         mainProgram = package.meta.mainProgram;
         dependencies = map (p: p.pname) (package.dependencies or [ ]);
         makeWrapperArgs = package.makeWrapperArgs or [ ];
-        disabledTestMarks = package.disabledTestMarks or [ ];
+        preCheck = package.preCheck or "";
+        attributes = builtins.attrNames package;
       };
     };
 in
