@@ -30,6 +30,9 @@ let
         enable = true;
         url = "http://127.0.0.1:${toString upstreamPort}/system";
         prometheusFilePath = "${metricsDir}/nixos-autodeploy.prom";
+        # The scenarios collect when they need to (systemctl start): the one-shot
+        # collector. The resident one is proven in tests/test_guest.py.
+        collector.resident = false;
       };
 
       # In the system's closure: with useBootLoader the guest's store holds only that.

@@ -1,17 +1,25 @@
 """What one `collect` costs, when nothing changed and when upstream changed, next to the
 same work done the original tool's way (curl, nix-store --realise --add-root, a .prom
-written by the shell), measured in the same run against the same signed binary cache.
+written by the shell), measured in the same run against the same signed binary cache;
+and what a poll of the resident collector (`collect --every`) costs.
 
-    .venv/bin/python benchmarks/collect.py [--runs N]
+    .venv/bin/python benchmarks/collect.py [--runs N] [--polls M]
 
 Prints medians over N runs: wall time, CPU time (user+system of the process and all it
-waited for, from GNU time), peak RSS, Nix processes spawned, and body bytes the server sent."""
+waited for, from GNU time), peak RSS, Nix processes spawned, and body bytes the server sent.
+Then the resident collector, driven poll by poll with SIGHUP (each poll's end is its
+STATUS= notification): CPU per poll from its own /proc/PID/stat (its children included)
+over N changed polls and M no-change polls, Nix processes and body bytes per poll, and
+its RSS after 100 and after M no-change polls."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import Host, SystemSpec, standalone_host  # noqa: E402
+from harness import Host, System, SystemSpec, standalone_host  # noqa: E402
 
 NIX_TOOLS = ("nix-store", "nix-env", "nix")
 
@@ -99,6 +107,81 @@ def measure(host: Host, argv: list[str], upstream_body: bytes) -> Sample:
     )
 
 
+@dataclass(frozen=True)
+class Polls:
+    """The resident collector over a number of polls: totals, and its RSS afterwards."""
+
+    count: int
+    cpu: float
+    nix_processes: int
+    bytes_sent: int
+    rss_kib: int
+
+
+class Resident:
+    """`collect --every` started once, polled on demand: SIGHUP, then its notification."""
+
+    def __init__(self, host: Host, argv: list[str]) -> None:
+        self.host = host
+        path = host.tmp / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(300)
+        env = host.agent_env({"NOTIFY_SOCKET": str(path)})
+        log = (host.tmp / "resident.log").open("w")
+        # A day between polls of its own: every poll here is one this script asked for.
+        argv = [*argv, "--every", "86400"]
+        self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        ready = self.sock.recv(4096).decode()
+        if "READY=1" not in ready:
+            raise SystemExit(f"the resident collector said {ready!r}")
+
+    def cpu(self) -> float:
+        """User and system time of the process and the children it waited for (Nix)."""
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = sum(int(field) for field in stat[11:15])  # utime stime cutime cstime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise SystemExit("no VmRSS")
+
+    def polls(self, count: int, upstream_body: bytes, before: Callable[[], None]) -> Polls:
+        served_before = len(self.host.server.requests())
+        spawned_before = self.host.spawn_count(*NIX_TOOLS)
+        cpu_before = self.cpu()
+        for _ in range(count):
+            before()
+            self.process.send_signal(signal.SIGHUP)
+            status = self.sock.recv(4096).decode()
+            if "error:" in status:
+                raise SystemExit(f"a resident poll failed: {status}")
+        return Polls(
+            count=count,
+            cpu=self.cpu() - cpu_before,
+            nix_processes=self.host.spawn_count(*NIX_TOOLS) - spawned_before,
+            bytes_sent=bytes_sent(self.host, served_before, upstream_body),
+            rss_kib=self.rss_kib(),
+        )
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        if self.process.wait(timeout=60) != 0:
+            raise SystemExit("the resident collector did not exit cleanly")
+        self.sock.close()
+
+
+def report_polls(label: str, polls: list[Polls]) -> None:
+    count = sum(p.count for p in polls)
+    print(
+        f"{label:<28} cpu {sum(p.cpu for p in polls) / count * 1000:7.2f} ms/poll  "
+        f"nix processes {sum(p.nix_processes for p in polls) / count:4.2f}/poll  "
+        f"bytes {sum(p.bytes_sent for p in polls) / count:6.0f}/poll  (over {count} polls)"
+    )
+
+
 def report(label: str, samples: list[Sample]) -> None:
     def median(get: Callable[[Sample], float]) -> float:
         return statistics.median(get(s) for s in samples)
@@ -115,23 +198,30 @@ def report(label: str, samples: list[Sample]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
-    runs = parser.parse_args().runs
+    parser.add_argument("--polls", type=int, default=10_000, help="resident no-change polls")
+    args = parser.parse_args()
+    runs, polls = args.runs, args.polls
+    if polls < 100:
+        raise SystemExit("--polls must be at least 100")
     for tool in ("curl", "nix-store", "nix-build", "/usr/bin/time"):
         if shutil.which(tool) is None:
             raise SystemExit(f"the benchmark needs {tool}")
     work = Path(tempfile.mkdtemp(prefix="nixos-autodeploy-bench-"))
     try:
         with standalone_host(work, "bench-1") as host:
-            measure_all(host, runs)
+            measure_all(host, runs, polls)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def measure_all(host: Host, runs: int) -> None:
+def measure_all(host: Host, runs: int, polls: int) -> None:
     work = host.tmp
-    # A fresh system for every "changed" run of each side, all built in one nix-build.
-    systems = host.build(*(SystemSpec(f"s{i}", extra=str(i)) for i in range(2 * runs + 1)))
+    # The resident collector keeps its connection; the others open one per run anyway.
+    host.server.keep_alive = True
+    # A fresh system for every "changed" run of each side and every changed resident poll,
+    # all built in one nix-build.
+    systems = host.build(*(SystemSpec(f"s{i}", extra=str(i)) for i in range(3 * runs + 1)))
     base = systems["s0"]
     host.install(base)
     host.write_deployed(base)
@@ -155,6 +245,31 @@ def measure_all(host: Host, runs: int) -> None:
     print(f"collect, median of {runs} runs each:")
     for label in sorted(results, key=lambda k: (k.split(", ")[1], k)):
         report(label, results[label])
+    measure_resident(host, ours, [systems[f"s{2 * runs + 1 + i}"] for i in range(runs)], polls)
+
+
+def measure_resident(host: Host, ours: list[str], changes: list[System], polls: int) -> None:
+    resident = Resident(host, ours)
+    try:
+        changed: list[Polls] = []
+        for system in changes:
+            body = (str(system) + "\n").encode()
+            changed.append(resident.polls(1, body, functools.partial(host.publish, system)))
+        body = (str(changes[-1]) + "\n").encode()
+        first = resident.polls(100, body, lambda: None)
+        rest = resident.polls(polls - 100, body, lambda: None)
+    finally:
+        resident.stop()
+    no_change = [first, rest]
+    total = sum(p.count for p in no_change)
+    print("resident collector (collect --every), one process, polls asked for by SIGHUP;")
+    print("cpu from /proc/PID/stat (clock ticks), so a mean over many polls:")
+    report_polls("upstream changed", changed)
+    report_polls("nothing changed", no_change)
+    print(
+        f"{'rss':<28} after 100 no-change polls {first.rss_kib / 1024:5.1f} MiB,"
+        f" after {total}: {rest.rss_kib / 1024:5.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config import Settings, settings_from
-from .errors import AutodeployError, LockHeld, StateError, UpstreamError
-from .lock import locked
+from .errors import AutodeployError, StateError, UpstreamError
 from .snapshot import load_snapshot
 
 log = logging.getLogger("nixos-autodeploy")
@@ -63,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="record what runs as deployed when it is upstream (hosts without the actuator)",
     )
+    p.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="stay resident and collect every SECONDS (SIGHUP: now; SIGTERM: stop)",
+    )
 
     p = commands.add_parser("status", help="show the last collected state")
     _common(p)
@@ -97,16 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _collect(settings: Settings) -> int:
-    from .collect import collect  # requests and prometheus_client: not for `status`
+    if settings.every is not None:
+        from .resident import run
 
-    try:
-        with locked(settings.paths.state_dir):
-            snapshot = collect(settings)
-    except LockHeld as e:
-        # The other run reports the same host; it is not a failure of this one.
-        log.info("%s; not collecting this time", e)
-        return 0
-    if snapshot.upstream.error:
+        return run(settings, settings.every)
+    from .collect import collect_locked  # requests and prometheus_client: not for `status`
+
+    snapshot = collect_locked(settings)
+    # A held lock is not a failure: the other run reports the same host.
+    if snapshot is not None and snapshot.upstream.error:
         # Reported after snapshot and metrics are written, so the unit shows as failed.
         raise UpstreamError(snapshot.upstream.error)
     return 0

@@ -8,7 +8,8 @@ import time
 
 from . import metrics, nix, upstream
 from .config import Settings
-from .errors import AutodeployError, ConfigError, StateError
+from .errors import AutodeployError, ConfigError, LockHeld, StateError
+from .lock import locked
 from .reboot import load_reboot_state
 from .snapshot import (
     Deploys,
@@ -35,7 +36,9 @@ from .store import name_of
 log = logging.getLogger(__name__)
 
 
-def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) -> Upstream:
+def _refresh_upstream(
+    settings: Settings, known: Upstream | None, now: float, session: upstream.Session | None
+) -> Upstream:
     """Fetch (conditionally) and make sure the result is realised and pinned; only then is
     the fetch record updated, so a failure leaves everything as it was."""
     assert settings.url is not None
@@ -48,7 +51,7 @@ def _refresh_upstream(settings: Settings, known: Upstream | None, now: float) ->
         and (known.etag or known.last_modified)
     ):
         validators = upstream.Validators(known.etag, known.last_modified)
-    fetched = upstream.fetch(settings, validators)
+    fetched = upstream.fetch(settings, validators, session)
     path = fetched.path or (known.path if known else None)
     assert path is not None  # fetch accepts a 304 only in answer to our validators
     if not pinned(paths, path):
@@ -123,8 +126,12 @@ def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
     save_snapshot(paths, snapshot)
     if settings.prometheus_path:
         metrics.write(settings.prometheus_path, snapshot, deploys)
-    log.info(
-        "state %s%s; current %s, upstream %s",
+    log.info("state %s", summary(snapshot))
+
+
+def summary(snapshot: Snapshot) -> str:
+    """Where the host stands, in one line (the log, systemd's STATUS=)."""
+    return "{}{}; current {}, upstream {}".format(
         snapshot.state.value,
         ", reboot required" if snapshot.reboot_required else "",
         name_of(snapshot.links.current, "unknown"),
@@ -141,15 +148,16 @@ def observe(settings: Settings, upstream_record: Upstream, duration: float) -> S
     return snapshot
 
 
-def collect(settings: Settings) -> Snapshot:
+def collect(settings: Settings, session: upstream.Session | None = None) -> Snapshot:
     """Fetch and realise upstream, then observe. A fetch or realise failure is kept in the
-    snapshot (upstream.error) and the metrics; the last known upstream stays."""
+    snapshot (upstream.error) and the metrics; the last known upstream stays. The resident
+    collector passes its kept-alive HTTP session."""
     if not settings.url:
         raise ConfigError("no upstream URL: give --url or set url in the config file")
     started = time.monotonic()
     known = _known_upstream(settings)
     try:
-        record = _refresh_upstream(settings, known, time.time())
+        record = _refresh_upstream(settings, known, time.time(), session)
     except (AutodeployError, OSError) as e:
         last = known or Upstream(url=upstream.shown(settings.url))
         record = dataclasses.replace(
@@ -164,3 +172,14 @@ def collect(settings: Settings) -> Snapshot:
         log.info("tracking %s", current.name)
         snapshot = observe(settings, record, snapshot.duration_seconds)
     return snapshot
+
+
+def collect_locked(settings: Settings, session: upstream.Session | None = None) -> Snapshot | None:
+    """collect() under the shared lock, held only for this one collect; None (and a log
+    line) when another run holds it: that run reports the same host."""
+    try:
+        with locked(settings.paths.state_dir):
+            return collect(settings, session)
+    except LockHeld as e:
+        log.info("%s; not collecting this time", e)
+        return None

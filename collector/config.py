@@ -92,6 +92,7 @@ class Settings:
     fleet_lock_url: str | None = None
     fleet_lock_group: str = "default"
     track: bool = False
+    every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
     dry_run: bool = False
 
@@ -114,6 +115,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "fleet_lock_url": str,
     "fleet_lock_group": str,
     "track": bool,
+    "every": (int, float),
 }
 
 
@@ -191,6 +193,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     max_snapshot_age = float(pick("max_snapshot_age", 3600.0))
     if max_snapshot_age < 0:
         raise ConfigError("max snapshot age must not be negative")
+    every = pick("every")
+    if every is not None and not 0 < float(every) < float("inf"):
+        raise ConfigError(f"every must be a positive number of seconds, not {every}")
     switch_mode = _enum(SwitchMode, pick("switch_mode", "switch"), "switch mode")
     windows = pick("reboot_windows", [])
     if not all(isinstance(w, str) for w in windows):
@@ -223,6 +228,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         fleet_lock_url=fleet_lock_url,
         fleet_lock_group=group,
         track=bool(pick("track", False)),
+        every=None if every is None else float(every),
         force=bool(getattr(args, "force", False)),
         dry_run=bool(getattr(args, "dry_run", False)),
     )

@@ -49,6 +49,17 @@ class Fetched:
     last_modified: str | None
 
 
+class Session:
+    """One HTTP session for many fetches: the resident collector keeps its connection
+    alive from poll to poll. Each fetch still sends the same request as a one-shot's."""
+
+    def __init__(self) -> None:
+        self.http = requests.Session()  # trust_env stays on: proxy variables are honoured
+
+    def close(self) -> None:
+        self.http.close()
+
+
 class _Deadline(BaseException):  # not Exception: nothing in requests may swallow it
     pass
 
@@ -168,8 +179,9 @@ def _retry_after(response: requests.Response, attempt: int) -> float:
         return float(2**attempt)
 
 
-def fetch(settings: Settings, cached: Validators | None) -> Fetched:
-    """GET the upstream URL within settings.timeout, following redirects by hand."""
+def fetch(settings: Settings, cached: Validators | None, session: Session | None = None) -> Fetched:
+    """GET the upstream URL within settings.timeout, following redirects by hand; with a
+    session, over its kept-alive connection."""
     assert settings.url is not None
     start = time.monotonic()
 
@@ -178,7 +190,7 @@ def fetch(settings: Settings, cached: Validators | None) -> Fetched:
 
     try:
         with _deadline(settings.timeout):
-            return _fetch(settings, cached, remaining)
+            return _fetch(settings, cached, remaining, session or Session())
     except _Deadline:
         raise UpstreamError(
             f"upstream {shown(settings.url)} did not answer within {settings.timeout:g}s"
@@ -186,13 +198,17 @@ def fetch(settings: Settings, cached: Validators | None) -> Fetched:
 
 
 def _fetch(
-    settings: Settings, cached: Validators | None, remaining: Callable[[], float]
+    settings: Settings,
+    cached: Validators | None,
+    remaining: Callable[[], float],
+    session: Session,
 ) -> Fetched:
     assert settings.url is not None
     url = settings.url
     origin = urlsplit(url).netloc.rpartition("@")[2].lower()
     credentials = _credentials(settings, url)
-    session = requests.Session()  # trust_env stays on: proxy variables are honoured
+    http = session.http
+    http.cookies.clear()  # a kept session sends what a fresh one would
     attempt = redirects = 0
     while True:
         headers = {"Accept-Encoding": "identity", "User-Agent": f"nixos-autodeploy/{__version__}"}
@@ -207,7 +223,7 @@ def _fetch(
                 headers["If-Modified-Since"] = cached.last_modified
         wait: float
         try:
-            response = session.get(
+            response = http.get(
                 _without_userinfo(url),  # credentials travel in the header above
                 headers=headers,
                 auth=_NoAuth(),
@@ -236,9 +252,12 @@ def _fetch(
                     continue
                 # A 304 means something only as the answer to our validators.
                 if status == 304 and cached is not None:
+                    response.raw.release_conn()  # no body: kept alive for the next fetch
                     return Fetched(None, cached.etag, cached.last_modified)
                 if status == 200:
-                    return _read(response, url)
+                    fetched = _read(response, url)
+                    response.raw.release_conn()  # read to its end: kept alive likewise
+                    return fetched
                 failure = f"upstream {shown(url)} answered HTTP {status} {response.reason}"
                 if status not in RETRIED:
                     raise UpstreamError(failure)

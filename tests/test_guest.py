@@ -86,7 +86,9 @@ def guest_image() -> Path:
     return image
 
 
-def build_systems(image: Path, work: Path, cache_dir: Path) -> tuple[dict[str, str], str]:
+def build_systems(
+    image: Path, work: Path, cache_dir: Path, names: tuple[str, ...]
+) -> tuple[dict[str, str], str]:
     """Build the guest's systems in a chroot store; copy them, signed, to a binary cache.
 
     Returns the systems' store paths by name and the public key."""
@@ -107,12 +109,12 @@ def build_systems(image: Path, work: Path, cache_dir: Path) -> tuple[dict[str, s
             "--arg",
             "initrd",
             str(image / "initrd.img"),
-            *[arg for name in SYSTEM_NAMES for arg in ("-A", name)],
+            *[arg for name in names for arg in ("-A", name)],
         ],
         timeout=600,
     ).split()
-    assert len(paths) == len(SYSTEM_NAMES), paths
-    systems = dict(zip(SYSTEM_NAMES, paths, strict=True))
+    assert len(paths) == len(names), paths
+    systems = dict(zip(names, paths, strict=True))
     secret, public = work / "key.secret", work / "key.public"
     run(["nix-store", "--generate-binary-cache-key", "guest-test-1", str(secret), str(public)])
     run(
@@ -209,6 +211,16 @@ def boot_guest(image: Path, share: Path, work: Path, kernel_params: str) -> Gues
 
 @pytest.fixture(scope="module")
 def guest() -> Iterator[GuestRun]:
+    yield from run_guest("install", SYSTEM_NAMES)
+
+
+@pytest.fixture(scope="module")
+def resident_guest() -> Iterator[GuestRun]:
+    """A boot of its own: the resident collector's scenario only."""
+    yield from run_guest("resident", ("initial", "switched"))
+
+
+def run_guest(first_phase: str, names: tuple[str, ...]) -> Iterator[GuestRun]:
     tools = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "nix-build", "nix")
     for tool in tools:
         require(shutil.which(tool) is not None, f"{tool} is not on PATH")
@@ -227,17 +239,14 @@ def guest() -> Iterator[GuestRun]:
             )
         shutil.copy(GUEST_DIR / "driver.py", share / "driver.py")
         shutil.copy(REPO / "tests/harness/fleetlock.py", share / "fleetlock.py")
-        systems, public_key = build_systems(image, work, share / "cache")
-        (share / "guest.json").write_text(
-            json.dumps(
-                {
-                    "systems": systems,
-                    "public_key": public_key,
-                    "switch_unit": SWITCH_UNIT,
-                    "fleet_lock_app_id": fleetlock.APP_ID,
-                }
-            )
-        )
+        systems, public_key = build_systems(image, work, share / "cache", names)
+        config = {
+            "systems": systems,
+            "public_key": public_key,
+            "switch_unit": SWITCH_UNIT,
+            "fleet_lock_app_id": fleetlock.APP_ID,
+        }
+        (share / "guest.json").write_text(json.dumps(config | {"first_phase": first_phase}))
         kernel_params = Path(work / "store" / systems["initial"].lstrip("/"), "kernel-params")
         prepared = time.monotonic()
         result = boot_guest(image, share, work, kernel_params.read_text())
@@ -413,3 +422,44 @@ def test_reboot_waits_for_a_fleet_lock_slot_then_reboots_and_gives_it_back(
     assert after["holders"] == []
     assert after["status"]["fleet_lock_held"] is False
     assert after["status"]["reboot_wait"] is None
+
+
+def test_resident_collector_is_a_notify_service_that_picks_up_a_switch(
+    resident_guest: GuestRun,
+) -> None:
+    guest = resident_guest
+    guest.show()
+    assert [e for e in guest.events if e["event"] in ("error", "unparsable")] == []
+    resident = guest.event("resident")
+    initial, switched = guest.systems["initial"], guest.systems["switched"]
+    # `systemctl start` returned once the first poll had finished (READY=1).
+    assert resident["start_rc"] == 0, resident["start_stderr"]
+    ready = resident["ready"]
+    assert (ready["Type"], ready["ActiveState"], ready["SubState"]) == (
+        "notify",
+        "active",
+        "running",
+    )
+    assert ready["WatchdogUSec"] == "1h 31min"  # the module's: 3600 s + 60 s + 30 min
+    assert int(ready["WatchdogTimestampMonotonic"]) > 0, "no WATCHDOG=1 reached systemd"
+    assert ready["StatusText"].startswith("untracked; current "), ready
+    assert os.path.basename(initial) in ready["StatusText"]
+    assert resident["snapshot_ready"]["current"] == initial
+    # The hand switch reached it through the reload (SIGHUP), not its next poll an hour on.
+    assert resident["reload_rc"] == 0
+    assert resident["seen"] is True
+    after = resident["after"]
+    assert after["MainPID"] == ready["MainPID"], "restarted, not reloaded"
+    assert after["NRestarts"] == "0"
+    assert os.path.basename(switched) in after["StatusText"], after
+    assert int(after["WatchdogTimestampMonotonic"]) > int(ready["WatchdogTimestampMonotonic"])
+    assert "SIGHUP: collecting now" in resident["journal"]
+    assert resident["snapshot_after"]["current"] == switched
+    assert resident["snapshot_after"]["upstream"]["path"] == initial
+    # SIGTERM: a clean exit.
+    stopped = resident["stopped"]
+    assert resident["stop_rc"] == 0
+    assert (stopped["ActiveState"], stopped["Result"]) == ("inactive", "success"), stopped
+    assert stopped["ExecMainStatus"] == "0", stopped
+    assert "stopped" in resident["journal"]
+    assert any(line.startswith("nixos_autodeploy_info{") for line in resident["metrics"])

@@ -58,6 +58,8 @@ BASE: dict[str, Any] = {
     "url": "https://ci.example.org/hosts/web1/system",
     "prometheusFilePath": "/var/lib/node-exporter/text/nixos-autodeploy.prom",
 }
+# The one-shot collector started by a timer (the resident one is the default).
+TIMER = BASE | {"collector": {"resident": False}}
 
 REBOOT_WITHOUT_ACTUATOR = (
     "system.autoDeploy.rebootMode is set, but system.autoDeploy.actuator.enable is false"
@@ -324,7 +326,12 @@ ORIGINAL_OPTIONS = {
 def test_options_are_documented_and_keep_the_original_names(evaluate: Evaluate) -> None:
     (record,) = evaluate(BASE)
     options = {o["name"].removeprefix("system.autoDeploy."): o for o in record["options"]}
-    assert ORIGINAL_OPTIONS | {"actuator.enable", "collectInterval"} <= set(options)
+    assert ORIGINAL_OPTIONS | {
+        "actuator.enable",
+        "collectInterval",
+        "collector.resident",
+        "collector.pollInterval",
+    } <= set(options)
     for name, option in options.items():
         assert option["description"].strip(), f"{name} has no description"
         assert option["type"], f"{name} has no type"
@@ -333,13 +340,17 @@ def test_options_are_documented_and_keep_the_original_names(evaluate: Evaluate) 
 
 @pytest.mark.nix
 def test_units_and_timers(evaluate: Evaluate) -> None:
-    (record,) = evaluate(BASE)
-    assert record["failedAssertions"] == []
-    assert set(record["services"]) == {COLLECTOR, ACTUATOR, TRIGGER}
-    assert set(record["timers"]) == {COLLECTOR, ACTUATOR}
-    for timer in record["timers"].values():
-        assert timer["wantedBy"] == ["timers.target"]
-    assert record["package"]["path"] in record["systemPackages"]
+    resident, timer = evaluate(BASE, TIMER)
+    assert resident["failedAssertions"] == [] and timer["failedAssertions"] == []
+    # Resident by default: no timer for the collector.
+    assert set(resident["services"]) == {COLLECTOR, ACTUATOR, TRIGGER}
+    assert set(resident["timers"]) == {ACTUATOR}
+    assert set(timer["services"]) == {COLLECTOR, ACTUATOR, TRIGGER}
+    assert set(timer["timers"]) == {COLLECTOR, ACTUATOR}
+    for record in (resident, timer):
+        for unit in record["timers"].values():
+            assert unit["wantedBy"] == ["timers.target"]
+        assert record["package"]["path"] in record["systemPackages"]
 
 
 @pytest.mark.nix
@@ -379,7 +390,7 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
     assert {"bearer_token_file", "netrc_file"}.isdisjoint(config)
     assert config["timeout"] == 30 and config["headers"] == ["X-Host: web1"]
 
-    assert unit["Type"] == "oneshot"
+    assert unit["Type"] == "notify"
     assert unit["StateDirectory"] == "nixos-autodeploy"
     assert "network-online.target" in service["after"]
     assert "network-online.target" in service["wants"]
@@ -404,6 +415,39 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
     assert "User" not in unit and "DynamicUser" not in unit, "the daemon trusts root"
     assert record["tmpfiles"] == ["d /var/lib/node-exporter/text - - - -", *OWN_LINKS]
 
+
+@pytest.mark.nix
+def test_resident_collector_is_a_notify_service_with_a_watchdog(evaluate: Evaluate) -> None:
+    default, custom = evaluate(BASE, BASE | {"collector": {"pollInterval": 300}, "timeout": 30})
+    for record, every in ((default, 60), (custom, 300)):
+        service = record["services"][COLLECTOR]
+        unit = service["serviceConfig"]
+        argv = exec_argv(unit["ExecStart"])
+        assert program_settings(argv).every == every
+        assert config_file(argv)["every"] == every
+        assert unit["Type"] == "notify"
+        assert unit["Restart"] == "always"
+        # systemctl reload is SIGHUP: collect now.
+        assert re.fullmatch(r"/nix/store/\S+/bin/kill -HUP \$MAINPID", unit["ExecReload"])
+        # A poll may wait the interval, fetch until the deadline, then realise a system.
+        timeout = program_settings(argv).timeout
+        assert int(unit["WatchdogSec"]) >= every + timeout + 600
+        assert int(unit["TimeoutStartSec"]) == int(unit["WatchdogSec"])
+        assert service["wantedBy"] == ["multi-user.target"]
+        # A switch never waits on it: not restarted by switch-to-configuration.
+        assert service["restartIfChanged"] is False
+        assert COLLECTOR not in record["timers"]
+
+
+@pytest.mark.nix
+def test_timer_collector_when_not_resident(evaluate: Evaluate) -> None:
+    (record,) = evaluate(TIMER)
+    service = record["services"][COLLECTOR]
+    unit = service["serviceConfig"]
+    assert unit["Type"] == "oneshot"
+    assert program_settings(exec_argv(unit["ExecStart"])).every is None
+    assert {"ExecReload", "WatchdogSec", "Restart"}.isdisjoint(unit)
+    assert service["wantedBy"] == []
     timer = record["timers"][COLLECTOR]["timerConfig"]
     assert timer["OnCalendar"] == "*:0/5"
     assert timer["Persistent"] is True
@@ -648,21 +692,24 @@ def test_no_activation_script_and_no_restart_of_our_units(
 
 @pytest.mark.nix
 @pytest.mark.parametrize("actuator", [True, False])
+@pytest.mark.parametrize("settings", [BASE, TIMER], ids=["resident", "timer"])
 def test_every_activation_queues_the_collector_without_waiting(
-    evaluate: Evaluate, actuator: bool
+    evaluate: Evaluate, actuator: bool, settings: dict[str, Any]
 ) -> None:
     """After an activation switch-to-configuration starts the active targets again, which
     starts a wanted oneshot that is inactive again: the trigger. It only queues the
-    collector, so the switch waits for the trigger's systemctl call and nothing else."""
-    (record,) = evaluate(BASE | {"actuator": {"enable": actuator}})
+    collector, so the switch waits for the trigger's systemctl call and nothing else.
+    (What the resident collector's trigger queues: the test after the next one.)"""
+    (record,) = evaluate(settings | {"actuator": {"enable": actuator}})
     trigger = record["services"][TRIGGER]
     assert trigger["wantedBy"] == ["multi-user.target"]
     unit = trigger["serviceConfig"]
     assert unit["Type"] == "oneshot"
     assert "RemainAfterExit" not in unit, "an active trigger would not run again on a switch"
-    systemctl, *args = exec_argv(unit["ExecStart"])
-    assert systemctl == "/nix/store/0000000000000000000000000000000a-systemd/bin/systemctl"
-    assert args == ["start", "--no-block", f"{COLLECTOR}.service"]
+    if settings is TIMER:
+        systemctl, *args = exec_argv(unit["ExecStart"])
+        assert systemctl == "/nix/store/0000000000000000000000000000000a-systemd/bin/systemctl"
+        assert args == ["start", "--no-block", f"{COLLECTOR}.service"]
     # Nothing orders the trigger after the collector, nor pulls the collector into the
     # transaction of the switch.
     for key in ("after", "wants", "requires", "bindsTo"):
@@ -709,7 +756,7 @@ def test_a_failing_collector_cannot_fail_or_hold_up_a_switch(
         return Reply(status=404, body=b"not published yet\n")
 
     test_server.route("/upstream", gated)
-    (record,) = evaluate(BASE | {"url": test_server.url("/upstream")})
+    (record,) = evaluate(TIMER | {"url": test_server.url("/upstream")})
     root, units, jobs, bin_dir = (tmp_path / n for n in ("root", "units", "jobs", "bin"))
     for directory in (root / "run", units, jobs, bin_dir):
         directory.mkdir(parents=True)
@@ -789,7 +836,7 @@ def test_collector_writes_its_links_in_its_runtime_directory(host: Host, tmp_pat
 
 @pytest.mark.nix
 def test_monitoring_only_host_has_only_the_collector(evaluate: Evaluate) -> None:
-    (record,) = evaluate(BASE | {"actuator": {"enable": False}})
+    (record,) = evaluate(TIMER | {"actuator": {"enable": False}})
     assert record["failedAssertions"] == []
     assert set(record["services"]) == {COLLECTOR, TRIGGER}
     assert set(record["timers"]) == {COLLECTOR}
@@ -899,6 +946,7 @@ def test_assertions_explain_what_is_wrong(
         ({"timeout": 0}, "system.autoDeploy.timeout"),
         ({"fleetLock": {"url": "http://a", "group": "a b"}}, "system.autoDeploy.fleetLock.group"),
         ({"rebootWindows": [{"lower": "1:00", "upper": "05:00"}]}, "rebootWindows"),
+        ({"collector": {"pollInterval": 0}}, "system.autoDeploy.collector.pollInterval"),
     ],
 )
 def test_invalid_values_are_rejected(
@@ -945,3 +993,58 @@ def test_flake_outputs(nixpkgs_lib: str) -> None:
         }
     assert flake["formatterSystems"] == ["aarch64-linux", "x86_64-linux"]
     assert flake["overlayPackage"] == "nixos-autodeploy"
+
+
+# systemctl for the resident collector's trigger: records its calls, answers `show` with
+# the collector's main PID.
+RECORDING_SYSTEMCTL = """#!/bin/sh
+echo "$@" >> '{log}'
+if [ "$1" = show ]; then echo '{pid}'; fi
+"""
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize(
+    ("running", "expected"),
+    [
+        ("current", f"reload --no-block {COLLECTOR}.service"),
+        ("older-config", f"try-restart --no-block {COLLECTOR}.service"),
+        ("older-program", f"try-restart --no-block {COLLECTOR}.service"),
+        (None, f"start --no-block {COLLECTOR}.service"),
+    ],
+)
+def test_resident_trigger_reloads_restarts_or_starts_the_collector_without_waiting(
+    evaluate: Evaluate, tmp_path: Path, running: str | None, expected: str
+) -> None:
+    """The resident collector's trigger, run for real against a process with the collector's
+    command line (or none) and a recording systemctl: a reload (SIGHUP: collect now) when
+    it runs the current program and config, else a restart; a start when it does not run.
+    Each only queues a job (--no-block)."""
+    (record,) = evaluate(BASE)
+    argv = exec_argv(record["services"][COLLECTOR]["serviceConfig"]["ExecStart"])
+    exec_start = record["services"][TRIGGER]["serviceConfig"]["ExecStart"]
+    assert exec_start.startswith("-"), "a reload of a collector that just ended must not fail"
+    script = Path(exec_start[1:]).read_text()
+    systemctl = re.search(r"/nix/store/\S+-systemd/bin/systemctl", script)
+    grep = re.search(r"/nix/store/\S+/bin/grep", script)
+    assert systemctl and grep, script
+    if running == "older-config":
+        argv[argv.index("--config") + 1] = "/nix/store/00000000000000000000000000000000-old.json"
+    elif running == "older-program":
+        argv[0] = "/nix/store/00000000000000000000000000000000-old/bin/nixos-autodeploy"
+    # A process whose command line is the collector's (the program's path, its arguments).
+    collector = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", *argv], stdin=subprocess.PIPE
+    )
+    try:
+        log = tmp_path / "systemctl.log"
+        fake = tmp_path / "systemctl"
+        fake.write_text(RECORDING_SYSTEMCTL.format(log=log, pid=collector.pid if running else 0))
+        fake.chmod(0o755)
+        runnable = script.replace(systemctl.group(0), str(fake))
+        runnable = runnable.replace(grep.group(0), require_tool("grep"))
+        subprocess.run(["sh", "-c", runnable], check=True, timeout=30)
+    finally:
+        collector.communicate(b"")
+    calls = log.read_text().splitlines()
+    assert calls == [f"show --property MainPID --value {COLLECTOR}.service", expected]

@@ -29,6 +29,11 @@ AGENT_STATE = Path("/var/lib/nixos-autodeploy")
 PROMETHEUS_FILE = Path("/var/lib/prometheus-node-exporter/nixos-autodeploy.prom")
 PROFILE = Path("/nix/var/nix/profiles/system")
 AGENT_UNIT = "nixos-autodeploy-deploy.service"
+COLLECTOR_UNIT = "nixos-autodeploy-collector.service"
+ACTIVATED_UNIT = "nixos-autodeploy-activated.service"
+# As the NixOS module computes it: the interval, the fetch deadline, 30 min to realise.
+POLL_INTERVAL = 3600
+WATCHDOG_SEC = POLL_INTERVAL + 60 + 1800
 HTTP_PORT = 8080
 UPSTREAM_URL = f"http://127.0.0.1:{HTTP_PORT}/upstream"
 # The harness' FleetLock server (one slot), its semaphore on disk as airlock's is in etcd.
@@ -271,14 +276,19 @@ def finish() -> None:
     sys.exit(0)
 
 
-def phase_install() -> None:
-    """First boot: install the initial system as an installer would, then track it."""
+def install_initial() -> None:
+    """Install the initial system as an installer would."""
     run("nix-store", "--realise", SYSTEMS["initial"])
     run("nix-env", "-p", str(PROFILE), "--set", SYSTEMS["initial"])
     run(SYSTEMS["initial"] + "/bin/switch-to-configuration", "boot")
     # The stage-2 service turns the boot entry into booted/current, as at boot.
     run("systemctl", "restart", "autodeploy-guest-stage2.service")
     publish("initial")
+
+
+def phase_install() -> None:
+    """First boot: install the initial system as an installer would, then track it."""
+    install_initial()
     agent = start_agent("--switch-mode", "switch")
     report("installed", agent_rc=agent.returncode, journal=journal(AGENT_UNIT), **links())
     set_phase("switch")
@@ -384,6 +394,84 @@ def phase_after_reboot() -> None:
     finish()
 
 
+def write_resident_units() -> None:
+    """The resident collector and the unit that tells it of an activation, as the NixOS
+    module makes them (that unit's choice between reload, restart and start is tested on
+    the host; here the collector runs the current program, so it reloads)."""
+    common = f"--url {UPSTREAM_URL} --prometheus-path {PROMETHEUS_FILE}"
+    Path(f"/etc/systemd/system/{COLLECTOR_UNIT}").write_text(
+        "[Unit]\nDescription=nixos-autodeploy collector, resident (guest test)\n"
+        "[Service]\nType=notify\n"
+        "Environment=PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin\n"
+        f"ExecStart=/usr/local/bin/nixos-autodeploy collect {common} --every {POLL_INTERVAL}\n"
+        # The module's coreutils kill; this guest has only the shell's.
+        "ExecReload=/bin/sh -c 'kill -HUP \"$$MAINPID\"'\n"
+        "Restart=on-failure\nRestartSec=10s\n"
+        f"WatchdogSec={WATCHDOG_SEC}\nTimeoutStartSec={WATCHDOG_SEC}\n"
+    )
+    Path(f"/etc/systemd/system/{ACTIVATED_UNIT}").write_text(
+        "[Unit]\nDescription=Tell the resident collector that a system was activated\n"
+        "[Service]\nType=oneshot\n"
+        f"ExecStart=-/bin/systemctl reload --no-block {COLLECTOR_UNIT}\n"
+    )
+    run("systemctl", "daemon-reload")
+
+
+def unit_facts(unit: str) -> dict[str, str]:
+    names = (
+        "Type,ActiveState,SubState,Result,MainPID,NRestarts,WatchdogUSec,"
+        "WatchdogTimestampMonotonic,StatusText,ExecMainStatus,ExecMainCode"
+    )
+    out = run("systemctl", "show", "--property", names, unit).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_for_current_in_snapshot(system: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        snapshot = read_json(AGENT_STATE / "snapshot.json")
+        if isinstance(snapshot, dict) and snapshot.get("current") == SYSTEMS[system]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def phase_resident() -> None:
+    """The resident collector as a real Type=notify service with a watchdog: it becomes
+    ready after its first poll, and a hand switch reaches it through the activated unit
+    (switch-to-configuration starts that unit after the activation), long before its
+    next poll of its own (an hour away)."""
+    install_initial()
+    write_resident_units()
+    started = run("systemctl", "start", COLLECTOR_UNIT, check=False)  # waits for READY=1
+    ready = unit_facts(COLLECTOR_UNIT)
+    snapshot_ready = read_json(AGENT_STATE / "snapshot.json")
+    run("nix-store", "--realise", SYSTEMS["switched"])
+    run("nix-env", "-p", str(PROFILE), "--set", SYSTEMS["switched"])
+    run(SYSTEMS["switched"] + "/bin/switch-to-configuration", "switch")
+    reloaded = run("systemctl", "start", ACTIVATED_UNIT, check=False)
+    seen = wait_for_current_in_snapshot("switched", 120)
+    after = unit_facts(COLLECTOR_UNIT)
+    stopped = run("systemctl", "stop", COLLECTOR_UNIT, check=False)
+    report(
+        "resident",
+        start_rc=started.returncode,
+        start_stderr=started.stderr[-2000:],
+        ready=ready,
+        snapshot_ready=snapshot_ready,
+        reload_rc=reloaded.returncode,
+        seen=seen,
+        after=after,
+        snapshot_after=read_json(AGENT_STATE / "snapshot.json"),
+        stop_rc=stopped.returncode,
+        stopped=unit_facts(COLLECTOR_UNIT),
+        journal=journal(COLLECTOR_UNIT),
+        metrics=(read_text(PROMETHEUS_FILE) or "").splitlines(),
+        **links(),
+    )
+    finish()
+
+
 PHASES = {
     "install": phase_install,
     "switch": phase_switch,
@@ -392,13 +480,14 @@ PHASES = {
     "after-kexec": phase_after_kexec,
     "reboot": phase_reboot,
     "after-reboot": phase_after_reboot,
+    "resident": phase_resident,
 }
 # One boot runs phases until one takes the machine down.
 NEXT_IN_SAME_BOOT = {"install", "switch", "restart", "after-kexec"}
 
 
 def main() -> None:
-    phase = read_text(PHASE_FILE) or "install"
+    phase = read_text(PHASE_FILE) or CONFIG.get("first_phase", "install")
     report("boot", phase=phase, **boot_facts(), **links())
     if phase == "done":  # booted again after the end: nothing to do
         run("systemctl", "poweroff", "--no-block")

@@ -363,12 +363,14 @@ class Host:
             argv += args[1:]
         return argv
 
-    def start_agent(self, *args: str) -> subprocess.Popen[str]:
+    def start_agent(
+        self, *args: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         """The agent in the background, in a session of its own so a test can kill it the
         way systemd stops a unit: the agent and everything it started."""
         return subprocess.Popen(
             self.agent_argv(*args),
-            env=self.agent_env(),
+            env=self.agent_env(env),
             cwd=self.tmp,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -51,6 +51,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lower-cased names
     host: str  # the Host header, to tell 127.0.0.1 from localhost
+    client_port: int = 0  # the client's end of the connection: one port, one connection
 
 
 ReplySource = Reply | Sequence[Reply] | Callable[[RecordedRequest], Reply]
@@ -89,6 +90,9 @@ class TestServer:
     stopping: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     tls: ssl.SSLContext | None = None  # serve https with this server-side context
+    # HTTP/1.1 with connections kept alive, for connections accepted from now on; only
+    # for plain replies (streaming and hanging ones rely on HTTP/1.0's one request).
+    keep_alive: bool = False
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -159,6 +163,11 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
         # hanging replies simple.
         protocol_version = "HTTP/1.0"
 
+        def handle(self) -> None:
+            if server.keep_alive:
+                self.protocol_version = "HTTP/1.1"
+            super().handle()
+
         def log_message(self, format: str, *args: object) -> None:
             pass  # keep pytest output clean; requests are recorded instead
 
@@ -172,7 +181,11 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             headers = {k.lower(): v for k, v in self.headers.items()}
             request = RecordedRequest(
-                method=self.command, path=path, headers=headers, host=headers.get("host", "")
+                method=self.command,
+                path=path,
+                headers=headers,
+                host=headers.get("host", ""),
+                client_port=int(self.client_address[1]),
             )
             route = server._record(request)
             try:

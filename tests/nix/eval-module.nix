@@ -50,6 +50,10 @@ let
         type = types.anything;
         generate = name: value: builtins.toFile name (builtins.toJSON value);
       };
+    coreutils = stubPackage "coreutils";
+    gnugrep = stubPackage "gnugrep";
+    # A literal store file with the same text, so the test can run the script.
+    writeShellScript = name: text: builtins.toFile name "#!/bin/sh\n${text}";
     callPackage = lib.callPackageWith {
       inherit lib python3Packages;
       nix = stubPackage "nix";
