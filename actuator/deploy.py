@@ -9,7 +9,6 @@ import logging
 import os
 import shlex
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from collector import nix
@@ -23,17 +22,19 @@ from collector.snapshot import Deploys, Snapshot, load_deploys, load_snapshot, s
 from collector.state import (
     Activation,
     Deployed,
-    Links,
     forget_deployed,
+    load_deployed,
     pinned,
     read_links,
     save_deployed,
     track,
 )
-from collector.store import StorePath
+from collector.store import StorePath, path_of
+from collector.upstream import digest
 
-from . import reboot_policy
+from . import journal, reboot_policy
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
+from .journal import Before, Journal, Phase
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +50,24 @@ class ActuatorError(AutodeployError):
 
 def _current_snapshot(settings: Settings, deploys: Deploys) -> Snapshot:
     """The live facts, judged against the snapshot's upstream when that was fetched within
-    --max-snapshot-age and the links the actuator acts on (current, upstream) are still as
-    the snapshot saw them; otherwise collect first. A dry run never collects: it says so."""
+    --max-snapshot-age, from the URL asked for, and the links the actuator acts on
+    (current, upstream) are still as the snapshot saw them; otherwise collect first. A dry
+    run never collects: it says so."""
     paths = settings.paths
     snapshot = load_snapshot(paths)  # a corrupt one stops here, before anything changes
     if snapshot is not None:
         fetched_at = snapshot.upstream.fetched_at
         age = None if fetched_at is None else time.time() - fetched_at
-        live = assess(settings, snapshot.upstream, snapshot.duration_seconds, deploys)
+        live = assess(
+            settings, snapshot.upstream, snapshot.duration_seconds, deploys, snapshot.collected_at
+        )
         fresh = age is not None and 0 <= age <= settings.max_snapshot_age
         same = (live.links.current, live.links.upstream) == (
             snapshot.links.current,
             snapshot.links.upstream,
         )
-        if fresh and same and not snapshot.upstream.error:
+        asked = settings.url is None or snapshot.upstream.url_sha256 == digest(settings.url)
+        if fresh and same and asked and not snapshot.upstream.error:
             return live
         if settings.dry_run:
             log.warning("the snapshot is out of date; a real run would collect first")
@@ -148,113 +153,219 @@ def _append_history(paths: Paths, entry: dict[str, Any]) -> None:
 
 def _record_result(
     paths: Paths,
-    deploys: Deploys,
     system: StorePath,
     activation: Activation,
     error: str | None,
     *,
     blocks_retry: bool = False,
+    deploy_id: str | None = None,
 ) -> None:
     """blocks_retry: system itself failed (its activation, or it is no NixOS system), so it
-    is not tried again until upstream changes; a passing failure (Nix, the disk) is."""
-    result = "failure" if error else "success"
-    totals = dict(deploys.totals)
-    totals[result] = totals.get(result, 0) + 1
+    is not tried again until upstream changes; a passing failure (Nix, the disk) is.
+    deploy_id: the journal's; a result already recorded for it is not counted again."""
+    deploys = load_deploys(paths)
+    if deploy_id is not None and deploys.last and deploys.last.get("id") == deploy_id:
+        return
     last = {
         "at": time.time(),
         "path": system.path,
         "mode": activation.value,
-        "result": result,
+        "result": "failure" if error else "success",
         "message": error or "",
     }
-    failed = system if blocks_retry else None
-    save_deploys(paths, Deploys(last=last, totals=totals, failed_path=failed))
+    if deploy_id is not None:
+        last["id"] = deploy_id
+    save_deploys(paths, deploys.with_result(last, system if blocks_retry else None))
     _append_history(paths, {"event": "deploy", **last})
 
 
-@dataclass
-class _Progress:
-    """How far a deploy got, so a failure undoes just that."""
-
-    recorded: bool = False
-    profile_set: bool = False
-    activated: bool = False
-
-
-def _roll_back(
-    paths: Paths, system: StorePath, before: Links, old: Deployed | None, done: _Progress
-) -> None:
-    """After a failed deploy: the record is the old one again, and the next boot is what
-    was deployed (or ran) before. NixOS's switch-to-configuration installs the boot loader
-    before it starts units, so a failed activation may already have made system the
-    default boot entry: the fallback's own `boot` makes it the default again."""
+def roll_back(paths: Paths, entry: Journal) -> Journal:
+    """Bring back what ran before entry's deploy: the record, the profile, then the
+    previous system's activation (through switch_argv, like every activation): `switch`
+    when the deployed system runs, and `boot` so the boot loader's default follows the
+    profile (NixOS installs the boot loader before it starts units, so a failed activation
+    may have made the new system the default). Safe to repeat: a run killed half way
+    through is finished by the next one. Also what a failed health check calls."""
+    entry = journal.advance(paths, entry, Phase.ROLLING_BACK)
+    before = entry.before
     # The record first: it decides the next run, whatever else fails here.
-    if done.recorded:
-        if old is None:
-            forget_deployed(paths)
-        else:
-            save_deployed(paths, old)
-    fallback = before.profile
-    if fallback in (None, system):  # a run killed after `nix-env --set` left system there
-        fallback = old.path if old else before.current
-    if (done.profile_set or before.profile == system) and fallback not in (None, system):
-        assert fallback is not None
-        nix.set_profile(paths.profile, fallback)
-        if done.activated:
-            run(switch_argv(paths, fallback, Activation.BOOT), stream_stderr=True)
+    if before.deployed is None:
+        forget_deployed(paths)
+    else:
+        save_deployed(paths, before.deployed)
+    target = entry.fallback
+    links = read_links(paths)
+    # Only a profile this deploy set goes back (one someone set since is theirs).
+    if target is not None and links.profile == entry.path:
+        nix.set_profile(paths.profile, target)
+    booted_target = False
+    running = before.current
+    if (
+        entry.activation_started
+        and links.current == entry.path
+        and running not in (None, entry.path)
+    ):
+        assert running is not None
+        run(switch_argv(paths, running, Activation.SWITCH), stream_stderr=True)
+        booted_target = running == target
+    if entry.activation_started and target is not None and not booted_target:
+        run(switch_argv(paths, target, Activation.BOOT), stream_stderr=True)
+    entry = journal.advance(paths, entry, Phase.ROLLED_BACK)
+    _append_history(paths, {"event": "rolled-back", "path": entry.path.path, "to": path_of(target)})
+    return entry
 
 
-def _deploy(
-    settings: Settings, snapshot: Snapshot, deploys: Deploys, activation: Activation
-) -> None:
-    paths = settings.paths
-    system = snapshot.links.upstream
-    assert system is not None
-    before = read_links(paths)
+def fail(paths: Paths, entry: Journal, message: str, *, blocks_retry: bool) -> ActuatorError:
+    """entry's deploy failed (its activation, or later a health check): journaled and
+    recorded before the rollback, so should the rollback be cut short the next run knows
+    both and finishes it. Returns the error to raise (it says if rolling back failed)."""
+    entry = journal.advance(paths, entry, Phase.FAILED, message=message, blocks_retry=blocks_retry)
+    _record_failure(paths, entry)
+    return ActuatorError(message + _try_roll_back(paths, entry))
+
+
+def _record_failure(paths: Paths, entry: Journal) -> None:
+    _record_result(
+        paths,
+        entry.path,
+        entry.activation,
+        entry.message,
+        blocks_retry=entry.blocks_retry,
+        deploy_id=entry.id,
+    )
+
+
+def _try_roll_back(paths: Paths, entry: Journal) -> str:
+    """Roll back; "" when done, else what to add to the error message."""
+    try:
+        roll_back(paths, entry)
+    except AutodeployError as e:
+        _append_history(paths, {"event": "rollback-failed", "message": str(e)})
+        return f"; rolling back failed too (the next run tries again): {e}"
+    return ""
+
+
+def _complete(paths: Paths, entry: Journal) -> None:
+    """The activation succeeded: the record says so, the result is counted, done."""
+    save_deployed(paths, Deployed(entry.path, entry.activation, entry.before.current, time.time()))
+    _record_result(paths, entry.path, entry.activation, None, deploy_id=entry.id)
+    journal.advance(paths, entry, Phase.DONE)
+
+
+def _before(paths: Paths, snapshot: Snapshot) -> Before:
+    links = read_links(paths)
     old = snapshot.deployed
     if old is not None and not old.complete:
-        # An earlier run of a deploy was cut short: what it was replacing is what a failure
-        # goes back to, never the system it was deploying.
+        # A record under way without an open journal (left by a version before the
+        # journal): what it was replacing is what a failure goes back to.
         old = (
             Deployed(old.previous, Activation.SWITCH, old.previous, old.at)
             if old.previous
             else None
         )
-    done = _Progress()
-    nixos = True
+    return Before(current=links.current, profile=links.profile, deployed=old)
+
+
+def _deploy(
+    settings: Settings,
+    snapshot: Snapshot,
+    activation: Activation,
+    superseded: Journal | None = None,
+) -> None:
+    """superseded: a deploy cut short before its activation took effect; this one takes
+    its place, so what ran before that one is what a failure goes back to."""
+    paths = settings.paths
+    system = snapshot.links.upstream
+    assert system is not None
     try:
         if not pinned(paths, system):
             nix.realise(system, paths.upstream)
-        if not os.access(os.path.join(system.path, "bin/switch-to-configuration"), os.X_OK):
-            nixos = False
-            raise ActuatorError(
-                f"{system} is not a NixOS system (no executable bin/switch-to-configuration)"
-            )
-        # Recorded before anything changes: whatever step a kill interrupts, the next run
-        # knows this deploy was under way (see classify) and converges instead of seeing a
-        # hand deploy.
-        save_deployed(
-            paths, Deployed(system, activation, before.current, time.time(), complete=False)
+    except AutodeployError as e:  # nothing changed: a passing failure, retried next run
+        message = f"deploying {system.name} ({activation.value}) failed: {e}"
+        _record_result(paths, system, activation, message)
+        raise ActuatorError(message) from None
+    if not os.access(os.path.join(system.path, "bin/switch-to-configuration"), os.X_OK):
+        message = (
+            f"deploying {system.name} ({activation.value}) failed: "
+            f"{system} is not a NixOS system (no executable bin/switch-to-configuration)"
         )
-        done.recorded = True
+        _record_result(paths, system, activation, message, blocks_retry=True)
+        raise ActuatorError(message)
+    before = superseded.before if superseded else _before(paths, snapshot)
+    # A superseded activation may have touched the boot loader: a rollback must reset it.
+    touched = superseded is not None and superseded.activation_started
+    entry = journal.begin(paths, system, activation, before, activation_started=touched)
+    # The in-flight record, for the collector: a deploy is under way (never dirty).
+    save_deployed(paths, Deployed(system, activation, before.current, time.time(), complete=False))
+    entry = journal.advance(paths, entry, Phase.PROFILE_SET)
+    try:
         nix.set_profile(paths.profile, system)
-        done.profile_set = done.activated = True
+    except AutodeployError as e:
+        message = f"deploying {system.name} ({activation.value}) failed: {e}"
+        raise fail(paths, entry, message, blocks_retry=False) from None
+    entry = journal.advance(paths, entry, Phase.ACTIVATING, activation_started=True)
+    try:
         run(switch_argv(paths, system, activation), stream_stderr=True)
     except AutodeployError as e:
         message = f"deploying {system.name} ({activation.value}) failed: {e}"
-        # The failure first: should the rollback be cut short, the next run still knows.
-        _record_result(
-            paths, deploys, system, activation, message, blocks_retry=done.activated or not nixos
-        )
-        try:
-            _roll_back(paths, system, before, old, done)
-        except AutodeployError as rollback:
-            _append_history(paths, {"event": "rollback-failed", "message": str(rollback)})
-            message += f"; rolling back failed too: {rollback}"
-        raise ActuatorError(message) from None
-    save_deployed(paths, Deployed(system, activation, before.current, time.time()))
-    _record_result(paths, deploys, system, activation, None)
+        raise fail(paths, entry, message, blocks_retry=True) from None
+    entry = journal.advance(paths, entry, Phase.ACTIVATED)
+    _complete(paths, entry)
     log.info("deployed %s (%s)", system.name, activation.value)
+
+
+def _finish_unjournaled(paths: Paths) -> None:
+    """A record under way without an open journal (left by a version before the journal)
+    whose switch took effect: record it as done, as that version would have."""
+    deployed = load_deployed(paths)
+    if deployed is None or deployed.complete or read_links(paths).current != deployed.path:
+        return
+    save_deployed(paths, dataclasses.replace(deployed, complete=True))
+    _record_result(paths, deployed.path, deployed.mode, None)
+    _append_history(paths, {"event": "completed-interrupted-deploy", "path": deployed.path.path})
+
+
+CUT_SHORT = frozenset({Phase.PLANNED, Phase.PROFILE_SET, Phase.ACTIVATING})
+
+
+def recover(paths: Paths) -> Journal | None:
+    """Finish what an open journal left, before anything is decided anew: roll forward an
+    activation that took effect, count and roll back a failure, finish a rollback that was
+    cut short (one that fails again stops the run here). A deploy cut short before its
+    activation took effect is returned: the run's decision supersedes it (see deploy)."""
+    entry = journal.load(paths)
+    if entry is None or not entry.open:
+        _finish_unjournaled(paths)
+        return None
+    log.info("the deploy of %s was interrupted (%s)", entry.path.name, entry.phase.value)
+    _append_history(
+        paths,
+        {"event": "interrupted-deploy", "path": entry.path.path, "phase": entry.phase.value},
+    )
+    phase = entry.phase
+    if (
+        phase is Phase.ACTIVATING
+        and entry.activation is Activation.SWITCH
+        and read_links(paths).current == entry.path
+    ):
+        phase = Phase.ACTIVATED  # the switch took effect
+    if phase is Phase.ACTIVATED:
+        _complete(paths, entry)
+        _append_history(paths, {"event": "completed-interrupted-deploy", "path": entry.path.path})
+        log.info("the deploy of %s took effect; recorded it", entry.path.name)
+        return None
+    if phase in CUT_SHORT:
+        return entry
+    if phase is Phase.FAILED:
+        _record_failure(paths, entry)
+    _undo(paths, entry)
+    return None
+
+
+def _undo(paths: Paths, entry: Journal) -> None:
+    problem = _try_roll_back(paths, entry)
+    if problem:
+        raise ActuatorError(f"finishing the interrupted deploy of {entry.path.name}{problem}")
 
 
 def _reboot(settings: Settings, snapshot: Snapshot) -> None:
@@ -279,6 +390,12 @@ def _reboot(settings: Settings, snapshot: Snapshot) -> None:
         raise
 
 
+def _say_interrupted(paths: Paths) -> None:
+    entry = journal.load(paths)
+    if entry is not None and entry.open:
+        print(f"first: would finish the interrupted deploy of {entry.path.name} ({entry.phase})")
+
+
 def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None:
     paths, upstream = settings.paths, snapshot.links.upstream
     commands: list[list[str]] = []
@@ -296,30 +413,18 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         print("would run: " + shlex.join(argv))
 
 
-def _finish_interrupted(paths: Paths, snapshot: Snapshot, deploys: Deploys) -> Snapshot:
-    """A deploy killed after its switch took effect: record it as done."""
-    deployed = snapshot.deployed
-    if deployed is None or deployed.complete or snapshot.links.current != deployed.path:
-        return snapshot
-    done = dataclasses.replace(deployed, complete=True)
-    save_deployed(paths, done)
-    _append_history(paths, {"event": "completed-interrupted-deploy", "path": done.path.path})
-    _record_result(paths, deploys, done.path, done.mode, None)
-    log.info("the deploy of %s was interrupted after its switch; recorded it", done.path.name)
-    return dataclasses.replace(snapshot, deployed=done)
-
-
 def deploy(settings: Settings) -> int:
     paths = settings.paths
     reboot_policy.check(settings)
     with locked(paths.state_dir, wait=LOCK_WAIT):
+        cut_short = None
         if not settings.dry_run:
             _wait_for_running_activation(paths)
+            cut_short = recover(paths)
+        else:
+            _say_interrupted(paths)
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
-        if not settings.dry_run:
-            snapshot = _finish_interrupted(paths, snapshot, deploys)
-            deploys = load_deploys(paths)
         decision = decide(
             snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
         )
@@ -339,16 +444,21 @@ def deploy(settings: Settings) -> int:
         note = functools.partial(_append_history, paths)
         reboot_policy.settle(settings, snapshot, decision, note)
         try:
+            if cut_short is not None and decision.action is not Action.DEPLOY:
+                # Not deployed anew (by this decision): what ran before comes back.
+                _undo(paths, cut_short)
             if decision.action is Action.TRACK:
                 current = snapshot.links.current
                 assert current is not None
                 track(paths, current)
             elif decision.action is Action.DEPLOY:
                 assert decision.activation is not None
-                _deploy(settings, snapshot, deploys, decision.activation)
+                _deploy(settings, snapshot, decision.activation, cut_short)
         finally:
             # Whatever happened, what operators see must not lag behind what was done.
-            snapshot = observe(settings, snapshot.upstream, snapshot.duration_seconds)
+            snapshot = observe(
+                settings, snapshot.upstream, snapshot.duration_seconds, snapshot.collected_at
+            )
         if decision.action is Action.REBOOT or (
             decision.action is Action.DEPLOY and may_reboot(snapshot, settings.reboot_mode)
         ):

@@ -65,7 +65,7 @@ def decide(
     if upstream is None or links.current is None:
         return Decision(Action.NOTHING, "upstream or the current system is not known yet")
     state = snapshot.state
-    failed = deploys.failed_path == upstream and not force
+    failed = deploys.blocks(upstream, snapshot.upstream.changed_at) and not force
     if state is State.DIRTY and not force:
         deployed = snapshot.deployed.path if snapshot.deployed else None
         return Decision(
@@ -77,13 +77,16 @@ def decide(
     if state is State.UNTRACKED:
         if failed:
             # Its activation failed half way (NixOS switches the links before it starts
-            # units): running, but not to be adopted as deployed.
+            # units) and going back did not finish: running, but not to be adopted.
             return Decision(
                 Action.NOTHING,
                 f"current {upstream.name} failed to activate; not tracking it until upstream "
                 "changes (--force overrides)",
             )
-        return Decision(Action.TRACK, f"current is upstream {upstream.name}: tracking it")
+        if upstream not in deploys.failed:
+            return Decision(Action.TRACK, f"current is upstream {upstream.name}: tracking it")
+        # A failed system still running, forced or re-published: deployed properly (profile,
+        # activation), never merely recorded, or the next boot loads something else.
     if state is State.PENDING_REBOOT:
         waiting = f"pending reboot into {name_of(links.profile, 'unknown')}"
         if may_reboot(snapshot, reboot):

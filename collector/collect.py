@@ -47,10 +47,11 @@ def _refresh_upstream(
     if (
         known is not None
         and known.path is not None
-        and known.url == upstream.shown(settings.url)
+        and known.url_sha256 == upstream.digest(settings.url)
+        and known.validated_sha256 is not None
         and (known.etag or known.last_modified)
     ):
-        validators = upstream.Validators(known.etag, known.last_modified)
+        validators = upstream.Validators(known.etag, known.last_modified, known.validated_sha256)
     fetched = upstream.fetch(settings, validators, session)
     path = fetched.path or (known.path if known else None)
     assert path is not None  # fetch accepts a 304 only in answer to our validators
@@ -67,6 +68,8 @@ def _refresh_upstream(
         last_modified=fetched.last_modified,
         fetched_at=now,
         changed_at=known.changed_at if known is not None and not changed else now,
+        url_sha256=upstream.digest(settings.url),
+        validated_sha256=fetched.url,
     )
     # On the no-change path only fetched_at moved; the snapshot carries that.
     if known is None or dataclasses.replace(known, fetched_at=now, error=None) != record:
@@ -95,9 +98,15 @@ def _last_fetched_at(settings: Settings, known: Upstream) -> float | None:
 
 
 def assess(
-    settings: Settings, upstream_record: Upstream, duration: float, deploys: Deploys
+    settings: Settings,
+    upstream_record: Upstream,
+    duration: float,
+    deploys: Deploys,
+    collected_at: float | None = None,
 ) -> Snapshot:
-    """The live facts, classified; writes nothing."""
+    """The live facts, classified; writes nothing. collected_at: when the collect these
+    facts refresh ran (default now): the actuator's refresh is not a collect, and the
+    stale-collector alert must still see a dead collector timer."""
     paths = settings.paths
     links = read_links(paths)
     if links.upstream is None:
@@ -105,9 +114,9 @@ def assess(
         # known upstream still says where the host stands.
         links = dataclasses.replace(links, upstream=upstream_record.path)
     deployed = load_deployed(paths)
-    state = classify(links, deployed, deploys.failed_path)
+    state = classify(links, deployed, deploys.failed)
     return Snapshot(
-        collected_at=time.time(),
+        collected_at=time.time() if collected_at is None else collected_at,
         duration_seconds=duration,
         upstream=upstream_record,
         links=links,
@@ -139,11 +148,17 @@ def summary(snapshot: Snapshot) -> str:
     )
 
 
-def observe(settings: Settings, upstream_record: Upstream, duration: float) -> Snapshot:
+def observe(
+    settings: Settings,
+    upstream_record: Upstream,
+    duration: float,
+    collected_at: float | None = None,
+) -> Snapshot:
     """Assess and report. The actuator calls this after acting, so what operators see never
-    lags behind what was done; it passes on the duration of the collect it acted on."""
+    lags behind what was done; it passes on the time and duration of the collect it acted
+    on."""
     deploys = load_deploys(settings.paths)
-    snapshot = assess(settings, upstream_record, duration, deploys)
+    snapshot = assess(settings, upstream_record, duration, deploys, collected_at)
     report(settings, snapshot, deploys)
     return snapshot
 
@@ -170,7 +185,7 @@ def collect(settings: Settings, session: upstream.Session | None = None) -> Snap
         # it, so that a later publish reads as update-available, not as dirty.
         track(settings.paths, current)
         log.info("tracking %s", current.name)
-        snapshot = observe(settings, record, snapshot.duration_seconds)
+        snapshot = observe(settings, record, snapshot.duration_seconds, snapshot.collected_at)
     return snapshot
 
 

@@ -124,3 +124,6 @@ def write(path: str, snapshot: Snapshot, deploys: Deploys) -> None:
     registry.register(_SnapshotCollector(snapshot, deploys))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_to_textfile(path, registry)
+    # node_exporter's node_textfile_mtime_seconds feeds the stale-collector alert too: the
+    # file's time is the collect's, whoever (the actuator) rewrote it since.
+    os.utime(path, (snapshot.collected_at, snapshot.collected_at))

@@ -46,6 +46,10 @@ class Upstream:
     fetched_at: float | None = None
     changed_at: float | None = None
     error: str | None = None
+    # sha256 of the exact URL asked for (query and all: url is shown without them) and of
+    # the one that answered the validators, after redirects.
+    url_sha256: str | None = None
+    validated_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +60,8 @@ class Upstream:
             "fetched_at": self.fetched_at,
             "changed_at": self.changed_at,
             "error": self.error,
+            "url_sha256": self.url_sha256,
+            "validated_sha256": self.validated_sha256,
         }
 
     @classmethod
@@ -68,23 +74,50 @@ class Upstream:
             fetched_at=d["fetched_at"],
             changed_at=d["changed_at"],
             error=d.get("error"),
+            url_sha256=d.get("url_sha256"),
+            validated_sha256=d.get("validated_sha256"),
         )
+
+
+FAILED_MAX = 32  # remembered failed systems; the oldest go first
 
 
 @dataclass(frozen=True)
 class Deploys:
     """The actuator's results (deploys.json), exported by the collector."""
 
-    last: dict[str, Any] | None = None  # at, path, mode, result, message
+    last: dict[str, Any] | None = None  # id, at, path, mode, result, message
     totals: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
-    failed_path: StorePath | None = None  # not retried until upstream changes
+    # Systems that failed under the agent (activation, not a NixOS system), by when. Kept
+    # per path, so a failure of something else (Nix, the disk) never erases one.
+    failed: dict[StorePath, float] = field(default_factory=dict)
+
+    def blocks(self, path: StorePath, upstream_changed_at: float | None) -> bool:
+        """Whether path failed since upstream last changed: not retried until it changes
+        again (b -> a -> b is a change: someone re-published b, so it is tried again)."""
+        at = self.failed.get(path)
+        return at is not None and (upstream_changed_at is None or at >= upstream_changed_at)
+
+    def with_result(self, last: dict[str, Any], failed: StorePath | None) -> Deploys:
+        """These results plus one more deploy: a success forgets that its system failed
+        before; a failure of the system itself (failed) is remembered."""
+        totals = dict(self.totals)
+        totals[last["result"]] = totals.get(last["result"], 0) + 1
+        succeeded = last["result"] == "success"
+        remembered = {
+            p: at for p, at in self.failed.items() if not (succeeded and p.path == last["path"])
+        }
+        if failed is not None:
+            remembered[failed] = last["at"]
+        newest = sorted(remembered.items(), key=lambda item: item[1])[-FAILED_MAX:]
+        return Deploys(last=last, totals=totals, failed=dict(newest))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": VERSION,
             "last": self.last,
             "totals": self.totals,
-            "failed_path": path_of(self.failed_path),
+            "failed": {p.path: at for p, at in self.failed.items()},
         }
 
 
@@ -157,11 +190,12 @@ def load_deploys(paths: Paths) -> Deploys:
         if data is None:
             return Deploys()
         totals = {k: int(v) for k, v in data["totals"].items()}
-        return Deploys(
-            last=_last_deploy(data["last"]),
-            totals=totals,
-            failed_path=_path(data["failed_path"]),
-        )
+        last = _last_deploy(data["last"])
+        failed = {StorePath.parse(p): float(at) for p, at in data.get("failed", {}).items()}
+        legacy = _path(data.get("failed_path"))  # before per-path memory: one slot
+        if legacy is not None and legacy not in failed:
+            failed[legacy] = float(last["at"]) if last and last["path"] == legacy.path else 0.0
+        return Deploys(last=last, totals=totals, failed=failed)
     except (StateError, KeyError, TypeError, ValueError, AttributeError) as e:
         log.warning("warning: deploy results %s are corrupt (%s); starting them afresh", source, e)
         return Deploys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -140,9 +141,9 @@ def pinned(paths: Paths, path: StorePath) -> bool:
     return resolve_link(paths.upstream, paths.root) == path and os.path.exists(path.path)
 
 
-def classify(links: Links, deployed: Deployed | None, failed: StorePath | None = None) -> State:
+def classify(links: Links, deployed: Deployed | None, failed: Collection[StorePath] = ()) -> State:
     """The gate's table (DESIGN.md), plus pending-reboot, interrupted or failed deploys and
-    unknown. failed: the system whose activation failed under the agent (deploys.json)."""
+    unknown. failed: the systems that failed under the agent (deploys.json)."""
     current, upstream = links.current, links.upstream
     if upstream is None or current is None:
         return State.UNKNOWN
@@ -153,13 +154,15 @@ def classify(links: Links, deployed: Deployed | None, failed: StorePath | None =
             # A deploy cut short before its switch took effect: the agent goes on with it
             # (or, should upstream be back on current, makes current the next boot again).
             return State.UPDATE_AVAILABLE
-        if deployed.mode is Activation.BOOT and links.profile == deployed.path:
-            # A boot-mode deploy waits for its reboot: the agent left it so, it is not dirty.
+        waits = deployed.mode is Activation.BOOT or deployed.reboot_issued_at is not None
+        if waits and links.profile == deployed.path:
+            # A boot-mode deploy waits for its reboot, or the agent's reboot after a switch
+            # came back on the old generation: the agent left it so, it is not dirty.
             # Should upstream have moved on meanwhile, the newer system goes first.
             return State.PENDING_REBOOT if upstream == deployed.path else State.UPDATE_AVAILABLE
     if current == upstream:
         return State.UNTRACKED
-    if current == failed:
+    if current in failed:
         # Left running by an activation that failed under the agent: its doing, not a hand
         # deploy; a newer upstream replaces it.
         return State.UPDATE_AVAILABLE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
 import logging
 import netrc
 import os
@@ -36,10 +37,11 @@ RETRIED = {429, 500, 502, 503, 504}
 
 @dataclass(frozen=True)
 class Validators:
-    """What the last 200 from this very URL said, for a conditional GET."""
+    """What the last 200 said, for a conditional GET of the very URL that gave it."""
 
     etag: str | None
     last_modified: str | None
+    url: str  # digest() of the URL that answered them (after redirects)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class Fetched:
     path: StorePath | None  # None: 304, the last upstream still holds
     etag: str | None
     last_modified: str | None
+    url: str  # digest() of the URL that answered 200 (or 304)
+
+
+def digest(url: str) -> str:
+    """What identifies a URL in state files: the whole URL (query, credentials and all,
+    since any of them may select a different system) without storing it."""
+    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class Session:
@@ -140,9 +149,23 @@ def _without_userinfo(url: str) -> str:
 
 def shown(url: str) -> str:
     """The URL for messages and state files: no user:password, and no query, which may
-    carry a token (a presigned URL's signature)."""
-    parts = urlsplit(_without_userinfo(url))
+    carry a token (a presigned URL's signature). Never fails, for an invalid URL too."""
+    try:
+        parts = urlsplit(_without_userinfo(url))
+    except ValueError:  # e.g. an unclosed IPv6 bracket: cut by hand
+        base, query, _ = url.partition("#")[0].partition("?")
+        base = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/]*@", r"\1", base)
+        return base + ("?…" if query else "")
     return parts._replace(query="…" if parts.query else "", fragment="").geturl()
+
+
+def _check_url(url: str, what: str) -> None:
+    """An invalid URL (an unclosed IPv6 bracket, a port out of range) is a failed fetch,
+    said in one line, never a traceback from deep inside the HTTP library."""
+    try:
+        urlsplit(url).port  # noqa: B018 -- parsing the port is the check
+    except ValueError as e:
+        raise UpstreamError(f"{what} {shown(url)} is not a valid URL: {e}") from None
 
 
 def parse_body(body: bytes, url: str) -> StorePath:
@@ -171,7 +194,7 @@ def parse_body(body: bytes, url: str) -> StorePath:
 
 def _retry_after(response: requests.Response, attempt: int) -> float:
     value = response.headers.get("Retry-After", "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²"
         return float(value)
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
@@ -205,6 +228,10 @@ def _fetch(
 ) -> Fetched:
     assert settings.url is not None
     url = settings.url
+    _check_url(url, "upstream")
+    for name, value in settings.headers:
+        if not value.isascii() or not value.isprintable():
+            raise UpstreamError(f"header {name}: the value must be printable ASCII text")
     origin = urlsplit(url).netloc.rpartition("@")[2].lower()
     credentials = _credentials(settings, url)
     http = session.http
@@ -216,7 +243,10 @@ def _fetch(
         if urlsplit(url).netloc.rpartition("@")[2].lower() == origin:
             headers.update(dict(settings.headers))
             headers.update(credentials)
-        if cached is not None:
+        # The validators go only to the URL that gave them: a redirect elsewhere (an
+        # older build, another host's system) is not what they describe.
+        conditional = cached is not None and cached.url == digest(url)
+        if cached is not None and conditional:
             if cached.etag:
                 headers["If-None-Match"] = cached.etag
             if cached.last_modified:
@@ -232,6 +262,10 @@ def _fetch(
                 timeout=(max(min(10.0, remaining()), 0.1), max(remaining(), 0.1)),
                 verify=ca_bundle(settings),
             )
+        except ValueError as e:  # requests parses a redirect's Location even when not following
+            raise UpstreamError(
+                f"upstream {shown(url)} redirected to an invalid URL: {e}"
+            ) from None
         except requests.exceptions.SSLError as e:  # retrying cannot fix a certificate
             raise UpstreamError(f"upstream {shown(url)}: {_reason(e)}") from None
         except requests.ConnectionError as e:
@@ -251,9 +285,9 @@ def _fetch(
                         )
                     continue
                 # A 304 means something only as the answer to our validators.
-                if status == 304 and cached is not None:
+                if status == 304 and cached is not None and conditional:
                     response.raw.release_conn()  # no body: kept alive for the next fetch
-                    return Fetched(None, cached.etag, cached.last_modified)
+                    return Fetched(None, cached.etag, cached.last_modified, cached.url)
                 if status == 200:
                     fetched = _read(response, url)
                     response.raw.release_conn()  # read to its end: kept alive likewise
@@ -285,7 +319,11 @@ def _reason(e: Exception) -> str:
 def _redirect(url: str, location: str | None) -> str:
     if not location:
         raise UpstreamError(f"upstream {shown(url)} redirected without a Location")
-    target = urljoin(url, location)
+    try:
+        target = urljoin(url, location)
+    except ValueError as e:
+        raise UpstreamError(f"upstream {shown(url)} redirected to an invalid URL: {e}") from None
+    _check_url(target, f"upstream {shown(url)} redirected to")
     scheme = urlsplit(target).scheme
     if scheme not in ("http", "https"):
         raise UpstreamError(f"upstream {shown(url)} redirected to a {scheme}: URL, refused")
@@ -314,6 +352,7 @@ def _read(response: requests.Response, url: str) -> Fetched:
         path=parse_body(bytes(body), url),
         etag=response.headers.get("ETag"),
         last_modified=response.headers.get("Last-Modified"),
+        url=digest(url),
     )
 
 

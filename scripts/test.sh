@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite with lint and types, on a fresh Debian/Ubuntu machine as root.
+# The whole test suite with lint and types, on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

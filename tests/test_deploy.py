@@ -25,6 +25,7 @@ import pytest
 from harness import (
     AgentResult,
     Host,
+    Reply,
     System,
     SystemSpec,
     error_lines,
@@ -33,6 +34,8 @@ from harness import (
     read_link,
     run_checked,
 )
+
+from actuator.journal import STOP_AT, Phase
 
 pytestmark = pytest.mark.nix
 
@@ -177,6 +180,34 @@ def stop(deploy_run: subprocess.Popen[str]) -> None:
     deploy_run.communicate()
 
 
+def journal(host: Host) -> Any:
+    """The deploy journal (journal.json), or None when there is none."""
+    path = host.state_dir / "journal.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def deploy_killed_at(host: Host, phase: str, *args: str) -> None:
+    """A deploy stopped, as by kill -9, right after it journaled phase (the actuator's
+    deterministic hook: no timing involved)."""
+    result = host.run_agent("deploy", *deploy_args(host, *args), env={STOP_AT: phase})
+    assert result.returncode == -signal.SIGKILL, result
+    assert journal(host)["phase"] == phase
+
+
+def kill_agent_when(host: Host, tool: str, argument: str, *, after: bool = False) -> None:
+    """The next run of `tool` with `argument` kills the agent that started it (kill -9 of
+    its parent), before the tool acts or, with after, once it has; only once."""
+    wrapper = host.bin_dir / tool
+    shebang, _, rest = wrapper.read_text().partition("\n")
+    marker = host.tmp / f"killed-at-{tool}"
+    act = f"'{host.real_tools[tool]}' \"$@\"; " if after else ""
+    trap = (
+        f'case " $* " in *" {argument} "*) if [ ! -e \'{marker}\' ]; then '
+        f"touch '{marker}'; {act}kill -9 \"$PPID\"; exit 137; fi ;; esac\n"
+    )
+    wrapper.write_text(f"{shebang}\n{trap}{rest}")
+
+
 def tracking(host: Host, installed: System, upstream: System) -> None:
     """A host the agent tracks: it runs `installed`, recorded as deployed; CI publishes
     `upstream`."""
@@ -295,8 +326,9 @@ def test_tracking_and_new_upstream_deploys(host: Host) -> None:
     }
     deploys = host.read_json("deploys.json")
     assert deploys["totals"] == {"success": 1, "failure": 0}
-    assert deploys["failed_path"] is None
+    assert deploys["failed"] == {}
     assert deploys["last"]["result"] == "success"
+    assert journal(host)["phase"] == "done"
     # The snapshot and metrics were refreshed after the deploy.
     snapshot = host.snapshot()
     assert (snapshot["state"], snapshot["current"]) == ("up-to-date", b.path)
@@ -556,12 +588,13 @@ def test_failing_activation_is_reported_recorded_and_not_retried(host: Host) -> 
     assert host.boot_default() == a.path
     deploys = host.read_json("deploys.json")
     assert deploys["totals"] == {"success": 0, "failure": 1}
-    assert deploys["failed_path"] == b.path
+    assert list(deploys["failed"]) == [b.path]
     last = deploys["last"]
     assert (last["path"], last["mode"], last["result"]) == (b.path, "switch", "failure")
     assert "unit nginx.service failed to start" in last["message"]
-    assert [e["event"] for e in history(host)] == ["decision", "deploy"]
-    assert history(host)[-1]["result"] == "failure"
+    assert [e["event"] for e in history(host)] == ["decision", "deploy", "rolled-back"]
+    assert history(host)[1]["result"] == "failure"
+    assert journal(host)["phase"] == "rolled-back"
     text = host.metrics()
     assert metric(text, "nixos_autodeploy_last_deploy_success") == 0
     assert metric(text, "nixos_autodeploy_deployments_total", result="failure") == 1
@@ -587,7 +620,7 @@ def test_failing_activation_is_reported_recorded_and_not_retried(host: Host) -> 
     assert_record(host, c, "switch", previous=a)
     deploys = host.read_json("deploys.json")
     assert deploys["totals"] == {"success": 1, "failure": 1}
-    assert deploys["failed_path"] is None
+    assert list(deploys["failed"]) == [b.path], "b failed; c's success does not erase it"
     assert metric(host.metrics(), "nixos_autodeploy_last_deploy_success") == 1
 
 
@@ -822,6 +855,7 @@ def test_sigkill_during_activation_then_the_next_run_converges(host: Host) -> No
         False,
     )
     assert host.snapshot()["dirty"] is False
+    assert journal(host)["phase"] == "activating"
     (host.root / "slow-activation").unlink()
     result = deploy(host)
     assert result.returncode == 0, result
@@ -894,65 +928,6 @@ def test_dry_run_fetches_nothing_without_a_fresh_snapshot(host: Host) -> None:
     assert host.links() == before and state_files(host) == before_files
 
 
-def test_activation_failing_after_its_switch_is_not_adopted(host: Host) -> None:
-    """NixOS's switch-to-configuration points current and the boot loader at the new
-    system before it starts units: a unit that fails leaves current on it (exit 4)."""
-    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
-    a, b, c = systems["a"], systems["b"], systems["c"]
-    tracking(host, a, b)
-    host.fail_activation_late(b, "nginx.service failed to start")
-    result = deploy(host)
-    assert result.returncode == 1, result
-    (error,) = error_lines(result)
-    assert "nginx.service failed to start" in error
-    assert host.current() == b.path  # what the failed activation left running
-    assert host.profile() == a.path and host.boot_default() == a.path  # next boot: a
-    assert_record(host, a, "switch", previous=a)
-    assert host.read_json("deploys.json")["failed_path"] == b.path
-
-    again = deploy(host)
-    assert again.returncode == 0, again
-    assert "not tracking it" in again.stderr
-    assert_record(host, a, "switch", previous=a)
-    assert host.activations() == [("switch", b.path), ("boot", a.path)]
-
-    host.reboot()  # back on a; b is still what upstream names and failed: left alone
-    third = deploy(host)
-    assert third.returncode == 0, third
-    assert "not retried until upstream changes" in third.stderr
-    host.publish(c)
-    assert host.collect().returncode == 0
-    assert deploy(host).returncode == 0
-    assert_links(host, current=c, profile=c)
-
-
-def test_killed_after_the_switch_while_upstream_moves_on_is_not_dirty(host: Host) -> None:
-    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
-    a, b, c = systems["a"], systems["b"], systems["c"]
-    tracking(host, a, b)
-    # What a deploy killed right after its switch leaves: its record still under way.
-    under_way = {
-        "version": 1,
-        "path": b.path,
-        "mode": "switch",
-        "previous": a.path,
-        "at": 1.0,
-        "reboot_issued_at": None,
-        "complete": False,
-    }
-    (host.state_dir / "deployed.json").write_text(json.dumps(under_way))
-    host.deploy_by_hand(b)
-    host.publish(c)  # CI moved on before the next run
-    assert host.collect().returncode == 0
-    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
-
-    result = deploy(host)
-    assert result.returncode == 0, result
-    assert history(host)[0]["event"] == "completed-interrupted-deploy"
-    assert_links(host, current=c, profile=c)
-    assert_record(host, c, "switch", previous=b)
-
-
 def test_a_tracked_hand_deploy_of_a_new_kernel_is_not_rebooted(host: Host) -> None:
     systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
     old, new = systems["old"], systems["new"]
@@ -987,73 +962,6 @@ def test_failed_kexec_load_is_not_counted_as_the_one_reboot(host: Host) -> None:
     assert record(host)["reboot_issued_at"] is not None
 
 
-def under_way(host: Host, system: System, previous: System, mode: str = "switch") -> None:
-    """The record a deploy writes before it changes anything, as a killed run leaves it."""
-    record = {
-        "version": 1,
-        "path": system.path,
-        "mode": mode,
-        "previous": previous.path,
-        "at": 1.0,
-        "reboot_issued_at": None,
-        "complete": False,
-    }
-    (host.state_dir / "deployed.json").write_text(json.dumps(record))
-
-
-def test_late_failure_then_a_new_upstream_deploys_it(host: Host) -> None:
-    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
-    a, b, c = systems["a"], systems["b"], systems["c"]
-    tracking(host, a, b)
-    host.fail_activation_late(b)
-    assert deploy(host).returncode == 1
-    assert host.current() == b.path
-    host.publish(c)  # CI fixed it; no reboot in between
-    assert host.collect().returncode == 0
-    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
-    result = deploy(host)
-    assert result.returncode == 0, result
-    assert_links(host, current=c, profile=c)
-    assert_record(host, c, "switch", previous=b)
-
-
-def test_failure_after_an_interrupted_run_goes_back_to_what_ran_before(host: Host) -> None:
-    systems = host.build(SystemSpec("a"), SystemSpec("b"))
-    a, b = systems["a"], systems["b"]
-    tracking(host, a, b)
-    under_way(host, b, a)  # a run killed after its record and `nix-env --set`
-    host.set_profile(b)
-    host.fail_activation_late(b)
-    result = deploy(host)
-    assert result.returncode == 1, result
-    assert host.profile() == a.path and host.boot_default() == a.path
-    assert_record(host, a, "switch", previous=a)  # never the failed system
-    assert host.read_json("deploys.json")["failed_path"] == b.path
-    assert deploy(host).returncode == 0
-    assert host.snapshot()["state"] == "untracked"  # running b, failed: not adopted
-    assert_record(host, a, "switch", previous=a)
-
-
-def test_interrupted_boot_deploy_then_upstream_back_makes_current_the_next_boot(
-    host: Host,
-) -> None:
-    systems = host.build(SystemSpec("a"), SystemSpec("b", kernel=NEW_KERNEL))
-    a, b = systems["a"], systems["b"]
-    tracking(host, a, a)
-    under_way(host, b, a, "boot")  # killed after `switch-to-configuration boot` of b
-    host.realise(b)
-    host.set_profile(b)
-    subprocess.run([f"{b.path}/bin/switch-to-configuration", "boot"], check=True)
-    assert host.boot_default() == b.path
-    result = deploy(host, "--switch-mode", "smart")  # upstream is (back on) a
-    assert result.returncode == 0, result
-    assert host.profile() == a.path and host.boot_default() == a.path
-    assert_record(host, a, "switch", previous=a)
-    host.reboot()
-    assert deploy(host).returncode == 0
-    assert host.snapshot()["state"] == "up-to-date"
-
-
 def test_a_failed_reboot_command_is_not_the_one_reboot(host: Host) -> None:
     systems = host.build(SystemSpec("a"), SystemSpec("b", kernel=NEW_KERNEL))
     a, b = systems["a"], systems["b"]
@@ -1074,17 +982,524 @@ def test_a_passing_nix_failure_does_not_block_the_retry(host: Host) -> None:
     systems = host.build(SystemSpec("a"), SystemSpec("b"))
     a, b = systems["a"], systems["b"]
     tracking(host, a, b)
+    wrapper = fail_nix_env(host)
+    failed = deploy(host)
+    assert failed.returncode == 1, failed
+    assert "No space left on device" in error_lines(failed)[0]
+    deploys = host.read_json("deploys.json")
+    assert (deploys["last"]["result"], deploys["failed"]) == ("failure", {})
+    assert_links(host, current=a, profile=a)
+    (host.bin_dir / "nix-env").write_text(wrapper)
+    assert deploy(host).returncode == 0
+    assert_links(host, current=b, profile=b)
+
+
+def test_activation_failing_after_its_switch_is_rolled_back(host: Host) -> None:
+    """NixOS's switch-to-configuration points current and the boot loader at the new
+    system before it starts units: a unit that fails leaves current on it (exit 4). The
+    rollback switches back to what ran before; the failed system is never adopted."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    host.fail_activation_late(b, "nginx.service failed to start")
+    result = deploy(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert "nginx.service failed to start" in error
+    assert host.activations() == [("switch", b.path), ("switch", a.path)]
+    assert_links(host, current=a, profile=a)
+    assert host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    assert list(host.read_json("deploys.json")["failed"]) == [b.path]
+
+    again = deploy(host)
+    assert again.returncode == 0, again
+    assert "not retried until upstream changes" in again.stderr
+    assert host.activations() == [("switch", b.path), ("switch", a.path)]
+    host.publish(c)
+    assert host.collect().returncode == 0
+    assert deploy(host).returncode == 0
+    assert_links(host, current=c, profile=c)
+    assert_record(host, c, "switch", previous=a)
+
+
+def test_killed_after_the_switch_while_upstream_moves_on_is_not_dirty(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activated")  # the switch took effect; the record says under way
+    assert host.current() == b.path and record(host)["complete"] is False
+    host.publish(c)  # CI moved on before the next run
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
+
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "completed-interrupted-deploy" in [e["event"] for e in history(host)]
+    assert host.read_json("deploys.json")["totals"] == {"success": 2, "failure": 0}
+    assert_links(host, current=c, profile=c)
+    assert_record(host, c, "switch", previous=b)
+
+
+def test_failure_after_an_interrupted_run_goes_back_to_what_ran_before(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activating")  # after its record and `nix-env --set`
+    assert host.profile() == b.path
+    host.fail_activation_late(b)
+    result = deploy(host)
+    assert result.returncode == 1, result
+    assert_links(host, current=a, profile=a)
+    assert host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)  # never the failed system
+    assert list(host.read_json("deploys.json")["failed"]) == [b.path]
+    assert deploy(host).returncode == 0
+    assert host.snapshot()["state"] == "update-available"
+    assert_record(host, a, "switch", previous=a)
+
+
+def test_interrupted_boot_deploy_then_upstream_back_makes_current_the_next_boot(
+    host: Host,
+) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b", kernel=NEW_KERNEL))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activated", "--switch-mode", "boot")  # after `boot` of b
+    assert host.boot_default() == b.path
+    host.publish(a)  # upstream is back on a
+    assert host.collect().returncode == 0
+    result = deploy(host, "--switch-mode", "smart")
+    assert result.returncode == 0, result
+    assert host.profile() == a.path and host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    host.reboot()
+    assert deploy(host).returncode == 0
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+# ---- the deploy journal: every phase a run can be killed in --------------------------
+
+# phase -> the activations of the killed run and the next one, in order ("a"/"b": which
+# system). Failing phases deploy a b whose activation fails after its switch.
+RECOVERY: dict[Phase, list[tuple[str, str]]] = {
+    Phase.PLANNED: [("switch", "b")],  # nothing changed yet: deployed anew
+    Phase.PROFILE_SET: [("switch", "b")],
+    Phase.ACTIVATING: [("switch", "b")],  # not taken effect: superseded by the next deploy
+    Phase.ACTIVATED: [("switch", "b")],  # took effect: rolled forward
+    Phase.DONE: [("switch", "b")],
+    Phase.FAILED: [("switch", "b"), ("switch", "a")],  # counted, then rolled back
+    Phase.ROLLING_BACK: [("switch", "b"), ("switch", "a")],
+    Phase.ROLLED_BACK: [("switch", "b"), ("switch", "a")],
+}
+FAILING = {Phase.FAILED, Phase.ROLLING_BACK, Phase.ROLLED_BACK}
+
+
+def test_recovery_covers_every_phase() -> None:
+    assert set(RECOVERY) == set(Phase)
+
+
+@pytest.mark.parametrize("phase", list(RECOVERY), ids=[p.value for p in RECOVERY])
+def test_a_run_killed_at_each_phase_is_finished_by_the_next(host: Host, phase: Phase) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    fails = phase in FAILING
+    if fails:
+        host.fail_activation_late(b)
+    deploy_killed_at(host, phase.value)
+    # In between, the collector never sees a hand deploy.
+    assert host.collect().returncode == 0
+    assert host.snapshot()["dirty"] is False
+
+    result = deploy(host)
+    assert result.returncode == 0, result
+    named = {a.path: "a", b.path: "b"}
+    assert [(action, named[p]) for action, p in host.activations()] == RECOVERY[phase]
+    good = a if fails else b
+    assert_links(host, current=good, profile=good)
+    assert host.boot_default() == good.path
+    assert_record(host, good, "switch", previous=a)
+    assert journal(host)["phase"] == ("rolled-back" if fails else "done")
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": int(not fails), "failure": int(fails)}
+    assert list(deploys["failed"]) == ([b.path] if fails else [])
+    snapshot = host.snapshot()
+    assert snapshot["state"] == ("update-available" if fails else "up-to-date")
+    text = host.metrics()
+    assert metric(text, "nixos_autodeploy_dirty") == 0
+    assert metric(text, "nixos_autodeploy_state", state=snapshot["state"]) == 1
+    assert metric(text, "nixos_autodeploy_deployments_total", result="failure") == int(fails)
+    assert metric(text, "nixos_autodeploy_deployments_total", result="success") == int(not fails)
+    assert metric(text, "nixos_autodeploy_last_deploy_success") == int(not fails)
+    # And it stays so: nothing more to do, nothing retried.
+    activations = host.activations()
+    assert deploy(host).returncode == 0
+    assert host.activations() == activations
+    host.reboot()
+    assert deploy(host).returncode == 0
+    assert host.activations() == activations
+    assert host.current() == good.path and host.snapshot()["dirty"] is False
+
+
+# ---- issue 14's reproductions ---------------------------------------------------------
+
+
+def fail_nix_env(host: Host) -> str:
+    """nix-env fails as on a full disk; returns the wrapper to put back."""
     nix_env = host.bin_dir / "nix-env"
     wrapper = nix_env.read_text()
     nix_env.write_text(
         "#!/bin/sh\necho 'error: writing to file: No space left on device' >&2\nexit 1\n"
     )
+    return wrapper
+
+
+def test_a_nix_failure_does_not_erase_an_earlier_failed_system(host: Host) -> None:
+    """1: b fails late; c is published; c's deploy fails in Nix; the next deploy of c
+    succeeds. Never dirty, and b stays remembered as failed."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    host.fail_activation_late(b)
+    assert deploy(host).returncode == 1
+    host.publish(c)
+    assert host.collect().returncode == 0
+    wrapper = fail_nix_env(host)
     failed = deploy(host)
     assert failed.returncode == 1, failed
     assert "No space left on device" in error_lines(failed)[0]
-    deploys = host.read_json("deploys.json")
-    assert (deploys["last"]["result"], deploys["failed_path"]) == ("failure", None)
+    assert list(host.read_json("deploys.json")["failed"]) == [b.path]
+    assert host.snapshot()["dirty"] is False
+    (host.bin_dir / "nix-env").write_text(wrapper)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_links(host, current=c, profile=c)
+    assert_record(host, c, "switch", previous=a)
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_killed_between_the_failure_and_the_rollback(host: Host) -> None:
+    """2: the failure is recorded, the rollback not started; the next run rolls back and
+    never counts or adopts the failed system."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    host.fail_activation_late(b)
+    deploy_killed_at(host, "rolling-back")
+    assert host.read_json("deploys.json")["totals"] == {"success": 0, "failure": 1}
+    assert host.current() == b.path and host.profile() == b.path
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "recorded it" not in result.stderr
     assert_links(host, current=a, profile=a)
-    nix_env.write_text(wrapper)
+    assert host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    assert host.read_json("deploys.json")["totals"] == {"success": 0, "failure": 1}
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-nix-env", "after-nix-env"])
+def test_killed_during_the_rollback_is_finished_by_the_next_run(host: Host, after: bool) -> None:
+    """3: killed while `nix-env --set` goes back to a: the next run finishes the rollback,
+    so the next boot is a, not the failed b."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    host.fail_activation_late(b)
+    kill_agent_when(host, "nix-env", a.path, after=after)
+    killed = deploy(host)
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert host.boot_default() == b.path
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_links(host, current=a, profile=a)
+    assert host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    assert list(host.read_json("deploys.json")["failed"]) == [b.path]
+    host.reboot()
     assert deploy(host).returncode == 0
+    assert host.current() == a.path and host.snapshot()["state"] == "update-available"
+
+
+def test_force_deploys_a_failed_system_left_running(host: Host) -> None:
+    """4: a failed b still runs (as an earlier version left it: record a, profile and
+    boot default a). --force deploys it: profile, activation; after a reboot it runs."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    assert host.collect().returncode == 0
+    switch_by_hand(host, b)
+    point_link(host.boot_default_link, a.path)
+    failure = {"at": time.time(), "path": b.path, "mode": "switch", "result": "failure"}
+    legacy = {
+        "version": 1,
+        "last": {**failure, "message": "b failed"},
+        "totals": {"success": 0, "failure": 1},
+        "failed_path": b.path,
+    }
+    (host.state_dir / "deploys.json").write_text(json.dumps(legacy))
+    held = deploy(host)
+    assert held.returncode == 0, held
+    assert "not tracking it" in held.stderr
+    forced = deploy(host, "--force")
+    assert forced.returncode == 0, forced
+    assert host.recorded("nix-env") == [["--profile", str(host.profile_link), "--set", b.path]]
+    assert host.profile() == b.path and host.boot_default() == b.path
+    assert record(host)["path"] == b.path
+    host.reboot()
+    assert deploy(host).returncode == 0
+    assert host.current() == b.path
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_a_failure_while_a_boot_waits_keeps_the_waiting_boot(host: Host) -> None:
+    """5: b (boot mode) waits for its reboot; c is published; c's deploy is killed, then
+    c fails. The profile, the boot default and the record stay on b; after the reboot the
+    host runs b and is not dirty."""
+    systems = host.build(
+        SystemSpec("a"), SystemSpec("b", kernel=NEW_KERNEL), SystemSpec("c", kernel=NEW_KERNEL)
+    )
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b)
+    assert deploy(host, "--switch-mode", "boot").returncode == 0
+    host.publish(c)
+    assert host.collect().returncode == 0
+    kill_agent_when(host, "nix-env", c.path, after=True)
+    assert deploy(host, "--switch-mode", "boot").returncode == -signal.SIGKILL
+    host.fail_activation(c)
+    failed = deploy(host, "--switch-mode", "boot")
+    assert failed.returncode == 1, failed
+    assert host.profile() == b.path and host.boot_default() == b.path
+    assert_record(host, b, "boot", previous=a)
+    assert host.snapshot()["dirty"] is False
+    host.reboot()
+    assert deploy(host, "--switch-mode", "boot").returncode == 0
+    assert host.current() == b.path
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
+
+
+def test_a_switch_whose_reboot_came_back_on_the_old_generation_is_not_dirty(host: Host) -> None:
+    """6: as for a boot-mode deploy, the agent says it rebooted once and came back."""
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = systems["old"], systems["new"]
+    tracking(host, old, new)
+    args = ("--switch-mode", "switch", "--reboot-mode", "reboot")
+    assert deploy(host, *args).returncode == 0
+    assert host.recorded("systemctl") == [["reboot"]]
+    point_link(host.boot_default_link, old.path)  # the boot menu picked the old generation
+    host.reboot()
+    again = deploy(host, *args)
+    assert again.returncode == 0, again
+    assert "came back on" in again.stderr and "not rebooting again" in again.stderr
+    assert host.recorded("systemctl") == [["reboot"]]
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["dirty"]) == ("pending-reboot", False)
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 0
+
+
+def test_upstream_b_then_a_then_b_again_retries_b(host: Host) -> None:
+    """An operator re-published b after it failed: a change, so b is tried again."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    host.fail_activation_late(b)
+    assert deploy(host).returncode == 1
+    (host.root / "fail-activation-late").unlink()  # fixed, say, on the cache's side
+    assert "not retried" in deploy(host).stderr
+    for system in (a, b):
+        host.publish(system)
+        assert host.collect().returncode == 0
+        assert deploy(host).returncode == 0
     assert_links(host, current=b, profile=b)
+    assert_record(host, b, "switch", previous=a)
+    assert host.read_json("deploys.json")["failed"] == {}, "a success forgets the failure"
+
+
+def test_deploy_with_another_url_fetches_it_first(host: Host) -> None:
+    """8: the snapshot's upstream came from another URL: collect the asked one first."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, a)
+    assert host.collect().returncode == 0
+    host.publish(b, "/other")
+    other = host.server.url("/other")
+    result = host.run_agent("deploy", "--url", other, "--prometheus-path", str(host.metrics_path))
+    assert result.returncode == 0, result
+    assert host.server.count("/other") == 1
+    assert_links(host, current=b, profile=b)
+    assert host.snapshot()["upstream"]["url"] == other
+
+
+def test_a_deploy_that_fetched_nothing_keeps_the_collect_time(host: Host) -> None:
+    """10: the timestamp (and the file's mtime) say when the collector last collected."""
+    a = host.build_one("a")
+    tracking(host, a, a)
+    assert host.collect().returncode == 0
+    collected_at = metric(host.metrics(), "nixos_autodeploy_last_collect_timestamp_seconds")
+    assert host.metrics_path.stat().st_mtime == pytest.approx(collected_at)
+    os.utime(host.metrics_path, (collected_at - 100, collected_at - 100))
+    host.server.reset_requests()
+    assert deploy(host).returncode == 0
+    assert host.server.count() == 0
+    text = host.metrics()
+    assert metric(text, "nixos_autodeploy_last_collect_timestamp_seconds") == collected_at
+    assert host.snapshot()["collected_at"] == collected_at
+    assert host.metrics_path.stat().st_mtime == pytest.approx(collected_at)
+
+
+def test_a_record_under_way_from_before_the_journal_is_completed(host: Host) -> None:
+    """A host upgraded from a version without the journal, killed after its switch: the
+    in-flight record alone says what happened."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    under_way = {
+        "version": 1,
+        "path": b.path,
+        "mode": "switch",
+        "previous": a.path,
+        "at": 1.0,
+        "reboot_issued_at": None,
+        "complete": False,
+    }
+    (host.state_dir / "deployed.json").write_text(json.dumps(under_way))
+    host.deploy_by_hand(b)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "completed-interrupted-deploy" in [e["event"] for e in history(host)]
+    assert_record(host, b, "switch", previous=a)
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+def test_a_dry_run_says_it_would_finish_an_interrupted_deploy(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activating")
+    before, before_files = host.links(), state_files(host)
+    result = deploy(host, "--dry-run")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines()[0] == (
+        f"first: would finish the interrupted deploy of {b.basename} (activating)"
+    )
+    assert host.links() == before and state_files(host) == before_files
+
+
+def kill_agent_at_nix_call(host: Host, n: int, *, after: bool) -> None:
+    """The agent is killed (kill -9 of the caller) at its n-th run of nix-store or nix-env
+    from now on, before that command acts or, with after, once it has."""
+    counter = host.tmp / "nix-calls"
+    for tool in ("nix-store", "nix-env"):
+        wrapper = host.bin_dir / tool
+        shebang, _, rest = wrapper.read_text().partition("\n")
+        act = f"'{host.real_tools[tool]}' \"$@\"; " if after else ""
+        trap = (
+            f"count=$(( $(cat '{counter}' 2>/dev/null || echo 0) + 1 )); "
+            f"echo \"$count\" > '{counter}'\n"
+            f'if [ "$count" = {n} ]; then {act}kill -9 "$PPID"; exit 137; fi\n'
+        )
+        wrapper.write_text(f"{shebang}\n{trap}{rest}")
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails-late"])
+def test_killed_at_any_nix_call_the_next_runs_converge(
+    host: Host, fails: bool, n: int, after: bool
+) -> None:
+    """kill -9 around each Nix command a deploy runs (realise, profile, profile back), then
+    runs until nothing changes: the same end as an uninterrupted deploy, counted once."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    if fails:
+        host.fail_activation_late(b)
+    kill_agent_at_nix_call(host, n, after=after)
+    first = deploy(host)
+    calls = 3 if fails else 2  # realise b, profile to b (, profile back to a)
+    assert (first.returncode == -signal.SIGKILL) is (n <= calls), first
+    for _ in range(2):
+        deploy(host)
+    good = a if fails else b
+    assert_links(host, current=good, profile=good)
+    assert host.boot_default() == good.path
+    assert_record(host, good, "switch", previous=a)
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": int(not fails), "failure": int(fails)}
+    assert list(deploys["failed"]) == ([b.path] if fails else [])
+    assert not journal(host) or journal(host)["phase"] in ("done", "rolled-back")
+    assert host.snapshot()["dirty"] is False
+    assert metric(host.metrics(), "nixos_autodeploy_dirty") == 0
+
+
+def test_an_activation_that_outlives_its_killed_agent_is_rolled_forward(host: Host) -> None:
+    """As under systemd, where the activation runs in a unit of its own: the agent is
+    killed, its activation goes on and succeeds; the next run records it, once, without a
+    second activation."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    os.mkfifo(host.root / "slow-activation")
+    deploy_run = start_deploy(host)
+    try:
+        with held_activation(host, deploy_run):
+            os.kill(deploy_run.pid, signal.SIGKILL)  # the agent alone
+            deploy_run.wait()
+        give_up = time.monotonic() + 300  # a safety net, not an assertion
+        while host.current() != b.path:  # the orphaned activation finishing its switch
+            assert time.monotonic() < give_up, "the activation never finished"
+            time.sleep(0.05)
+    finally:
+        stop(deploy_run)
+    assert journal(host)["phase"] == "activating"
+    (host.root / "slow-activation").unlink()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "took effect; recorded it" in result.stderr
+    assert host.activations() == [("switch", b.path)]
+    assert_record(host, b, "switch", previous=a)
+    assert host.read_json("deploys.json")["totals"] == {"success": 1, "failure": 0}
+    assert host.snapshot()["state"] == "up-to-date"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b'{"version": 2}', b'{"version": 1, "phase": "planned"}'],
+    ids=["truncated", "version", "fields"],
+)
+def test_a_corrupt_journal_is_one_error_line_and_changes_nothing(
+    host: Host, content: bytes
+) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    (host.state_dir / "journal.json").write_bytes(content)
+    before, before_files = host.links(), state_files(host)
+    result = deploy(host)
+    assert result.returncode == 1, result
+    assert len(result.stderr_lines) == 1, result
+    (line,) = error_lines(result)
+    assert "journal.json" in line and "remove it" in line
+    assert host.links() == before and state_files(host) == before_files
+    assert host.activations() == [] and host.server.count() == 0
+
+
+def test_a_deploy_cut_short_and_not_deployed_anew_is_undone(host: Host) -> None:
+    """Killed before its activation took effect (which may have installed the boot loader
+    already), and the next run deploys nothing (upstream cannot be fetched): what ran
+    before comes back, the boot loader's default included."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "activating")
+    point_link(host.boot_default_link, b.path)  # as NixOS's activation does first
+    host.server.route("/upstream", Reply(status=404))
+    result = deploy(host, "--max-snapshot-age", "0")
+    assert result.returncode == 0, result
+    assert "the last upstream fetch failed" in result.stderr
+    assert host.activations() == [("boot", a.path)]
+    assert_links(host, current=a, profile=a)
+    assert host.boot_default() == a.path
+    assert_record(host, a, "switch", previous=a)
+    assert journal(host)["phase"] == "rolled-back"
+    assert not (host.state_dir / "deploys.json").exists(), "an interruption is no result"

@@ -26,12 +26,15 @@ def snapshot(
     profile: StorePath | None = None,
     reboot_required: bool = False,
     error: str | None = None,
+    changed_at: float = 1.0,
 ) -> Snapshot:
     links = Links(current=current, booted=current, profile=profile or current, upstream=upstream)
     return Snapshot(
         collected_at=0.0,
         duration_seconds=0.0,
-        upstream=Upstream(url="http://127.0.0.1/upstream", path=upstream, error=error),
+        upstream=Upstream(
+            url="http://127.0.0.1/upstream", path=upstream, changed_at=changed_at, error=error
+        ),
         links=links,
         deployed=deployed,
         state=classify(links, deployed),
@@ -47,6 +50,9 @@ def rec(path: StorePath, mode: str = "switch", previous: StorePath | None = None
 def rebooted_once(d: Deployed) -> Deployed:
     return Deployed(d.path, d.mode, d.previous, d.at, reboot_issued_at=1.0)
 
+
+# B failed at 2.0, after upstream last changed (1.0, the snapshots' default).
+B_FAILED = Deploys(failed={B: 2.0})
 
 SWITCH, SMART = SwitchMode.SWITCH, SwitchMode.SMART
 REBOOT = RebootMode.REBOOT
@@ -65,15 +71,15 @@ CASES = [
     (snapshot(A, rec(A), B, error="boom"), Deploys(), False, None, Action.NOTHING, None, "boom"),
     (
         snapshot(A, rec(A), B),
-        Deploys(failed_path=B),
+        B_FAILED,
         False,
         None,
         Action.NOTHING,
         None,
         "not retried until upstream changes",
     ),
-    (snapshot(A, rec(A), C), Deploys(failed_path=B), False, None, Action.DEPLOY, "switch", ""),
-    (snapshot(A, rec(A), B), Deploys(failed_path=B), True, None, Action.DEPLOY, "switch", ""),
+    (snapshot(A, rec(A), C), B_FAILED, False, None, Action.DEPLOY, "switch", ""),
+    (snapshot(A, rec(A), B), B_FAILED, True, None, Action.DEPLOY, "switch", ""),
     (
         snapshot(A, PENDING, B, profile=B, reboot_required=True),
         Deploys(),
@@ -123,14 +129,40 @@ CASES = [
     # An activation that failed half way left current on it: not adopted.
     (
         snapshot(B, rec(A), B),
-        Deploys(failed_path=B),
+        B_FAILED,
         False,
         None,
         Action.NOTHING,
         None,
         "not tracking it",
     ),
-    (snapshot(B, rec(A), B), Deploys(failed_path=B), True, None, Action.TRACK, None, "tracking"),
+    # --force on it deploys it (profile, activation): recording it would leave the profile,
+    # and so the next boot, on something else.
+    (snapshot(B, rec(A), B), B_FAILED, True, None, Action.DEPLOY, "switch", "deploying"),
+    # b -> a -> b: upstream changed since b failed (an operator re-published it): retried.
+    (
+        snapshot(A, rec(A), B, changed_at=3.0),
+        B_FAILED,
+        False,
+        None,
+        Action.DEPLOY,
+        "switch",
+        "deploying",
+    ),
+    (snapshot(B, rec(A), B, changed_at=3.0), B_FAILED, False, None, Action.DEPLOY, "switch", ""),
+    # A failure of something else (C failed in Nix: not remembered) leaves B's alone.
+    (
+        snapshot(A, rec(A), B),
+        B_FAILED.with_result(
+            {"at": 5.0, "path": C.path, "mode": "switch", "result": "failure", "message": ""},
+            None,
+        ),
+        False,
+        None,
+        Action.NOTHING,
+        None,
+        "not retried",
+    ),
     # Upstream moved on while a boot waited: the newer system goes first.
     (
         snapshot(A, PENDING, C, profile=B),

@@ -9,12 +9,22 @@ from __future__ import annotations
 import base64
 import gzip
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
-from harness import AgentResult, Host, Reply, System, SystemSpec, TestServer, error_lines
+from harness import (
+    AgentResult,
+    Host,
+    RecordedRequest,
+    Reply,
+    System,
+    SystemSpec,
+    TestServer,
+    error_lines,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.nix
@@ -510,3 +520,92 @@ def test_secrets_stay_out_of_failure_output(host: Host, tmp_path: Path, status: 
     assert shown.returncode == 0, shown
     for text in (shown.stdout, (host.state_dir / "snapshot.json").read_text()):
         assert TOKEN not in text and PASSWORD not in text, text
+
+
+# ---- validators belong to the exact URL that gave them (issue 14, 7) ------------------
+
+OLDER = "Mon, 01 Jan 2024 00:00:00 GMT"
+NEWER = "Tue, 02 Jan 2024 00:00:00 GMT"
+
+
+def by_last_modified(answers: dict[str, tuple[System, str]]) -> Callable[[RecordedRequest], Reply]:
+    """A static file server by query: each answer has its Last-Modified and is 304 to an
+    If-Modified-Since that is not older, as such servers do."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        system, modified = answers[request.query]
+        since = request.headers.get("if-modified-since")
+        if since and parsedate_to_datetime(since) >= parsedate_to_datetime(modified):
+            return Reply(status=304)
+        return Reply(body=(system.path + "\n").encode(), headers=[("Last-Modified", modified)])
+
+    return reply
+
+
+def test_validators_are_not_sent_to_another_redirect_target(host: Host) -> None:
+    """/latest -> /builds/1, later /latest -> /builds/0 (an older build, upstream rolled
+    back): /builds/0 is asked unconditionally, so its older date cannot answer 304."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b0"), SystemSpec("b1"))
+    host.install(systems["a"])
+    host.server.route("/builds/0", by_last_modified({"": (systems["b0"], OLDER)}))
+    host.server.route("/builds/1", by_last_modified({"": (systems["b1"], NEWER)}))
+    latest = host.server.url("/latest")
+    for build in ("1", "0", "0"):
+        host.server.route("/latest", Reply(status=302, headers=[("Location", f"/builds/{build}")]))
+        result = host.collect(url=latest)
+        assert result.returncode == 0, result
+        assert host.upstream() == systems["b" + build].path
+    first, second = host.server.requests("/builds/0")
+    assert "if-modified-since" not in first.headers
+    assert second.headers["if-modified-since"] == OLDER, "the same URL again: conditional"
+    (only,) = host.server.requests("/builds/1")
+    assert "if-modified-since" not in only.headers
+
+
+def test_validators_are_not_sent_to_another_query(host: Host) -> None:
+    """?host=web1 then ?host=web2: another URL (the query is shown without its value, but
+    compared in full), so web2 gets its own system, never web1's."""
+    systems = host.build(SystemSpec("a"), SystemSpec("web1"), SystemSpec("web2"))
+    host.install(systems["a"])
+    answers = {f"host={name}": (systems[name], NEWER) for name in ("web1", "web2")}
+    host.server.route("/system", by_last_modified(answers))
+    for name in ("web1", "web2", "web2"):
+        result = host.collect(url=host.server.url("/system") + f"?host={name}")
+        assert result.returncode == 0, result
+        assert host.upstream() == systems[name].path
+    conditional = ["if-modified-since" in r.headers for r in host.server.requests("/system")]
+    assert conditional == [False, False, True], "only the very same URL again"
+    assert "host=web" not in (host.state_dir / "snapshot.json").read_text()
+
+
+# ---- odd input is one error line, and the snapshot and metrics say so (issue 14, 9) ----
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        (Reply(status=503, headers=[("Retry-After", "\xb2")]), "503"),
+        (Reply(status=302, headers=[("Location", "http://[::1/x")]), "invalid URL"),
+    ],
+    ids=["retry-after-superscript-two", "location-unclosed-ipv6"],
+)
+def test_odd_answers_are_one_error_line(collected: Collected, reply: Reply, words: str) -> None:
+    collected.host.server.route("/upstream", reply)
+    rejected(collected, collected.host.collect(timeout=4), words)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--url", "http://[::1/x"], "not a valid URL"),
+        (["--header", "X-Site: wéb€"], "X-Site"),
+    ],
+    ids=["url-unclosed-ipv6", "header-not-ascii"],
+)
+def test_odd_options_are_one_error_line(collected: Collected, args: list[str], words: str) -> None:
+    host = collected.host
+    result = host.run_agent(
+        "collect", "--url", host.url, "--prometheus-path", str(host.metrics_path), *args
+    )
+    rejected(collected, result, words)
+    assert "Traceback" not in result.stderr

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from collector.config import Paths
+from collector.snapshot import FAILED_MAX, Deploys, load_deploys
 from collector.state import (
     Activation,
     Deployed,
@@ -32,6 +35,11 @@ def switched(path: StorePath) -> Deployed:
 
 def booted_into(path: StorePath, previous: StorePath) -> Deployed:
     return Deployed(path=path, mode=Activation.BOOT, previous=previous, at=0.0)
+
+
+def rebooted(path: StorePath, previous: StorePath) -> Deployed:
+    """A switch-mode deploy after which the agent issued its one reboot."""
+    return Deployed(path, Activation.SWITCH, previous, at=0.0, reboot_issued_at=1.0)
 
 
 def under_way(path: StorePath, previous: StorePath, mode: Activation) -> Deployed:
@@ -68,6 +76,11 @@ CASES = [
     pytest.param(
         A, A, under_way(B, A, SWITCH), A, State.UPDATE_AVAILABLE, id="killed-upstream-back"
     ),
+    # A switch-mode deploy the agent rebooted for came back on the old generation (the boot
+    # menu picked it): waits, as after a boot-mode deploy; not dirty.
+    pytest.param(A, B, rebooted(B, A), B, State.PENDING_REBOOT, id="switch-rebooted-came-back"),
+    pytest.param(A, B, rebooted(B, A), C, State.UPDATE_AVAILABLE, id="came-back-upstream-moved"),
+    pytest.param(A, A, rebooted(B, A), B, State.DIRTY, id="came-back-rolled-back-by-hand"),
     # A completed deploy rolled back by hand is the operator's: dirty.
     pytest.param(A, A, Deployed(B, SWITCH, A, 0.0), B, State.DIRTY, id="rolled-back-by-hand"),
 ]
@@ -164,7 +177,61 @@ def test_resolve_link_follows_profile_chains_under_root(tmp_path: Path) -> None:
 def test_a_system_left_running_by_a_failed_activation_is_not_dirty() -> None:
     # b's activation failed half way (current moved), the record went back to a.
     links = Links(current=B, booted=A, profile=A, upstream=B)
-    assert classify(links, switched(A), failed=B) is State.UNTRACKED  # the gate holds off
+    assert classify(links, switched(A), failed={B}) is State.UNTRACKED  # the gate holds off
     moved_on = Links(current=B, booted=A, profile=A, upstream=C)
-    assert classify(moved_on, switched(A), failed=B) is State.UPDATE_AVAILABLE
-    assert classify(moved_on, switched(A), failed=None) is State.DIRTY
+    assert classify(moved_on, switched(A), failed={C, B}) is State.UPDATE_AVAILABLE
+    assert classify(moved_on, switched(A), failed=()) is State.DIRTY
+
+
+def result(path: StorePath, outcome: str, at: float) -> dict[str, object]:
+    return {"at": at, "path": path.path, "mode": "switch", "result": outcome, "message": ""}
+
+
+# results in order (path, outcome, the system itself failed) -> the remembered failures
+MEMORY = [
+    pytest.param([(B, "failure", True)], {B: 1.0}, id="activation-failed"),
+    pytest.param([(B, "failure", False)], {}, id="nix-failed"),
+    pytest.param([(B, "failure", True), (C, "failure", False)], {B: 1.0}, id="then-c-nix"),
+    pytest.param([(B, "failure", True), (B, "failure", False)], {B: 1.0}, id="then-b-nix"),
+    pytest.param([(B, "failure", True), (C, "success", False)], {B: 1.0}, id="then-c-ok"),
+    pytest.param([(B, "failure", True), (B, "success", False)], {}, id="then-b-ok"),
+    pytest.param([(B, "failure", True), (C, "failure", True)], {B: 1.0, C: 2.0}, id="both-failed"),
+]
+
+
+@pytest.mark.parametrize(("results", "failed"), MEMORY)
+def test_failed_systems_are_remembered_per_path(
+    results: list[tuple[StorePath, str, bool]], failed: dict[StorePath, float]
+) -> None:
+    deploys = Deploys()
+    for at, (path, outcome, itself) in enumerate(results, start=1):
+        deploys = deploys.with_result(result(path, outcome, float(at)), path if itself else None)
+    assert deploys.failed == failed
+    assert sum(deploys.totals.values()) == len(results)
+
+
+def test_failed_memory_is_bounded_and_blocks_until_upstream_changes() -> None:
+    deploys = Deploys()
+    paths = [StorePath(f"/nix/store/{'d' * 31}{i % 10}-s{i}") for i in range(FAILED_MAX + 3)]
+    for at, path in enumerate(paths):
+        deploys = deploys.with_result(result(path, "failure", float(at)), path)
+    assert list(deploys.failed) == paths[3:], "the oldest go first"
+    last = paths[-1]
+    assert deploys.blocks(last, upstream_changed_at=float(len(paths) - 1))
+    assert not deploys.blocks(last, upstream_changed_at=float(len(paths))), "b -> a -> b"
+    assert deploys.blocks(last, upstream_changed_at=None)
+    assert not deploys.blocks(A, upstream_changed_at=None)
+
+
+def test_deploy_results_from_before_the_per_path_memory_are_read(tmp_path: Path) -> None:
+    legacy = {
+        "version": 1,
+        "last": result(B, "failure", 5.0),
+        "totals": {"success": 0, "failure": 1},
+        "failed_path": B.path,
+    }
+    (tmp_path / "deploys.json").write_text(json.dumps(legacy))
+    deploys = load_deploys(Paths(root=str(tmp_path), state_dir=str(tmp_path)))
+    assert deploys.failed == {B: 5.0}
+    written = deploys.to_json()
+    assert written["failed"] == {B.path: 5.0} and "failed_path" not in written

@@ -11,7 +11,15 @@ from .host import (
     resolve_link,
     standalone_host,
 )
-from .nix import NixBuilder, SigningKey, System, SystemSpec, require_tool, run_checked
+from .nix import (
+    NixBuilder,
+    SigningKey,
+    System,
+    SystemSpec,
+    require,
+    require_tool,
+    run_checked,
+)
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
@@ -33,6 +41,7 @@ __all__ = [
     "metric",
     "point_link",
     "read_link",
+    "require",
     "require_tool",
     "resolve_link",
     "run_checked",

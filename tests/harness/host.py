@@ -272,17 +272,26 @@ class Host:
         flock = require_tool("flock")
         lock = self.state_dir / "lock"
         holder = subprocess.Popen(
-            [flock, "--exclusive", str(lock), "sh", "-c", "echo locked; exec sleep 3600"],
+            # --no-fork: one process holds the lock, so reaping it means the lock is free
+            # (a forked child could still be dying, holding it, after flock was reaped).
+            [
+                flock,
+                "--no-fork",
+                "--exclusive",
+                str(lock),
+                "sh",
+                "-c",
+                "echo locked; exec sleep 3600",
+            ],
             stdout=subprocess.PIPE,
             text=True,
-            start_new_session=True,  # its own process group: flock and its child
+            start_new_session=True,
         )
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline().strip() == "locked"
             yield
         finally:
-            # flock's child holds the lock too: end the whole group we started.
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait()
 

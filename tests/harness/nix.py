@@ -20,19 +20,28 @@ NIX_COMMAND = ("--extra-experimental-features", "nix-command")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$")
 
 
-def require_tool(name: str) -> str:
-    """Path of `name` on PATH; missing fails the test in CI and skips it elsewhere."""
-    found = shutil.which(name)
-    if found is not None:
-        return found
-    message = f"required tool {name!r} is not on PATH"
+def require(condition: bool, message: str) -> None:
+    """A missing prerequisite fails the test in CI (which provides it) and skips it elsewhere."""
+    if condition:
+        return
     if os.environ.get("CI"):
         pytest.fail(message + " (CI installs it, so this is an error)")
     pytest.skip(message)
 
 
+def require_tool(name: str) -> str:
+    """Path of `name` on PATH; missing fails the test in CI and skips it elsewhere."""
+    found = shutil.which(name)
+    require(found is not None, f"required tool {name!r} is not on PATH")
+    assert found is not None
+    return found
+
+
 def run_checked(
-    argv: Sequence[str], env: Mapping[str, str] | None = None, input_text: str | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    input_text: str | None = None,
+    timeout: float = 300,
 ) -> str:
     """Run a helper command; on failure raise with its stderr so the test says why."""
     completed = subprocess.run(
@@ -41,7 +50,7 @@ def run_checked(
         input=input_text,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {completed.returncode}:\n{completed.stderr}")

@@ -52,6 +52,7 @@ class RecordedRequest:
     headers: dict[str, str]  # lower-cased names
     host: str  # the Host header, to tell 127.0.0.1 from localhost
     client_port: int = 0  # the client's end of the connection: one port, one connection
+    query: str = ""  # after "?"; routes are chosen by path alone
 
 
 ReplySource = Reply | Sequence[Reply] | Callable[[RecordedRequest], Reply]
@@ -178,7 +179,7 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
             self._handle(send_body=False)
 
         def _handle(self, send_body: bool) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             headers = {k.lower(): v for k, v in self.headers.items()}
             request = RecordedRequest(
                 method=self.command,
@@ -186,6 +187,7 @@ def _make_handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
                 headers=headers,
                 host=headers.get("host", ""),
                 client_port=int(self.client_address[1]),
+                query=query,
             )
             route = server._record(request)
             try:
