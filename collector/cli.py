@@ -1,18 +1,23 @@
-"""The command line: `nixos-autodeploy collect|status|deploy`. This dispatcher is the one
+"""The command line: `nixos-autodeploy collect|status|diff|log|deploy`. This dispatcher is the one
 place that may import both packages; it imports the actuator only for `deploy`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
 from . import __version__
+from .closure import compute, load_changes
 from .config import Settings, settings_from
-from .errors import AutodeployError, StateError, UpstreamError
+from .errors import AutodeployError, ConfigError, StateError, UpstreamError
 from .snapshot import load_snapshot
+from .state import load_deployed, read_links
+from .store import StorePath, resolve_link
 
 log = logging.getLogger("nixos-autodeploy")
 
@@ -45,6 +50,19 @@ def _upstream(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url_argument", nargs="?", metavar="URL", help="same as --url")
 
 
+SYSTEM_NAMES = ("current", "booted", "deployed", "upstream", "profile")
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nixos-autodeploy",
@@ -72,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="show the last collected state")
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = commands.add_parser("diff", help="what changes between two systems")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument(
+        "systems",
+        nargs="*",
+        metavar="FROM TO",
+        help=f"{', '.join(SYSTEM_NAMES)} or a store path (current upstream)",
+    )
+
+    p = commands.add_parser("log", help="what the actuator decided and did, newest last")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("-n", type=_positive, default=20, metavar="N", help="last N entries (20)")
 
     p = commands.add_parser("deploy", help="deploy upstream when the gate allows it")
     _common(p)
@@ -124,7 +157,60 @@ def _status(settings: Settings, as_json: bool) -> int:
         raise StateError(
             f"no snapshot in {settings.paths.state_dir} yet: run `nixos-autodeploy collect`"
         )
-    show(snapshot, as_json)
+    show(snapshot, as_json, load_changes(settings.paths))
+    return 0
+
+
+def _system(settings: Settings, name: str) -> StorePath:
+    """A system by its name here (current, upstream, ...) or a store path (or a link to
+    one, like ./result)."""
+    paths = settings.paths
+    if name in SYSTEM_NAMES:
+        if name == "deployed":
+            deployed = load_deployed(paths)
+            found = deployed.path if deployed else None
+        else:
+            found = getattr(read_links(paths), name)
+        if found is None:
+            raise StateError(f"this host has no {name} system (yet)")
+        return found
+    resolved = resolve_link(name, paths.root) if os.path.islink(name) else None
+    try:
+        return resolved or StorePath.parse(name)
+    except ValueError as e:
+        raise ConfigError(
+            f"{name[:80]!r} is neither {', '.join(SYSTEM_NAMES)} nor a store path: {e}"
+        ) from None
+
+
+def _diff(settings: Settings, systems: list[str], as_json: bool) -> int:
+    from .status import show_diff  # rich is loaded only here
+
+    if len(systems) not in (0, 2):
+        raise ConfigError("diff takes no systems (current upstream) or two: FROM TO")
+    source, target = (_system(settings, n) for n in systems or ("current", "upstream"))
+    known = load_changes(settings.paths)
+    # What the collector computed for this pair, else ask Nix now (diff.json is the
+    # collector's: this command writes nothing).
+    stored = [d for d in (known.upstream, known.hand) if d and d.pair == (source, target)]
+    if stored and stored[0].error is None:
+        show_diff(stored[0], as_json)
+    else:
+        show_diff(compute(source, target), as_json)
+    return 0
+
+
+def _log(settings: Settings, n: int, as_json: bool) -> int:
+    from .status import read_history, show_log  # rich is loaded only here
+
+    path = settings.paths.state("history.jsonl")
+    entries, skipped = read_history(path)
+    for number in skipped:
+        print(f"note: skipped line {number} of {path}: not a history entry", file=sys.stderr)
+    if not entries and not as_json:
+        print(f"no history in {path} yet: the actuator has not run", file=sys.stderr)
+        return 0
+    show_log(entries[-n:], as_json, time.time())
     return 0
 
 
@@ -142,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _collect(settings)
         if args.command == "status":
             return _status(settings, args.json)
+        if args.command == "diff":
+            return _diff(settings, args.systems, args.json)
+        if args.command == "log":
+            return _log(settings, args.n, args.json)
         from actuator.deploy import deploy
 
         return deploy(settings)

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 
-from . import metrics, nix, upstream
+from . import closure, metrics, nix, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
@@ -133,8 +133,16 @@ def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
     paths = settings.paths
     mirror_deployed(paths, snapshot.deployed)
     save_snapshot(paths, snapshot)
+    # Nix runs only when current, upstream or deployed moved since diff.json was written.
+    changes = closure.refresh(
+        paths,
+        snapshot.state,
+        snapshot.links.current,
+        snapshot.links.upstream,
+        snapshot.deployed.path if snapshot.deployed else None,
+    )
     if settings.prometheus_path:
-        metrics.write(settings.prometheus_path, snapshot, deploys)
+        metrics.write(settings.prometheus_path, snapshot, deploys, changes)
     log.info("state %s", summary(snapshot))
 
 

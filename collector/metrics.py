@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .closure import Changes
 from .reboot import WaitReason, pending_reason
 from .snapshot import Deploys, Snapshot
 from .state import State
@@ -22,9 +23,10 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Snapshot, deploys: Deploys) -> None:
+    def __init__(self, snapshot: Snapshot, deploys: Deploys, changes: Changes) -> None:
         self.snapshot = snapshot
         self.deploys = deploys
+        self.changes = changes
 
     def collect(self) -> Iterable[Metric]:
         s = self.snapshot
@@ -117,11 +119,32 @@ class _SnapshotCollector(Collector):
         for result in ("success", "failure"):
             totals.add_metric([result], self.deploys.totals.get(result, 0))
         yield totals
+        yield from self._changes()
+
+    def _changes(self) -> Iterable[Metric]:
+        """Only for a difference that was computed: none while it is not known."""
+        diff = self.changes.upstream
+        if diff is None or diff.error is not None:
+            return
+        pending = GaugeMetricFamily(
+            P + "pending_changes",
+            "Packages that deploying upstream changes, by kind (0 when current is upstream)",
+            labels=["kind"],
+        )
+        for kind, count in diff.counts().items():
+            pending.add_metric([kind.value], count)
+        yield pending
+        sizes = GaugeMetricFamily(
+            P + "closure_size_bytes", "Closure size of a system", labels=["system"]
+        )
+        sizes.add_metric(["current"], diff.size_before)
+        sizes.add_metric(["upstream"], diff.size_after)
+        yield sizes
 
 
-def write(path: str, snapshot: Snapshot, deploys: Deploys) -> None:
+def write(path: str, snapshot: Snapshot, deploys: Deploys, changes: Changes | None = None) -> None:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot, deploys))
+    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes()))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_to_textfile(path, registry)
     # node_exporter's node_textfile_mtime_seconds feeds the stale-collector alert too: the

@@ -21,3 +21,23 @@ def set_profile(profile: str, path: StorePath) -> None:
         run(["nix-env", "--profile", profile, "--set", path.path], stream_stderr=True)
     except ProcessError as e:
         raise NixError(f"cannot set {profile} to {path}: {e.message}") from None
+
+
+def requisites(system: StorePath) -> list[str]:
+    """The closure: every store path system depends on, itself included."""
+    try:
+        return run(["nix-store", "--query", "--requisites", system.path]).stdout.split()
+    except ProcessError as e:
+        raise NixError(f"cannot read the closure of {system}: {e.message}") from None
+
+
+def closure_size(system: StorePath) -> int:
+    """The sum of the NAR sizes of system's closure, as Nix has them registered."""
+    argv = ["nix", "--extra-experimental-features", "nix-command", "path-info", "--closure-size"]
+    try:
+        out = run([*argv, system.path]).stdout.split()
+    except ProcessError as e:
+        raise NixError(f"cannot read the closure size of {system}: {e.message}") from None
+    if len(out) != 2 or not out[1].isdigit():
+        raise NixError(f"nix path-info gave no closure size for {system}: {' '.join(out)[:80]}")
+    return int(out[1])

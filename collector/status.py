@@ -1,5 +1,6 @@
-"""The operator's view of the snapshot: a rich table, or JSON for scripts. Only `status`
-imports this module, so the collector's frequent runs never load rich."""
+"""The operator's views: the snapshot (`status`), the difference between two systems
+(`diff`) and the actuator's history (`log`), as rich tables or JSON for scripts. Only these
+commands import this module, so the collector's frequent runs never load rich."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from .closure import Change, Changes, Diff, Kind
 from .reboot import WaitReason, pending_reason
 from .snapshot import Snapshot
 from .state import State
@@ -25,8 +28,42 @@ STATE_STYLE = {
 }
 
 
-def as_json(s: Snapshot) -> dict[str, Any]:
+KIND_STYLE = {
+    Kind.ADDED: "green",
+    Kind.REMOVED: "red",
+    Kind.UPGRADED: "cyan",
+    Kind.DOWNGRADED: "yellow",
+    Kind.CHANGED: "dim",
+}
+# How the summary names each kind, in its order: "rebuilt" is what a same-version change is.
+SUMMARY_WORDS = {
+    Kind.UPGRADED: "upgraded",
+    Kind.DOWNGRADED: "downgraded",
+    Kind.ADDED: "added",
+    Kind.REMOVED: "removed",
+    Kind.CHANGED: "rebuilt",
+}
+HAND_LISTED = 5  # changes named in the dirty summary; `diff` lists them all
+
+
+def current_changes(s: Snapshot, changes: Changes) -> Changes:
+    """The differences diff.json holds for the systems the snapshot saw, and no others."""
+    deployed = s.deployed.path if s.deployed else None
+    upstream = changes.upstream
+    hand = changes.hand
+    return Changes(
+        upstream=upstream
+        if upstream and upstream.pair == (s.links.current, s.links.upstream)
+        else None,
+        hand=hand if s.dirty and hand and hand.pair == (deployed, s.links.current) else None,
+    )
+
+
+def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
+    changes = current_changes(s, changes or Changes())
     return {
+        "changes": changes.upstream.to_json() if changes.upstream else None,
+        "hand_changes": changes.hand.to_json() if changes.hand else None,
         "state": s.state.value,
         "dirty": s.dirty,
         "reboot_required": s.reboot_required,
@@ -71,7 +108,61 @@ def _age(seconds: float) -> str:
     return f"{s}s"
 
 
-def render(s: Snapshot, console: Console) -> None:
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def versions(vs: tuple[str, ...]) -> str:
+    """Versions as a reader wants them; a path without a version shows as `-`."""
+    return ", ".join(v or "-" for v in vs) if vs else "none"
+
+
+def change_text(c: Change) -> str:
+    """`nginx 1.26.1 → 1.27.0`, `fresh 0.1 (added)`, `etc (rebuilt)`."""
+    if c.kind in (Kind.UPGRADED, Kind.DOWNGRADED):
+        return f"{c.name} {versions(c.before)} → {versions(c.after)}"
+    shown = c.before if c.kind is Kind.REMOVED else c.after
+    word = SUMMARY_WORDS[c.kind]
+    return f"{c.name} {versions(shown)} ({word})" if shown != ("",) else f"{c.name} ({word})"
+
+
+def summary(d: Diff, what: str) -> str:
+    """'upstream changes 37 packages (12 upgraded, ...), closure +12.4 MiB; kernel ...'"""
+    if d.error:
+        return f"{what}: unknown ({d.error})"
+    counts = d.counts()
+    total = sum(counts.values())
+    if total == 0:
+        return f"{what} nothing"
+    kinds = ", ".join(f"{counts[k]} {word}" for k, word in SUMMARY_WORDS.items() if counts[k])
+    delta = d.size_after - d.size_before
+    text = f"{what} {total} package{'s' if total != 1 else ''} ({kinds}), "
+    text += f"closure {'+' if delta >= 0 else '-'}{size(abs(delta))}"
+    if d.boot_files:
+        kernel = d.kernel_before, d.kernel_after
+        if kernel[0] and kernel[1] and kernel[0] != kernel[1]:
+            text += f"; kernel {kernel[0]} → {kernel[1]}: reboot needed"
+        else:
+            text += f"; {', '.join(d.boot_files)} differ: reboot needed"
+    return text
+
+
+def hand_summary(d: Diff) -> str:
+    if d.error:
+        return summary(d, "hand deploy changes")
+    listed = ", ".join(change_text(c) for c in d.changes[:HAND_LISTED])
+    more = ", …" if len(d.changes) > HAND_LISTED else ""
+    n = len(d.changes)
+    return f"hand deploy changed {n} package{'s' if n != 1 else ''} against the deployed system" + (
+        f": {listed}{more}" if listed else ""
+    )
+
+
+def render(s: Snapshot, console: Console, changes: Changes | None = None) -> None:
     table = Table(title="nixos-autodeploy", show_lines=False)
     table.add_column("system")
     table.add_column("generation")
@@ -124,10 +215,124 @@ def render(s: Snapshot, console: Console) -> None:
         )
     for fact in facts:
         console.print(fact, highlight=False)
+    shown = current_changes(s, changes or Changes())
+    if shown.upstream and s.links.current != s.links.upstream:
+        console.print(summary(shown.upstream, "upstream changes"), highlight=False, markup=False)
+    if shown.hand:
+        console.print(hand_summary(shown.hand), highlight=False, markup=False)
 
 
-def show(s: Snapshot, as_json_output: bool) -> None:
+def show(s: Snapshot, as_json_output: bool, changes: Changes | None = None) -> None:
     if as_json_output:
-        print(json.dumps(as_json(s), indent=2, sort_keys=True))
+        print(json.dumps(as_json(s, changes), indent=2, sort_keys=True))
     else:
-        render(s, Console())
+        render(s, Console(), changes)
+
+
+# ---- diff ---------------------------------------------------------------------------------
+
+
+def show_diff(d: Diff, as_json_output: bool) -> None:
+    if as_json_output:
+        print(json.dumps(d.to_json(), indent=2, sort_keys=True))
+        return
+    console = Console()
+    table = Table(title=f"{d.source.name} → {d.target.name}")
+    table.add_column("name", overflow="fold")
+    table.add_column("before", overflow="fold")
+    table.add_column("after", overflow="fold")
+    table.add_column("kind")
+    for c in d.changes:
+        style = KIND_STYLE[c.kind]
+        table.add_row(
+            c.name, versions(c.before), versions(c.after), f"[{style}]{c.kind.value}[/{style}]"
+        )
+    console.print(table)
+    console.print(summary(d, "changes"), highlight=False, markup=False)
+    console.print(
+        f"closure: {size(d.size_before)} → {size(d.size_after)}", highlight=False, markup=False
+    )
+
+
+# ---- log ----------------------------------------------------------------------------------
+
+
+def read_history(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The actuator's entries, oldest first, and the numbers of the lines that are not one
+    (a line cut short by a crash, or written by something else): those are skipped."""
+    entries: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = list(f)
+    except FileNotFoundError:
+        return [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        valid = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("event"), str)
+            and isinstance(entry.get("at"), int | float)
+        )
+        if valid:
+            assert isinstance(entry, dict)
+            entries.append(entry)
+        elif line.strip():
+            skipped.append(number)
+    return entries, skipped
+
+
+def _basename(value: Any) -> str:
+    text = str(value)
+    return text.rsplit("/", 1)[-1] if text.startswith("/") else text
+
+
+def event_text(entry: dict[str, Any]) -> str:
+    """What happened, in words; an event this version does not know, field by field."""
+    event, e = entry["event"], entry
+    if event == "decision" and "action" in e:
+        return f"{e['action']}: {e.get('reason', '')}"
+    if event == "deploy" and "result" in e:
+        text = f"{e['result']} ({e.get('mode', '?')}) {_basename(e.get('path', ''))}"
+        return text + (f": {e['message']}" if e.get("message") else "")
+    if event == "rolled-back" and "path" in e:
+        return f"{_basename(e['path'])}, back to {_basename(e.get('to'))}"
+    if event in ("reboot", "kexec", "completed-interrupted-deploy") and "path" in e:
+        return _basename(e["path"])
+    rest = {k: v for k, v in e.items() if k not in ("at", "event")}
+    return " ".join(f"{k}={_basename(v)}" for k, v in sorted(rest.items()))
+
+
+def _event_style(entry: dict[str, Any]) -> str:
+    if entry.get("result") == "failure" or "fail" in str(entry["event"]):
+        return "red"
+    if entry["event"] in ("reboot", "kexec"):
+        return "magenta"
+    if entry["event"] == "rolled-back":
+        return "yellow"
+    return "green" if entry.get("result") == "success" else ""
+
+
+def show_log(entries: list[dict[str, Any]], as_json_output: bool, now: float) -> None:
+    if as_json_output:
+        print(json.dumps(entries, indent=2, sort_keys=True))
+        return
+    console = Console()
+    table = Table(title="nixos-autodeploy history")
+    table.add_column("time")
+    table.add_column("ago", justify="right")
+    table.add_column("event")
+    table.add_column("what", overflow="fold")
+    for entry in entries:
+        at = float(entry["at"])
+        style = _event_style(entry)
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)),
+            _age(now - at),
+            f"[{style}]{escape(entry['event'])}[/{style}]" if style else escape(entry["event"]),
+            escape(event_text(entry)),
+        )
+    console.print(table)

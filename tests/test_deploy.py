@@ -1387,16 +1387,19 @@ def test_a_dry_run_says_it_would_finish_an_interrupted_deploy(host: Host) -> Non
 
 def kill_agent_at_nix_call(host: Host, n: int, *, after: bool) -> None:
     """The agent is killed (kill -9 of the caller) at its n-th run of nix-store or nix-env
-    from now on, before that command acts or, with after, once it has."""
+    from now on, before that command acts or, with after, once it has. Queries (the
+    collector's closure difference) change nothing and are not counted."""
     counter = host.tmp / "nix-calls"
     for tool in ("nix-store", "nix-env"):
         wrapper = host.bin_dir / tool
         shebang, _, rest = wrapper.read_text().partition("\n")
         act = f"'{host.real_tools[tool]}' \"$@\"; " if after else ""
         trap = (
+            'if [ "$1" != --query ]; then\n'
             f"count=$(( $(cat '{counter}' 2>/dev/null || echo 0) + 1 )); "
             f"echo \"$count\" > '{counter}'\n"
             f'if [ "$count" = {n} ]; then {act}kill -9 "$PPID"; exit 137; fi\n'
+            "fi\n"
         )
         wrapper.write_text(f"{shebang}\n{trap}{rest}")
 

@@ -13,12 +13,15 @@ from .host import (
 )
 from .nix import (
     NixBuilder,
+    Package,
     SigningKey,
     System,
     SystemSpec,
+    register_closure,
     require,
     require_tool,
     run_checked,
+    store_paths,
 )
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
@@ -30,6 +33,7 @@ __all__ = [
     "Host",
     "LockRequest",
     "NixBuilder",
+    "Package",
     "RecordedRequest",
     "Reply",
     "SigningKey",
@@ -41,9 +45,11 @@ __all__ = [
     "metric",
     "point_link",
     "read_link",
+    "register_closure",
     "require",
     "require_tool",
     "resolve_link",
     "run_checked",
     "standalone_host",
+    "store_paths",
 ]

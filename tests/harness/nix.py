@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,8 @@ SYSTEM_NIX = Path(__file__).with_name("system.nix")
 SANDBOX_PATHS = "/bin /usr /lib /lib64"
 NIX_COMMAND = ("--extra-experimental-features", "nix-command")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$")
+# Nix's store path name characters; the harness keeps a name from starting with a dot.
+_STORE_NAME_RE = re.compile(r"^[0-9A-Za-z+_?=-][0-9A-Za-z+._?=-]{0,150}$")
 
 
 def require(condition: bool, message: str) -> None:
@@ -58,6 +62,25 @@ def run_checked(
 
 
 @dataclass(frozen=True)
+class Package:
+    """A store path in a system's closure, named `name-version` (or `name` without a
+    version). Another `build` of the same name and version is another store path: a rebuild."""
+
+    name: str
+    version: str | None = None
+    build: str = ""
+
+    @property
+    def store_name(self) -> str:
+        return self.name if self.version is None else f"{self.name}-{self.version}"
+
+    def to_json(self) -> dict[str, str]:
+        if not _STORE_NAME_RE.match(self.store_name):
+            raise ValueError(f"not usable as a store path name: {self.store_name!r}")
+        return {"name": self.store_name, "build": self.build}
+
+
+@dataclass(frozen=True)
 class SystemSpec:
     """What to build. Same `kernel` (and `initrd`) => same kernel store paths."""
 
@@ -67,8 +90,9 @@ class SystemSpec:
     tag: str | None = None  # kernel-params autodeploy=<tag>, nixos-version; defaults to name
     extra: str = ""  # content of the non-kernel file `extra`
     nixos: bool = True  # False: no bin/switch-to-configuration
+    packages: tuple[Package, ...] = ()  # more store paths in its closure
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         for value in (self.name, self.kernel, self.initrd or self.kernel, self.tag or self.name):
             if not _VERSION_RE.match(value):
                 raise ValueError(f"not usable in a store path name: {value!r}")
@@ -79,6 +103,7 @@ class SystemSpec:
             "tag": self.tag or self.name,
             "extra": self.extra,
             "nixos": "1" if self.nixos else "",
+            "packages": [p.to_json() for p in self.packages],
         }
 
 
@@ -187,3 +212,29 @@ class NixBuilder:
             ["nix", *NIX_COMMAND, "copy", "--from", str(self.build_store), "--to", target, *paths],
             env=self._env(),
         )
+
+
+BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's hash alphabet (no e, o, t, u)
+
+
+def store_paths(*names: str) -> list[str]:
+    """Made-up store paths, a hash per name; a build after `#` changes only the hash."""
+    out = []
+    for name in names:
+        digest = hashlib.sha256(name.encode()).digest()
+        hash_part = "".join(BASE32[b % 32] for b in digest)
+        out.append(f"/nix/store/{hash_part}-{name.partition('#')[0]}")
+    return out
+
+
+def register_closure(store: Path, top: str, paths: Sequence[str], size: int = 1000) -> None:
+    """Register top, referring to paths, in a chroot store's database only (`nix-store
+    --load-db`, as Nix's installer does): with NIX_REMOTE=store, Nix answers queries about
+    closures of any size in seconds, without their contents."""
+    lines = []
+    for path in paths:
+        lines += [path, "0" * 64, str(size), "", "0"]
+    lines += [top, "0" * 64, str(size), "", str(len(paths)), *paths]
+    run_checked(
+        ["nix-store", "--store", str(store), "--load-db"], input_text="\n".join(lines) + "\n"
+    )

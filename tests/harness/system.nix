@@ -1,6 +1,9 @@
 # Synthetic NixOS-like systems for the tests; no nixpkgs needed.
-# specJSON: {"root": DIR, "salt": S, "systems": [{"name","kernel","initrd","tag","extra","nixos"}]}
+# specJSON: {"root": DIR, "salt": S,
+#            "systems": [{"name","kernel","initrd","tag","extra","nixos","packages"}]}
 # nixos = "": no bin/switch-to-configuration (a store path that is not a NixOS system).
+# packages (optional): [{"name": store path name, "build": S}], each a store path of the
+# system's closure; the same name and build in two systems is the same path.
 # Result: one attribute per system name.
 { specJSON }:
 let
@@ -33,6 +36,11 @@ let
     mkdir -p "$out"
     printf 'synthetic initrd %s\n' "$version" > "$out/initrd"
   '' { inherit version; };
+
+  package = p: mk p.name ''
+    mkdir -p "$out"
+    printf '%s\n' "$build" > "$out/build"
+  '' { inherit (p) build; };
 
   switchToConfiguration = ''
     set -eu
@@ -67,6 +75,7 @@ let
     printf '%s\n' "$extra" > "$out/extra"
     printf 'x86_64-linux' > "$out/system"
     printf '#!/bin/sh\necho "synthetic init of %s"\n' "$out" > "$out/init"
+    for p in $packages; do printf '%s\n' "$p"; done > "$out/packages"
     chmod +x "$out/init"
     if [ -n "$nixos" ]; then
       { printf "#!/bin/sh\nroot='%s'\nout='%s'\n" "$root" "$out"; printf '%s' "$stc"; } \
@@ -78,6 +87,7 @@ let
     initrd = initrd s.initrd;
     kernelModules = kernelModules s.kernel;
     inherit (s) tag extra nixos;
+    packages = map package (s.packages or [ ]);
     root = spec.root;
     stc = switchToConfiguration;
   };
