@@ -88,6 +88,11 @@ let
       health_units = health.units;
       health_ignore_units = health.ignoreUnits;
       health_timeout = health.timeout;
+    }
+    // optionalAttrs (windowSpecs != [ ]) { reboot_windows = windowSpecs; }
+    // optionalAttrs (cfg.fleetLock != null) {
+      fleet_lock_url = cfg.fleetLock.url;
+      fleet_lock_group = cfg.fleetLock.group;
     };
 
   health = cfg.healthChecks;
@@ -198,6 +203,40 @@ let
     || lib.hasInfix "\n" value
     || lib.hasInfix "\r" value
   ) cfg.extraHeaders;
+
+  # Reboot windows: `[DAYS ]HH:MM-HH:MM` strings, or NixOS autoUpgrade's `{ lower; upper; }`
+  # (system.autoUpgrade.rebootWindow), so a configuration can move over as it is.
+  windowSpecs = map (
+    window: if builtins.isString window then window else "${window.lower}-${window.upper}"
+  ) cfg.rebootWindows;
+  # The program checks a spec fully (weekday names, times); this is the shape the timer
+  # needs, so a malformed one fails the evaluation rather than the timer.
+  windowParts =
+    spec:
+    builtins.match "(([^ ]+) +)?([0-9][0-9]:[0-9][0-9])-([0-9][0-9]:[0-9][0-9])" (
+      lib.concatStringsSep " " (lib.filter (word: word != "") (lib.splitString " " spec))
+    );
+  badWindows = lib.filter (spec: windowParts spec == null) windowSpecs;
+  # The actuator also runs when a window opens, so a reboot that waits for one happens
+  # inside it without an operator. DAYS is systemd's weekday syntax, as in OnCalendar.
+  windowOpenings = map (
+    spec:
+    let
+      parts = windowParts spec;
+      days = builtins.elemAt parts 1;
+    in
+    "${if days == null then "" else "${days} "}*-*-* ${builtins.elemAt parts 2}:00"
+  ) (lib.filter (spec: windowParts spec != null) windowSpecs);
+
+  # `{ lower = "01:00"; upper = "05:00"; }`: the window opens at lower and closes at
+  # upper (HH:MM, local time; an upper before lower is the next day).
+  windowBounds =
+    types.addCheck (types.attrsOf (types.strMatching "[0-9][0-9]:[0-9][0-9]")) (
+      bounds: builtins.attrNames bounds == [ "lower" "upper" ]
+    )
+    // {
+      description = "{ lower = \"HH:MM\"; upper = \"HH:MM\"; }";
+    };
 
   secretAssertion = option: value: {
     assertion = value == null || (isAbsolute value && !inStore value);
@@ -392,6 +431,62 @@ in
       '';
     };
 
+    rebootWindows = mkOption {
+      type = types.coercedTo windowBounds lib.singleton (
+        types.listOf (types.either types.str windowBounds)
+      );
+      default = [ ];
+      example = literalExpression ''
+        [
+          "Mon..Fri 02:00-04:00"
+          "Sat,Sun 22:00-06:00"
+        ]
+      '';
+      description = ''
+        Maintenance windows for reboots and kexecs, in the host's local time:
+        `[DAYS ]HH:MM-HH:MM`, DAYS in systemd's weekday syntax (`Mon..Fri`, `Sat,Sun`);
+        a window may cross midnight (`22:00-02:00`, belonging to the day it opens on).
+        NixOS autoUpgrade's shape, `{ lower = "01:00"; upper = "05:00"; }`, is accepted
+        too, alone or in the list. With windows set, a deploy still switches at once,
+        but a reboot waits for a window; the actuator also runs when each window
+        opens, so a waiting reboot happens inside it. Keep
+        {option}`system.autoDeploy.randomizedDelay` shorter than the windows.
+      '';
+    };
+
+    fleetLock = mkOption {
+      type = types.nullOr (
+        types.submodule {
+          options = {
+            url = mkOption {
+              type = types.str;
+              example = "http://airlock.example.org:3333";
+              description = ''
+                Base URL of a FleetLock server (such as airlock); the actuator POSTs to
+                `/v1/pre-reboot` and `/v1/steady-state` under it.
+              '';
+            };
+            group = mkOption {
+              type = types.strMatching "[a-zA-Z0-9.-]+";
+              default = "default";
+              example = "workers";
+              description = "The FleetLock reboot group of this host.";
+            };
+          };
+        }
+      );
+      default = null;
+      example = literalExpression ''{ url = "http://airlock.example.org:3333"; group = "workers"; }'';
+      description = ''
+        Take a reboot slot from this FleetLock server before every reboot or kexec, so
+        only as many hosts of a group reboot at once as the server has slots. No slot
+        (refused, an error, no answer) means no reboot: the host stays pending and
+        retries on the next actuator run. The slot goes back once the host is back on
+        its new system; the actuator also runs two minutes after boot for that.
+        The host's ID is derived from /etc/machine-id (see the README).
+      '';
+    };
+
     maxSnapshotAge = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;
@@ -497,6 +592,18 @@ in
         {
           assertion = cfg.rebootMode != null -> cfg.actuator.enable;
           message = "system.autoDeploy.rebootMode is set, but system.autoDeploy.actuator.enable is false: only the actuator reboots. Unset rebootMode or enable the actuator.";
+        }
+        {
+          assertion = (cfg.rebootWindows != [ ] || cfg.fleetLock != null) -> cfg.actuator.enable;
+          message = "system.autoDeploy.rebootWindows and fleetLock govern the actuator's reboots, but system.autoDeploy.actuator.enable is false.";
+        }
+        {
+          assertion = badWindows == [ ];
+          message = "system.autoDeploy.rebootWindows must be \"[DAYS ]HH:MM-HH:MM\" (like \"Mon..Fri 02:00-04:00\"), got: ${lib.concatMapStringsSep ", " builtins.toJSON badWindows}";
+        }
+        {
+          assertion = cfg.fleetLock == null || builtins.match "https?://[^ /?#]+.*" cfg.fleetLock.url != null;
+          message = "system.autoDeploy.fleetLock.url must be the http:// or https:// URL of a FleetLock server, got: \"${toString (cfg.fleetLock.url or "")}\"";
         }
         {
           assertion = cfg.extraArgs != [ ] -> cfg.actuator.enable;
@@ -661,11 +768,13 @@ in
         description = "NixOS auto-deployment actuator";
         wantedBy = [ "timers.target" ];
         timerConfig = {
-          OnCalendar = cfg.interval;
+          OnCalendar = if windowOpenings == [ ] then cfg.interval else [ cfg.interval ] ++ windowOpenings;
           RandomizedDelaySec = cfg.randomizedDelay;
           FixedRandomDelay = true;
           Persistent = true;
-        };
+        }
+        # Back from a reboot, the slot it took goes back without waiting for the next run.
+        // optionalAttrs (cfg.fleetLock != null) { OnBootSec = "2min"; };
       };
     })
   ]);

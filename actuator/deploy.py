@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from collector.state import (
 from collector.store import StorePath, path_of
 from collector.upstream import digest
 
-from . import health, journal, trial
+from . import health, journal, reboot_policy, trial
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 from .journal import Before, Journal, Phase
 
@@ -347,10 +348,17 @@ def _deploy(
         )
         _record_result(paths, system, activation, message, blocks_retry=True)
         raise ActuatorError(message)
+    tried = trial.kind(settings, activation)
+    note = functools.partial(append_history, paths)
+    if tried is not None and reboot_policy.clear_to_reboot(settings, snapshot, note) is None:
+        # A trial boot waits for its window and reboot slot before anything changes: the
+        # boot loader's default never moves to an untried system outside a window.
+        if superseded is not None:
+            _undo(paths, superseded)
+        return
     before = superseded.before if superseded else _before(paths, snapshot)
     # A superseded activation may have touched the boot loader: a rollback must reset it.
     touched = superseded is not None and superseded.activation_started
-    tried = trial.kind(settings, activation)
     entry = journal.begin(
         paths, system, activation, before, trial=tried, activation_started=touched
     )
@@ -419,7 +427,13 @@ def recover(settings: Settings) -> Journal | None:
     ):
         phase = Phase.ACTIVATED  # the switch took effect
     if phase is Phase.ACTIVATED and entry.trial is not None:
-        trial.boot(settings, entry)  # cut short before its reboot: it goes on
+        # Cut short before its reboot: it goes on, when the window and slot still allow.
+        snapshot = load_snapshot(paths)
+        note = functools.partial(append_history, paths)
+        if snapshot is None or reboot_policy.clear_to_reboot(settings, snapshot, note):
+            trial.boot(settings, entry)
+        else:
+            _undo(paths, entry)  # as if not started: the next run in a window tries again
         return None
     if phase in (Phase.ACTIVATED, Phase.CHECKING):
         # Took effect; a switched system is checked (again) before it stays.
@@ -500,6 +514,7 @@ def _show_what_was_done(settings: Settings) -> None:
 
 def deploy(settings: Settings) -> int:
     paths = settings.paths
+    reboot_policy.check(settings)
     with locked(paths.state_dir, wait=LOCK_WAIT):
         cut_short = None
         if not settings.dry_run:
@@ -529,6 +544,8 @@ def deploy(settings: Settings) -> int:
                 "state": snapshot.state.value,
             },
         )
+        note = functools.partial(append_history, paths)
+        reboot_policy.settle(settings, snapshot, decision, note)
         try:
             if cut_short is not None and decision.action is not Action.DEPLOY:
                 # Not deployed anew (by this decision): what ran before comes back.
@@ -548,5 +565,7 @@ def deploy(settings: Settings) -> int:
         if decision.action is Action.REBOOT or (
             decision.action is Action.DEPLOY and may_reboot(snapshot, settings.reboot_mode)
         ):
-            _reboot(settings, snapshot)
+            cleared = reboot_policy.clear_to_reboot(settings, snapshot, note)
+            if cleared is not None:
+                _reboot(settings, cleared)
     return 0

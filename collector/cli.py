@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     # The short flags and k-exec are the original tool's, kept so its extraArgs still work.
     p.add_argument("-s", "--switch-mode", choices=["switch", "boot", "smart"])
     p.add_argument("-r", "--reboot-mode", choices=["reboot", "kexec", "k-exec"])
+    p.add_argument(
+        "--reboot-window",
+        dest="reboot_windows",
+        action="append",
+        metavar="'[DAYS ]HH:MM-HH:MM'",
+        help="reboot or kexec only inside this local-time window (repeatable)",
+    )
+    p.add_argument(
+        "--fleet-lock-url", metavar="URL", help="take a reboot slot from this FleetLock server"
+    )
+    p.add_argument("--fleet-lock-group", metavar="NAME", help="FleetLock reboot group (default)")
     p.add_argument("-f", "--force", action="store_true", help="deploy even if the host is dirty")
     p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
     p.add_argument(

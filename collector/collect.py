@@ -10,6 +10,7 @@ from . import closure, metrics, nix, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
+from .reboot import load_reboot_state
 from .snapshot import (
     Deploys,
     Snapshot,
@@ -125,6 +126,7 @@ def assess(
         last_deploy=deploys.last,
         last_health=deploys.health,
         last_rollback=deploys.last_rollback,
+        reboot=load_reboot_state(paths),
     )
 
 

@@ -101,6 +101,9 @@ class Settings:
     switch_mode: SwitchMode = SwitchMode.SWITCH
     reboot_mode: RebootMode | None = None
     max_snapshot_age: float = 3600.0
+    reboot_windows: tuple[str, ...] = ()  # checked by the actuator (actuator/window.py)
+    fleet_lock_url: str | None = None
+    fleet_lock_group: str = "default"
     track: bool = False
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
@@ -122,6 +125,9 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "switch_mode": str,
     "reboot_mode": str,
     "max_snapshot_age": (int, float),
+    "reboot_windows": list,
+    "fleet_lock_url": str,
+    "fleet_lock_group": str,
     "track": bool,
     "every": (int, float),
     "health_checks": bool,
@@ -235,6 +241,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if every is not None and not 0 < float(every) < float("inf"):
         raise ConfigError(f"every must be a positive number of seconds, not {every}")
     switch_mode = _enum(SwitchMode, pick("switch_mode", "switch"), "switch mode")
+    windows = pick("reboot_windows", [])
+    if not all(isinstance(w, str) for w in windows):
+        raise ConfigError("reboot_windows must be a list of '[DAYS ]HH:MM-HH:MM' strings")
+    fleet_lock_url = pick("fleet_lock_url")
+    if fleet_lock_url is not None and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", fleet_lock_url):
+        raise ConfigError("the fleet lock URL must be an http:// or https:// URL")
+    group = pick("fleet_lock_group", "default")
+    # The FleetLock protocol's rule for a group name.
+    if not re.fullmatch(r"[a-zA-Z0-9.-]+", group):
+        raise ConfigError(f"fleet lock group {group[:40]!r}: only letters, digits, '.' and '-'")
     reboot = pick("reboot_mode")
     return Settings(
         paths=Paths(
@@ -252,6 +268,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         switch_mode=switch_mode,
         reboot_mode=_enum(RebootMode, reboot, "reboot mode") if reboot else None,
         max_snapshot_age=max_snapshot_age,
+        reboot_windows=tuple(windows),
+        fleet_lock_url=fleet_lock_url,
+        fleet_lock_group=group,
         track=bool(pick("track", False)),
         every=None if every is None else float(every),
         force=bool(getattr(args, "force", False)),

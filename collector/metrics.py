@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .closure import Changes
+from .reboot import WaitReason, pending_reason
 from .snapshot import Deploys, Snapshot
 from .state import State
 from .store import name_of
@@ -92,6 +93,26 @@ class _SnapshotCollector(Collector):
                 "1 when the last deploy succeeded",
                 last["result"] == "success",
             )
+        waiting = pending_reason(s.reboot_required, s.reboot)
+        reasons = GaugeMetricFamily(
+            P + "reboot_pending_reason",
+            "1 for why a required reboot has not happened yet",
+            labels=["reason"],
+        )
+        for reason in WaitReason:
+            reasons.add_metric([reason.value], reason is waiting)
+        yield reasons
+        if waiting in (WaitReason.WINDOW, WaitReason.FLEET_LOCK) and s.reboot.waiting:
+            yield _gauge(
+                "reboot_waiting_since_timestamp_seconds",
+                "Since when the required reboot waits for a window or a reboot slot",
+                s.reboot.waiting.since,
+            )
+        yield _gauge(
+            "fleet_lock_held",
+            "1 while this host holds a FleetLock reboot slot",
+            s.reboot.slot is not None,
+        )
         totals = CounterMetricFamily(
             P + "deployments", "Deploys by the actuator, by result", labels=["result"]
         )

@@ -10,6 +10,7 @@ from typing import Any
 from .config import Paths
 from .errors import StateError
 from .fsutil import atomic_write_json, read_json
+from .reboot import RebootState
 from .state import Deployed, Links, State
 from .store import StorePath, path_of
 
@@ -164,6 +165,8 @@ class Snapshot:
     last_deploy: dict[str, Any] | None = None
     last_health: dict[str, Any] | None = None
     last_rollback: dict[str, Any] | None = None
+    # Why a required reboot waits; the FleetLock slot.
+    reboot: RebootState = field(default_factory=RebootState)
 
     @property
     def dirty(self) -> bool:
@@ -186,6 +189,7 @@ class Snapshot:
             "last_deploy": self.last_deploy,
             "last_health": self.last_health,
             "last_rollback": self.last_rollback,
+            "reboot": self.reboot.to_json(),
         }
 
 
@@ -271,6 +275,7 @@ def load_snapshot(paths: Paths) -> Snapshot | None:
             last_deploy=_last_deploy(data.get("last_deploy")),
             last_health=_last_health(data.get("last_health")),
             last_rollback=_last_rollback(data.get("last_rollback")),
+            reboot=RebootState.from_json(data["reboot"]) if data.get("reboot") else RebootState(),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StateError(f"snapshot {source} is corrupt: {e}") from None

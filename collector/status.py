@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .closure import Change, Changes, Diff, Kind
+from .reboot import WaitReason, pending_reason
 from .snapshot import Snapshot
 from .state import State
 from .store import path_of
@@ -79,7 +80,21 @@ def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
         "last_deploy": s.last_deploy,
         "last_health": s.last_health,
         "last_rollback": s.last_rollback,
+        "reboot_wait": _reboot_wait(s),
+        "fleet_lock_held": s.reboot.slot is not None,
     }
+
+
+def _reboot_wait(s: Snapshot) -> dict[str, Any] | None:
+    """Why a required reboot has not happened, in the actuator's words when it said."""
+    reason = pending_reason(s.reboot_required, s.reboot)
+    if reason is None:
+        return None
+    waiting = s.reboot.waiting
+    if waiting is None:
+        message = "left to the operator: the agent does not reboot for this"
+        return {"reason": reason.value, "message": message, "since": None}
+    return {"reason": reason.value, "message": waiting.message, "since": waiting.since}
 
 
 def _age(seconds: float) -> str:
@@ -205,6 +220,17 @@ def render(s: Snapshot, console: Console, changes: Changes | None = None) -> Non
         facts.append(f"upstream fetched: {_age(time.time() - s.upstream.fetched_at)} ago")
     if s.upstream.error:
         facts.append(f"upstream error: [red]{s.upstream.error}[/red]")
+    wait = _reboot_wait(s)
+    if wait is not None:
+        since = f" (for {_age(time.time() - wait['since'])})" if wait["since"] else ""
+        style = "dim" if wait["reason"] == WaitReason.OPERATOR else "magenta"
+        facts.append(f"reboot waits: [{style}]{wait['message']}[/{style}]{since}")
+    if s.reboot.slot is not None:
+        slot = s.reboot.slot
+        facts.append(
+            f"fleet lock: holding a reboot slot in group {slot.group} at {slot.url} "
+            f"for {_age(time.time() - slot.at)}"
+        )
     if s.last_deploy:
         d = s.last_deploy
         result = "[green]success[/green]" if d["result"] == "success" else "[red]failure[/red]"

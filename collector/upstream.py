@@ -306,7 +306,7 @@ def _fetch(
         time.sleep(wait)
 
 
-def _reason(e: requests.RequestException) -> str:
+def _reason(e: Exception) -> str:
     # requests nests urllib3's reasons; the innermost one is the readable part.
     reason: BaseException = e
     while reason.args and isinstance(reason.args[0], BaseException):
@@ -389,7 +389,7 @@ def _probe(settings: Settings, url: str, deadline: float) -> Probed:
                 allow_redirects=False,
                 stream=True,
                 timeout=(min(10.0, left), left),
-                verify=settings.ca_file or True,
+                verify=ca_bundle(settings),
             )
         except requests.RequestException as e:
             raise UpstreamError(f"{shown(url)}: {_reason(e)}") from None
@@ -404,3 +404,39 @@ def _probe(settings: Settings, url: str, deadline: float) -> Probed:
             text = body.decode("utf-8", errors="replace").strip()
             return Probed(response.status_code, response.reason or "", text)
     raise UpstreamError(f"{shown(url)}: more than {MAX_REDIRECTS} redirects")
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes  # at most MAX_BODY
+
+
+def post_json(settings: Settings, url: str, body: object, headers: dict[str, str]) -> Answer:
+    """POST a small JSON body to a service that is not upstream (a FleetLock server) within
+    settings.timeout, TLS checked against --ca-file. It follows no redirect and sends none of
+    upstream's credentials or headers: they belong to the upstream URL's host."""
+    what = f"POST {shown(url)}"
+    try:
+        with _deadline(settings.timeout):
+            response = requests.post(
+                _without_userinfo(url),
+                json=body,
+                headers={"User-Agent": f"nixos-autodeploy/{__version__}", **headers},
+                auth=_NoAuth(),
+                allow_redirects=False,
+                stream=True,
+                timeout=(min(10.0, settings.timeout), settings.timeout),
+                verify=ca_bundle(settings),
+            )
+            with response:
+                data = response.raw.read(MAX_BODY + 1, decode_content=True) or b""
+                return Answer(response.status_code, data[:MAX_BODY])
+    except _Deadline:
+        raise UpstreamError(f"{what}: no answer within {settings.timeout:g}s") from None
+    except requests.exceptions.SSLError as e:
+        raise UpstreamError(f"{what}: {_reason(e)}") from None
+    except requests.ConnectionError as e:
+        raise UpstreamError(f"{what}: connection failed: {_reason(e)}") from None
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+        raise UpstreamError(f"{what}: {_reason(e)}") from None

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, NixBuilder, SigningKey, TestServer, require_tool
+from harness import FleetLockServer, Host, NixBuilder, SigningKey, TestServer, require_tool
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,15 @@ def test_server(tmp_path: Path) -> Iterator[TestServer]:
     cache = tmp_path / "cache"
     cache.mkdir()
     server = TestServer(cache_dir=cache)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def lock_server() -> Iterator[FleetLockServer]:
+    """A FleetLock server on 127.0.0.1 with one reboot slot per group."""
+    server = FleetLockServer(default_slots=1)
     server.start()
     yield server
     server.stop()

@@ -23,6 +23,7 @@ ALERTS = {
     "NixosAutodeployDeployFailed",
     "NixosAutodeployUpdateNotApplied",
     "NixosAutodeployRolledBack",
+    "NixosAutodeployRebootWaiting",
 }
 SEVERITIES = {"info", "warning", "critical"}
 
@@ -86,6 +87,10 @@ def test_durations_match_the_issue() -> None:
     assert stale.count("> 900") == 2
     assert "nixos_autodeploy_last_collect_timestamp_seconds" in stale
     assert "node_textfile_mtime_seconds" in stale
+    waiting = by_name["NixosAutodeployRebootWaiting"]["expr"]
+    assert waiting == (
+        "time() - nixos_autodeploy_reboot_waiting_since_timestamp_seconds > 2 * 86400"
+    )
 
 
 def test_every_alert_has_a_unit_test_that_fires_and_one_that_stays_quiet() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from actuator import deploy
+from actuator import deploy, fleetlock
 
 pytestmark = pytest.mark.guest
 
@@ -247,8 +247,14 @@ def run_guest(first_phase: str, names: tuple[str, ...]) -> Iterator[GuestRun]:
                 ignore=shutil.ignore_patterns("__pycache__"),
             )
         shutil.copy(GUEST_DIR / "driver.py", share / "driver.py")
+        shutil.copy(REPO / "tests/harness/fleetlock.py", share / "fleetlock.py")
         systems, public_key = build_systems(image, work, share / "cache", names)
-        config = {"systems": systems, "public_key": public_key, "switch_unit": SWITCH_UNIT}
+        config = {
+            "systems": systems,
+            "public_key": public_key,
+            "switch_unit": SWITCH_UNIT,
+            "fleet_lock_app_id": fleetlock.APP_ID,
+        }
         (share / "guest.json").write_text(json.dumps(config | {"first_phase": first_phase}))
         kernel_params = Path(work / "store" / systems["initial"].lstrip("/"), "kernel-params")
         prepared = time.monotonic()
@@ -394,6 +400,54 @@ def test_reboot_mode_reboot_comes_back_up_to_date(guest: GuestRun) -> None:
     assert status["state"] == "up-to-date"
     assert status["reboot_required"] is False
     assert status["dirty"] is False
+
+
+def test_reboot_waits_for_a_fleet_lock_slot_then_reboots_and_gives_it_back(
+    guest: GuestRun,
+) -> None:
+    """A real `systemctl reboot` that waited for a slot: refused while another host holds
+    the group's one slot, taken once it is free, given back after the new boot."""
+    guest.show()
+    waiting = guest.event("reboot-waiting")
+    freed = guest.event("slot-freed")
+    after = guest.event("after-reboot")
+    kexeced, rebooted = guest.systems["kexeced"], guest.systems["rebooted"]
+    other = "0" * 31 + "1"
+    ident = waiting["fleet_id"]  # systemd-id128 machine-id --app-specific=APP_ID
+    assert len(ident) == 32 and ident != other
+
+    assert waiting["other_took"] == 200
+    assert waiting["agent_rc"] == 0
+    assert waiting["holders"] == [other]
+    # Deployed for the next boot, but not rebooted: still the same boot, on the old system.
+    assert waiting["boot_id"] == guest.event("after-kexec")["boot_id"]
+    assert (waiting["booted"], waiting["current"], waiting["profile"]) == (
+        kexeced,
+        kexeced,
+        rebooted,
+    )
+    status = waiting["status"]
+    assert status["state"] == "pending-reboot"
+    assert status["reboot_wait"]["reason"] == "fleet-lock"
+    assert status["reboot_wait"]["message"].startswith("reboot slot refused by fleet lock: ")
+    assert "failed_lock_semaphore_full" in status["reboot_wait"]["message"]
+    assert status["fleet_lock_held"] is False
+    assert 'nixos_autodeploy_reboot_pending_reason{reason="fleet-lock"} 1.0' in waiting["metrics"]
+    assert any("reboot slot refused by fleet lock" in line for line in waiting["journal"])
+
+    assert freed["other_released"] == 200
+    assert freed["holders"] == []
+
+    # The real reboot happened, into the new system, with the slot this host took (its ID
+    # as systemd derives it); the actuator's next run gave the slot back.
+    assert after["boot_id"] != waiting["boot_id"]
+    assert (after["booted"], after["current"]) == (rebooted, rebooted)
+    assert after["fleet_id"] == ident, "the host ID changed across the reboot"
+    assert after["holders_at_boot"] == [ident]
+    assert after["release_rc"] == 0
+    assert after["holders"] == []
+    assert after["status"]["fleet_lock_held"] is False
+    assert after["status"]["reboot_wait"] is None
 
 
 def test_resident_collector_is_a_notify_service_that_picks_up_a_switch(

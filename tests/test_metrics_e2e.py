@@ -206,8 +206,9 @@ def has_data(response: Any) -> bool:
 def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
     """A host someone deployed by hand (dirty), on a new kernel it has not booted
     (reboot required), whose last deploy by the actuator failed and an earlier one was
-    rolled back after its health checks failed; CI published a third system. Every
-    metric of docs/CONTRACT.md then exists."""
+    rolled back after its health checks failed, whose reboot waits for a window while it
+    holds a reboot slot; CI published a third system. Every metric of docs/CONTRACT.md
+    then exists."""
     systems = host.build(
         SystemSpec("ours", kernel="6.1.7"),
         SystemSpec("theirs", kernel="6.6.1"),
@@ -246,6 +247,18 @@ def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
         },
     }
     (host.state_dir / "deploys.json").write_text(json.dumps(deploys))
+    # An actuator run an hour ago found no maintenance window open, and still holds the
+    # reboot slot it took before an earlier reboot (docs/CONTRACT.md, reboot.json).
+    reboot = {
+        "version": 1,
+        "waiting": {
+            "reason": "window",
+            "message": "reboot waits for window Sat,Sun 02:00-05:00 (next opens Sat 02:00)",
+            "since": time.time() - 3600,
+        },
+        "slot": {"url": "http://127.0.0.1:1", "group": "default", "id": "0" * 32, "at": 0.0},
+    }
+    (host.state_dir / "reboot.json").write_text(json.dumps(reboot))
     collected = host.collect()
     assert collected.returncode == 0, collected
     assert host.snapshot()["state"] == "dirty"

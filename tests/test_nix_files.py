@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from harness import Host, RecordedRequest, Reply, TestServer, require_tool, run_checked
 
+from actuator import window
 from collector.cli import build_parser
 from collector.config import HealthSettings, RebootMode, Settings, SwitchMode, settings_from
 from collector.errors import ConfigError
@@ -566,6 +567,58 @@ def test_health_checks_reach_the_actuator_and_its_run_at_boot(evaluate: Evaluate
 
 
 @pytest.mark.nix
+def test_reboot_windows_and_fleet_lock_reach_the_actuator_and_its_timer(
+    evaluate: Evaluate,
+) -> None:
+    autoupgrade_shape = {"lower": "01:00", "upper": "05:00"}
+    listed, alone, plain = evaluate(
+        BASE
+        | {
+            "rebootMode": "reboot",
+            "rebootWindows": ["Mon..Fri  02:00-04:00", autoupgrade_shape, "22:30-01:00"],
+            "fleetLock": {"url": "http://airlock.example.org:3333", "group": "workers"},
+        },
+        BASE | {"rebootMode": "reboot", "rebootWindows": autoupgrade_shape},
+        BASE | {"rebootMode": "reboot"},
+    )
+    assert listed["failedAssertions"] == alone["failedAssertions"] == []
+    settings = program_settings(
+        exec_argv(listed["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+    assert settings.reboot_windows == ("Mon..Fri  02:00-04:00", "01:00-05:00", "22:30-01:00")
+    assert [w.spec for w in window.parse_all(settings.reboot_windows)] == [
+        "Mon..Fri 02:00-04:00",
+        "01:00-05:00",
+        "22:30-01:00",
+    ]
+    assert (settings.fleet_lock_url, settings.fleet_lock_group) == (
+        "http://airlock.example.org:3333",
+        "workers",
+    )
+    timer = listed["timers"][ACTUATOR]["timerConfig"]
+    # The actuator runs at its interval and when each window opens; back from a reboot,
+    # soon after boot, to give its reboot slot back.
+    assert timer["OnCalendar"] == [
+        "04:42",
+        "Mon..Fri *-*-* 02:00:00",
+        "*-*-* 01:00:00",
+        "*-*-* 22:30:00",
+    ]
+    assert timer["OnBootSec"] == "2min"
+    alone_settings = program_settings(
+        exec_argv(alone["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+    assert alone_settings.reboot_windows == ("01:00-05:00",)
+    assert alone_settings.fleet_lock_url is None
+    assert alone["timers"][ACTUATOR]["timerConfig"]["OnCalendar"] == ["04:42", "*-*-* 01:00:00"]
+    assert "OnBootSec" not in alone["timers"][ACTUATOR]["timerConfig"]
+    assert plain["timers"][ACTUATOR]["timerConfig"]["OnCalendar"] == "04:42"
+    assert "reboot_windows" not in config_file(
+        exec_argv(plain["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+
+
+@pytest.mark.nix
 def test_original_defaults(evaluate: Evaluate) -> None:
     (record,) = evaluate({"enable": True, "url": BASE["url"]})
     timer = record["timers"][ACTUATOR]["timerConfig"]
@@ -916,6 +969,15 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
             {"healthChecks": {"urls": ["127.0.0.1/health"]}},
             "system.autoDeploy.healthChecks.urls must be http:// or https:// URLs",
         ),
+        ({"rebootWindows": ["2-4"]}, 'system.autoDeploy.rebootWindows must be "[DAYS ]HH:MM'),
+        (
+            {"fleetLock": {"url": "airlock.example.org:3333"}},
+            "system.autoDeploy.fleetLock.url must be the http:// or https:// URL",
+        ),
+        (
+            {"actuator": {"enable": False}, "rebootWindows": ["02:00-04:00"]},
+            "system.autoDeploy.rebootWindows and fleetLock govern the actuator's reboots",
+        ),
     ],
 )
 def test_assertions_explain_what_is_wrong(
@@ -933,6 +995,8 @@ def test_assertions_explain_what_is_wrong(
         ({"switchMode": "now"}, "system.autoDeploy.switchMode"),
         ({"rebootMode": "poweroff"}, "system.autoDeploy.rebootMode"),
         ({"timeout": 0}, "system.autoDeploy.timeout"),
+        ({"fleetLock": {"url": "http://a", "group": "a b"}}, "system.autoDeploy.fleetLock.group"),
+        ({"rebootWindows": [{"lower": "1:00", "upper": "05:00"}]}, "rebootWindows"),
         ({"collector": {"pollInterval": 0}}, "system.autoDeploy.collector.pollInterval"),
         ({"healthChecks": {"timeout": 0}}, "system.autoDeploy.healthChecks.timeout"),
     ],

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,19 @@ POLL_INTERVAL = 3600
 WATCHDOG_SEC = POLL_INTERVAL + 60 + 1800
 HTTP_PORT = 8080
 UPSTREAM_URL = f"http://127.0.0.1:{HTTP_PORT}/upstream"
+# The harness' FleetLock server (one slot), its semaphore on disk as airlock's is in etcd.
+FLEET_LOCK_PORT = 8081
+FLEET_LOCK_URL = f"http://127.0.0.1:{FLEET_LOCK_PORT}"
+FLEET_LOCK_STATE = STATE / "fleetlock.json"
+OTHER_HOST = "0" * 31 + "1"  # another host of the group, holding the slot for a while
+REBOOT_ARGS = (
+    "--switch-mode",
+    "smart",
+    "--reboot-mode",
+    "reboot",
+    "--fleet-lock-url",
+    FLEET_LOCK_URL,
+)
 REPORT_PREFIX = "AUTODEPLOY-GUEST "
 # How long to wait for the agent to take the machine down (reboot/kexec) before
 # saying that it did not.
@@ -142,10 +157,17 @@ def setup() -> None:
     if not (WWW / "cache").is_symlink():
         (WWW / "cache").symlink_to(SHARE / "cache")
     PROMETHEUS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    run(
-        "systemd-run",
-        "--unit=autodeploy-guest-http",
-        "--property=Restart=always",
+    serve(
+        "autodeploy-guest-fleetlock",
+        FLEET_LOCK_PORT,
+        "python3",
+        str(SHARE / "fleetlock.py"),
+        str(FLEET_LOCK_PORT),
+        str(FLEET_LOCK_STATE),
+    )
+    serve(
+        "autodeploy-guest-http",
+        HTTP_PORT,
         "python3",
         "-m",
         "http.server",
@@ -155,13 +177,44 @@ def setup() -> None:
         str(WWW),
         str(HTTP_PORT),
     )
+
+
+def serve(unit: str, port: int, *argv: str) -> None:
+    """A server in a transient unit; returns once it accepts connections."""
+    run("systemd-run", f"--unit={unit}", "--property=Restart=always", *argv)
     for _ in range(100):
         try:
-            socket.create_connection(("127.0.0.1", HTTP_PORT), timeout=1).close()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError("the guest's HTTP server did not come up")
+    raise RuntimeError(f"the guest's {unit} did not come up")
+
+
+def fleet_lock(endpoint: str, ident: str) -> int:
+    """Another host's FleetLock request: the HTTP status it got."""
+    body = json.dumps({"client_params": {"id": ident, "group": "default"}}).encode()
+    request = urllib.request.Request(
+        FLEET_LOCK_URL + endpoint, data=body, headers={"fleet-lock-protocol": "true"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def fleet_facts() -> dict[str, object]:
+    """Who holds the slot, and this host's ID as systemd itself derives it."""
+    holders = read_json(FLEET_LOCK_STATE)
+    own = run(
+        "systemd-id128", "machine-id", f"--app-specific={CONFIG['fleet_lock_app_id']}", check=False
+    )
+    return {
+        "holders": holders.get("default", []) if isinstance(holders, dict) else [],
+        "fleet_id": own.stdout.strip(),
+    }
 
 
 def publish(system: str) -> None:
@@ -372,18 +425,40 @@ def phase_after_kexec_unbootable() -> None:
 
 
 def phase_reboot() -> None:
-    """Scenario 3: smart mode with a kernel change, rebooting with systemctl reboot."""
+    """Scenario 3: smart mode with a kernel change, rebooting with systemctl reboot once
+    another host gave the FleetLock group's one slot back."""
     publish("rebooted")
+    other_took = fleet_lock("/v1/pre-reboot", OTHER_HOST)
+    refused = start_agent(*REBOOT_ARGS)
+    report(
+        "reboot-waiting",
+        other_took=other_took,
+        agent_rc=refused.returncode,
+        journal=journal(AGENT_UNIT),
+        **boot_facts(),
+        **links(),
+        **fleet_facts(),
+        **status(),
+    )
+    # Reported before the agent runs: its reboot ends this process.
+    report("slot-freed", other_released=fleet_lock("/v1/steady-state", OTHER_HOST), **fleet_facts())
     set_phase("after-reboot")
-    agent = start_agent("--switch-mode", "smart", "--reboot-mode", "reboot")
+    agent = start_agent(*REBOOT_ARGS)
     report("reboot-requested", agent_rc=agent.returncode, journal=journal(AGENT_UNIT))
     wait_for_shutdown("reboot")
 
 
 def phase_after_reboot() -> None:
-    agent = boot_run("--switch-mode", "smart", "--reboot-mode", "reboot")
+    at_boot = fleet_facts()
+    # The actuator's run after boot (nixos-autodeploy-boot.service on NixOS): it confirms
+    # the trial boot, and back on a confirmed system it gives the slot back.
+    agent = boot_run(*REBOOT_ARGS)
     report(
         "after-reboot",
+        holders_at_boot=at_boot["holders"],
+        release_rc=agent.returncode,
+        release_journal=journal(AGENT_UNIT),
+        **fleet_facts(),
         previous_journal=journal(AGENT_UNIT, "-1"),
         agent_rc=agent.returncode,
         journal=journal(AGENT_UNIT),
@@ -486,6 +561,16 @@ def unit_facts(unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def wait_for_status_text(unit: str, needle: str, seconds: float) -> dict[str, str]:
+    """The unit's facts once its StatusText names needle, or as they are at the deadline."""
+    deadline = time.monotonic() + seconds
+    facts = unit_facts(unit)
+    while needle not in facts.get("StatusText", "") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        facts = unit_facts(unit)
+    return facts
+
+
 def wait_for_current_in_snapshot(system: str, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -511,7 +596,8 @@ def phase_resident() -> None:
     run(SYSTEMS["switched"] + "/bin/switch-to-configuration", "switch")
     reloaded = run("systemctl", "start", ACTIVATED_UNIT, check=False)
     seen = wait_for_current_in_snapshot("switched", 120)
-    after = unit_facts(COLLECTOR_UNIT)
+    # STATUS= goes to systemd just after the snapshot is written: wait for it too.
+    after = wait_for_status_text(COLLECTOR_UNIT, os.path.basename(SYSTEMS["switched"]), 30)
     stopped = run("systemctl", "stop", COLLECTOR_UNIT, check=False)
     report(
         "resident",

@@ -1,5 +1,6 @@
 """Test harness: real Nix, a signed binary cache over HTTP, a sandbox host."""
 
+from .fleetlock import FAULTS, Fault, FleetLockServer, LockRequest
 from .host import (
     AgentResult,
     Host,
@@ -25,8 +26,12 @@ from .nix import (
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
+    "FAULTS",
     "AgentResult",
+    "Fault",
+    "FleetLockServer",
     "Host",
+    "LockRequest",
     "NixBuilder",
     "Package",
     "RecordedRequest",
