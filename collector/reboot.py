@@ -92,6 +92,9 @@ def save_reboot_state(paths: Paths, state: RebootState) -> None:
 def pending_reason(reboot_required: bool, state: RebootState) -> WaitReason | None:
     """Why a required reboot has not happened: what the actuator last said, else the
     operator's to do (no actuator run has said otherwise since it became required)."""
+    waiting = state.waiting
+    if waiting is not None and waiting.reason is not WaitReason.OPERATOR:
+        return waiting.reason  # also a deploy that waits before its trial boot
     if not reboot_required:
         return None
-    return state.waiting.reason if state.waiting else WaitReason.OPERATOR
+    return waiting.reason if waiting else WaitReason.OPERATOR

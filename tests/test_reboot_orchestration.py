@@ -217,18 +217,21 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(
 def test_two_hosts_one_slot(host: Host, second_host: Host, lock_server: FleetLockServer) -> None:
     a, b = host, second_host
     _, new_a = pending_reboot_host(a, "a" * 32)
-    _, new_b = pending_reboot_host(b, "b" * 32)
+    old_b, new_b = pending_reboot_host(b, "b" * 32)
 
     first = locked_deploy(a, lock_server)
     assert first.returncode == 0, first
     assert reboots(a) == 1
     assert lock_server.held() == [ident(a)]
     assert metric(a.metrics(), "nixos_autodeploy_fleet_lock_held") == 1
-    assert [e["event"] for e in history(a)] == ["decision", "deploy", "fleet-lock", "reboot"]
+    # The slot before anything changes, then the trial boot (a success once confirmed).
+    assert [e["event"] for e in history(a)] == ["decision", "fleet-lock", "trial-reboot"]
 
     second = locked_deploy(b, lock_server)
     assert second.returncode == 0, second
-    assert reboots(b) == 0 and b.snapshot()["state"] == "pending-reboot"
+    # Refused: B's deploy waits with its reboot, nothing changed.
+    assert reboots(b) == 0 and b.snapshot()["state"] == "update-available"
+    assert b.profile() == old_b.path
     refused = [x for x in second.stderr_lines if x.startswith("reboot slot refused by fleet lock")]
     assert refused == [
         f"reboot slot refused by fleet lock: {lock_server.url}/v1/pre-reboot answered HTTP 409: "
@@ -283,7 +286,7 @@ def test_no_slot_means_no_reboot_and_says_why(host: Host, lock_server: FleetLock
         assert reboots(host) == 0, case
         said = [x for x in result.stderr_lines if x.startswith("reboot slot refused")]
         assert len(said) == 1 and expected in said[0], (case, result.stderr)
-        assert host.snapshot()["state"] == "pending-reboot"
+        assert host.snapshot()["state"] == "update-available"  # waits before it changes anything
         assert waiting(host)["reason"] == "fleet-lock" and expected in waiting(host)["message"]
         assert reasons(host) == only("fleet-lock"), case
         assert metric(host.metrics(), "nixos_autodeploy_fleet_lock_held") == 0
@@ -299,7 +302,7 @@ def test_no_slot_means_no_reboot_and_says_why(host: Host, lock_server: FleetLock
 def test_a_crash_between_taking_the_slot_and_rebooting_converges(
     host: Host, lock_server: FleetLockServer, then: str
 ) -> None:
-    pending_reboot_host(host, "d" * 32)
+    old, _ = pending_reboot_host(host, "d" * 32)
     lock_server.pause_after_grant = True
     run = host.start_agent(
         "deploy", "--url", host.url, "--prometheus-path", str(host.metrics_path),
@@ -315,7 +318,8 @@ def test_a_crash_between_taking_the_slot_and_rebooting_converges(
     assert lock_server.held() == [ident(host)]
     assert reboots(host) == 0
     if then == "releases":
-        host.reboot()  # someone rebooted it meanwhile: no reboot is pending any more
+        host.publish(old)  # CI went back meanwhile: no reboot is to come any more
+        assert host.collect().returncode == 0
     result = locked_deploy(host, lock_server)
     assert result.returncode == 0, result
     if then == "reboots":
