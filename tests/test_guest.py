@@ -419,15 +419,12 @@ def test_reboot_waits_for_a_fleet_lock_slot_then_reboots_and_gives_it_back(
     assert waiting["other_took"] == 200
     assert waiting["agent_rc"] == 0
     assert waiting["holders"] == [other]
-    # Deployed for the next boot, but not rebooted: still the same boot, on the old system.
-    assert waiting["boot_id"] == guest.event("after-kexec")["boot_id"]
-    assert (waiting["booted"], waiting["current"], waiting["profile"]) == (
-        kexeced,
-        kexeced,
-        rebooted,
-    )
+    # The trial boot waits for its slot before anything changes: still the same boot, on
+    # the old system, the profile (the boot loader's default) untouched.
+    assert waiting["boot_id"] == guest.event("after-kexec-unbootable")["boot_id"]
+    assert (waiting["booted"], waiting["current"], waiting["profile"]) == (kexeced,) * 3
     status = waiting["status"]
-    assert status["state"] == "pending-reboot"
+    assert status["state"] == "update-available"
     assert status["reboot_wait"]["reason"] == "fleet-lock"
     assert status["reboot_wait"]["message"].startswith("reboot slot refused by fleet lock: ")
     assert "failed_lock_semaphore_full" in status["reboot_wait"]["message"]
