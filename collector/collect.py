@@ -43,11 +43,12 @@ def _refresh_upstream(
     the fetch record updated, so a failure leaves everything as it was."""
     assert settings.url is not None
     paths = settings.paths
+    url_sha256 = upstream.digest(settings.url)  # validators belong to this exact URL
     validators = None
     if (
         known is not None
         and known.path is not None
-        and known.url_sha256 == upstream.digest(settings.url)
+        and known.url_sha256 == url_sha256
         and known.validated_sha256 is not None
         and (known.etag or known.last_modified)
     ):
@@ -68,7 +69,7 @@ def _refresh_upstream(
         last_modified=fetched.last_modified,
         fetched_at=now,
         changed_at=known.changed_at if known is not None and not changed else now,
-        url_sha256=upstream.digest(settings.url),
+        url_sha256=url_sha256,
         validated_sha256=fetched.url,
     )
     # On the no-change path only fetched_at moved; the snapshot carries that.
