@@ -64,7 +64,9 @@ def report(event: str, **facts: object) -> None:
     line = REPORT_PREFIX + json.dumps({"event": event, **facts}, sort_keys=True) + "\n"
     fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
     try:
-        os.write(fd, line.encode())
+        data = line.encode()
+        while data:  # a tty may take a long line in parts: never lose its tail
+            data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
     print(line, end="", flush=True)
