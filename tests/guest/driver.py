@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import termios
 import sys
 import time
 import urllib.error
@@ -67,6 +68,9 @@ def report(event: str, **facts: object) -> None:
         data = line.encode()
         while data:  # a tty may take a long line in parts: never lose its tail
             data = data[os.write(fd, data) :]
+        # Out on the wire before anything else happens: a kexec or reset right after a
+        # report would otherwise cut it off in the tty's buffer.
+        termios.tcdrain(fd)
     finally:
         os.close(fd)
     print(line, end="", flush=True)
