@@ -13,8 +13,8 @@ import os
 import shutil
 import socket
 import subprocess
-import termios
 import sys
+import termios
 import time
 import urllib.error
 import urllib.request
