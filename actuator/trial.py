@@ -219,6 +219,14 @@ def _came_back(settings: Settings, entry: Journal) -> None:
     paths = settings.paths
     current = read_links(paths).current
     name = current.name if current else "an unknown system"
+    record = load_deployed(paths)
+    issued = record is not None and record.path == entry.path and record.reboot_issued_at
+    if entry.trial in ONE_TIME and not issued:
+        # The machine went down (power loss, someone's reboot) before the agent issued
+        # the kexec or reboot: the new system was never tried.
+        log.info("the %s into %s never happened; undoing it", entry.trial, entry.path.name)
+        _undo(paths, entry)
+        return
     if entry.trial in ONE_TIME:
         # The boot loader's default is the old system: the kernel or stage 1 panicked
         # (panic=, boot.panic_on_fail) or hung and the machine was reset. The failure is

@@ -385,3 +385,26 @@ def test_dry_run_shows_the_oneshot_steps(host: Host) -> None:
         "would run: systemctl reboot",
     ]
     assert host.recorded("bootctl") == [] and boots(host) == []
+
+
+@pytest.mark.parametrize("mode", ["kexec", "oneshot"])
+def test_power_lost_before_the_trial_boot_is_undone_not_failed(host: Host, mode: str) -> None:
+    old, new = systems(host)
+    run = kexec
+    if mode == "oneshot":
+        host.use_systemd_boot()
+        run = reboot
+    killed = run(host, env={STOP_AT: "booting"})
+    assert killed.returncode == -signal.SIGKILL, killed
+    host.reboot()  # the power comes back: the old default boots, /run is empty
+    assert host.current() == old.path
+    again = run(host)
+    assert again.returncode == 0, again
+    assert "never happened" in again.stderr
+    # Not a failure of new: undone, then tried again by the same run.
+    recorded = host.state_dir / "deploys.json"
+    deploys = json.loads(recorded.read_text()) if recorded.exists() else {}
+    assert new.path not in deploys.get("failed", {}) and deploys.get("rollbacks", 0) == 0
+    assert metric(host.metrics(), "nixos_autodeploy_rollbacks_total") == 0
+    assert (journal(host)["trial"], journal(host)["phase"]) == (mode, "booting")
+    assert len(boots(host)) == 1
