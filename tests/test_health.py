@@ -289,11 +289,19 @@ case "$1" in
               printf 'flaky@1.service loaded failed failed F\\n' ;;
 esac
 """
+# Left failed by an earlier run of the agent: not the new system's fault.
+OURS_FAILED = """
+case "$1" in
+  is-system-running) echo degraded; exit 1 ;;
+  list-units) printf 'nixos-autodeploy-boot.service loaded failed failed B\\n' ;;
+esac
+"""
 
 
 @pytest.mark.parametrize(
     ("reply", "ignored", "ok", "said"),
     [
+        (OURS_FAILED, (), True, "degraded; ignored: nixos-autodeploy-boot.service"),
         ("echo running", (), True, "running"),
         (DEGRADED, (), False, "failed units: bad.service, flaky@1.service"),
         (DEGRADED, ("bad", "flaky@*"), True, "degraded; ignored: bad.service, flaky@1.service"),
