@@ -97,8 +97,8 @@ let
 
   health = cfg.healthChecks;
 
-  # What the actuator's two units share.
-  actuatorService = type: {
+  # What the actuator's two units share (serviceConfig: what differs).
+  actuatorService = serviceConfig: {
     # It may be running the very activation that changes it: never restart or
     # stop it from switch-to-configuration.
     restartIfChanged = false;
@@ -108,10 +108,10 @@ let
     # Not sandboxed: it sets the system profile and runs switch-to-configuration
     # (through systemd-run), reboots and kexecs.
     serviceConfig = {
-      Type = type;
       ExecStart = actuatorCommand;
       StateDirectory = "nixos-autodeploy";
     }
+    // serviceConfig
     // runtimeDirectory
     // credentialConfig;
   };
@@ -137,9 +137,13 @@ let
     ++ credentialArgs
   );
 
+  # "-" too: a failed deploy (upstream down, a system rolled back) must not leave a failed
+  # unit that fails every later nixos-rebuild or colmena switch with exit 4 and degrades
+  # the system. It is in the journal, `status` and the metrics (the deploy, health and
+  # rollback series and their alerts).
   actuatorCommand = lib.concatStringsSep " " (
     [
-      (escapeExecArgs [
+      ("-" + escapeExecArgs [
         program
         "deploy"
         "--config"
@@ -741,7 +745,7 @@ in
     }
 
     (mkIf cfg.actuator.enable {
-      systemd.services.nixos-autodeploy = actuatorService "oneshot" // {
+      systemd.services.nixos-autodeploy = actuatorService { Type = "oneshot"; } // {
         description = "NixOS auto-deployment actuator: deploy the upstream system when safe";
         # Starting the actuator refreshes the snapshot first; a failed collection
         # does not block it (the actuator re-checks what it acts on).
@@ -759,7 +763,13 @@ in
       # system on its trial boot before anything else, then goes on as on its timer.
       # Type=exec, so the boot is finished while it runs: its systemd check waits for
       # the end of the boot (`is-system-running --wait`), which a oneshot would hold up.
-      systemd.services.nixos-autodeploy-boot = actuatorService "exec" // {
+      # RemainAfterExit: once per boot. switch-to-configuration starts the active targets
+      # after every activation, which would start it again after each switch.
+      systemd.services.nixos-autodeploy-boot = actuatorService {
+        Type = "exec";
+        RemainAfterExit = true;
+      }
+      // {
         description = "NixOS auto-deployment actuator, once at boot: confirm a trial boot";
         wantedBy = [ "multi-user.target" ];
         after = [

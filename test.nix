@@ -90,8 +90,11 @@ pkgs.testers.runNixOSTest {
       next = nodes.machine.specialisation.next.configuration.system.build.toplevel;
       monitorBase = nodes.monitor.system.build.toplevel;
       monitorNext = nodes.monitor.specialisation.next.configuration.system.build.toplevel;
-      # The actuator unit's own command line (no credentials here, so no %d in it).
-      deployCommand = nodes.machine.systemd.services.nixos-autodeploy.serviceConfig.ExecStart;
+      # The actuator unit's own command line (no credentials here, so no %d in it), without
+      # the "-" that keeps the unit from ending failed.
+      deployCommand =
+        pkgs.lib.removePrefix "-"
+          nodes.machine.systemd.services.nixos-autodeploy.serviceConfig.ExecStart;
     in
     ''
       import json

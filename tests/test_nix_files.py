@@ -553,7 +553,12 @@ def test_health_checks_reach_the_actuator_and_its_run_at_boot(evaluate: Evaluate
     assert boot["wantedBy"] == ["multi-user.target"]
     assert "multi-user.target" in boot["after"]
     assert boot["serviceConfig"]["Type"] == "exec"
+    # Not started again by the next switch (which starts multi-user.target's wants).
+    assert boot["serviceConfig"]["RemainAfterExit"] is True
     assert boot["restartIfChanged"] is False
+    # Neither ends failed: a failed unit would fail every later hand switch (exit 4).
+    for service in (actuator, boot):
+        assert service["serviceConfig"]["ExecStart"].startswith('-"/nix/store/')
     assert BOOT not in record["timers"]
     off_settings = program_settings(
         exec_argv(off["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
@@ -1015,7 +1020,7 @@ def test_package_wraps_tools_and_matches_pyproject(evaluate: Evaluate) -> None:
     package = record["package"]
     assert package["mainProgram"] == "nixos-autodeploy"
     assert record["services"][ACTUATOR]["serviceConfig"]["ExecStart"].startswith(
-        f'"{package["path"]}/bin/nixos-autodeploy" '
+        f'-"{package["path"]}/bin/nixos-autodeploy" '
     )
     wrapper = package["makeWrapperArgs"]
     assert wrapper[:3] == ["--prefix", "PATH", ":"]
