@@ -54,6 +54,16 @@ SYSTEM_NAMES = (
     "unbootable",
     "unhealthy",
 )
+EFI_SYSTEM_NAMES = ("initial", "rebooted", "unhealthy", "unbootable-efi")
+# The EFI session's firmware (Debian's ovmf): code read-only, variables a copy per run.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# The ESP: a GPT disk with one EFI System Partition (bootctl checks both), 1 MiB in.
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ESP_DISK_MIB = 512
+ESP_OFFSET_SECTORS = 2048
+# The entry the ESP starts with: the image's kernel, as qemu's -kernel boots it otherwise.
+INSTALL_ENTRY = "autodeploy-install.conf"
 
 
 def require(condition: bool, message: str) -> None:
@@ -65,8 +75,8 @@ def require(condition: bool, message: str) -> None:
     pytest.skip(message)
 
 
-def run(argv: list[str], timeout: float = 300) -> str:
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def run(argv: list[str], timeout: float = 300, stdin: str | None = None) -> str:
+    completed = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {completed.returncode}:\n{completed.stderr}")
     return completed.stdout
@@ -181,18 +191,70 @@ def parse_reports(text: str) -> list[dict[str, Any]]:
     return events
 
 
-def boot_guest(image: Path, share: Path, work: Path, kernel_params: str) -> GuestRun:
+def make_esp(image: Path, work: Path, kernel_params: str) -> Path:
+    """The EFI session's ESP: systemd-boot as the removable-media loader, and one entry
+    (the default) that boots the image's kernel, as -kernel/-append does otherwise."""
+    esp = work / "esp.img"
+    sectors = ESP_DISK_MIB * 2048
+    size = sectors - 2 * ESP_OFFSET_SECTORS  # room for the backup GPT at the end
+    with open(esp, "wb") as disk:
+        disk.truncate(sectors * 512)
+    table = f"label: gpt\nstart={ESP_OFFSET_SECTORS}, size={size}, type={ESP_TYPE}\n"
+    run(["sfdisk", "--quiet", str(esp)], stdin=table)
+    offset = str(ESP_OFFSET_SECTORS)
+    run(["mkfs.vfat", "-F", "32", "-n", "ESP", "--offset", offset, str(esp), str(size // 2)])
+    files = work / "esp"
+    (files / "EFI/BOOT").mkdir(parents=True)
+    (files / "loader/entries").mkdir(parents=True)
+    (files / "autodeploy").mkdir()
+    shutil.copy(image / "systemd-bootx64.efi", files / "EFI/BOOT/BOOTX64.EFI")
+    shutil.copy(image / "vmlinuz", files / "autodeploy/vmlinuz")
+    shutil.copy(image / "initrd.img", files / "autodeploy/initrd.img")
+    (files / "loader/loader.conf").write_text(f"timeout 0\ndefault {INSTALL_ENTRY}\n")
+    (files / "loader/entries" / INSTALL_ENTRY).write_text(
+        "title Debian guest (before the first system is installed)\n"
+        "linux /autodeploy/vmlinuz\ninitrd /autodeploy/initrd.img\n"
+        f"options {kernel_params}\n"
+    )
+    image_arg = f"{esp}@@{ESP_OFFSET_SECTORS * 512}"
+    # MTOOLS_SKIP_CHECK: the file system is mkfs.vfat's, on a disk image mtools has not seen.
+    sources = [str(p) for p in sorted(files.iterdir())]
+    run(["env", "MTOOLS_SKIP_CHECK=1", "mcopy", "-s", "-i", image_arg, *sources, "::/"])
+    return esp
+
+
+def boot_guest(
+    image: Path, share: Path, work: Path, kernel_params: str, efi: bool = False
+) -> GuestRun:
     """Boot the guest on a throwaway overlay of the cached image and wait until it
-    powers off (the driver does that at the end) or the time runs out."""
+    powers off (the driver does that at the end) or the time runs out. The EFI session
+    boots through OVMF and systemd-boot from an ESP on a second disk (/dev/vdb); the
+    other gets the image's kernel from qemu's -kernel."""
     overlay = work / "overlay.qcow2"
     base = image / "base.img"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)])
     console, reports = work / "console.log", work / "reports.log"
+    if efi:
+        variables = work / "OVMF_VARS.fd"
+        shutil.copy(OVMF_VARS, variables)
+        esp = make_esp(image, work, kernel_params)
+        boot = [
+            "-machine", "q35",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
+        ]  # fmt: skip
+        second_disk = ["-drive", f"file={esp},format=raw,if=virtio"]
+    else:
+        boot = [
+            "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
+            "-append", kernel_params,
+        ]  # fmt: skip
+        second_disk = []
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
-        "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-        "-append", kernel_params,
-        "-drive", f"file={overlay},format=qcow2,if=virtio",
+        *boot,
+        # The root disk first (/dev/vda, as the systems' root=), then the ESP (/dev/vdb).
+        "-drive", f"file={overlay},format=qcow2,if=virtio", *second_disk,
         "-virtfs", f"local,path={share},mount_tag=share,security_model=none,readonly=on",
         "-nic", "none", "-display", "none", "-monitor", "none",
         # No -no-reboot: the reboot scenario needs the guest to come back.
@@ -229,8 +291,19 @@ def resident_guest() -> Iterator[GuestRun]:
     yield from run_guest("resident", ("initial", "switched"))
 
 
-def run_guest(first_phase: str, names: tuple[str, ...]) -> Iterator[GuestRun]:
+@pytest.fixture(scope="module")
+def efi_guest() -> Iterator[GuestRun]:
+    """A session of its own booted by UEFI firmware and systemd-boot: reboot trials with
+    a one-time boot entry."""
+    yield from run_guest("efi-install", EFI_SYSTEM_NAMES, efi=True)
+
+
+def run_guest(first_phase: str, names: tuple[str, ...], efi: bool = False) -> Iterator[GuestRun]:
     tools = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "nix-build", "nix")
+    if efi:
+        tools += ("sfdisk", "mkfs.vfat", "mcopy")
+        for firmware in (OVMF_CODE, OVMF_VARS):
+            require(firmware.exists(), f"{firmware} is missing (Debian's ovmf)")
     for tool in tools:
         require(shutil.which(tool) is not None, f"{tool} is not on PATH")
     require(os.geteuid() == 0, "building the guest image (debootstrap, chroot) needs root")
@@ -254,11 +327,12 @@ def run_guest(first_phase: str, names: tuple[str, ...]) -> Iterator[GuestRun]:
             "public_key": public_key,
             "switch_unit": SWITCH_UNIT,
             "fleet_lock_app_id": fleetlock.APP_ID,
+            "efi": efi,
         }
         (share / "guest.json").write_text(json.dumps(config | {"first_phase": first_phase}))
         kernel_params = Path(work / "store" / systems["initial"].lstrip("/"), "kernel-params")
         prepared = time.monotonic()
-        result = boot_guest(image, share, work, kernel_params.read_text())
+        result = boot_guest(image, share, work, kernel_params.read_text(), efi=efi)
         result = dataclasses.replace(result, systems=systems)
         print(
             f"guest test: image+systems {prepared - started:.0f} s, "
