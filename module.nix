@@ -428,6 +428,11 @@ in
       description = ''
         If not `null`, reboot (or kexec into the new kernel) when an update needs it,
         at most once per deployment. With `null`, a pending reboot is only reported.
+        A boot-mode deploy that reboots is a trial boot, confirmed by its health checks
+        after the boot: `kexec` and `reboot` on a host booted by systemd-boot (a one-time
+        entry, `bootctl set-oneshot`) leave the boot loader's default on the old system
+        until then; `reboot` with another boot loader makes the new system the default
+        first. See the README's table of what each protects against.
       '';
     };
 

@@ -41,7 +41,7 @@ python3Packages.buildPythonApplication {
     rich
   ];
 
-  # The agent runs nix-store, nix-env, systemd-run, systemctl and kexec.
+  # The agent runs nix-store, nix-env, systemd-run, systemctl, bootctl and kexec.
   makeWrapperArgs = [
     "--prefix"
     "PATH"

@@ -130,8 +130,11 @@ def reboot_argvs(settings: Settings, system: StorePath) -> list[list[str]]:
             os.path.join(system.path, "kernel"),
             f"--initrd={os.path.join(system.path, 'initrd')}",
             # panic=: a kernel that never reaches userspace resets into the boot loader's
-            # default, which a trial boot has left on the old system.
-            f"--append={params} init={os.path.join(system.path, 'init')} panic={PANIC_SECONDS}",
+            # default, which a trial boot has left on the old system; boot.panic_on_fail:
+            # so does a NixOS stage 1 that fails (no root, no init) instead of waiting at its
+            # prompt for a key.
+            f"--append={params} init={os.path.join(system.path, 'init')} "
+            f"panic={PANIC_SECONDS} boot.panic_on_fail",
         ],
         ["systemctl", "kexec"],
     ]
@@ -364,7 +367,7 @@ def _deploy(
     )
     # The in-flight record, for the collector: a deploy is under way (never dirty).
     save_deployed(paths, Deployed(system, activation, before.current, time.time(), complete=False))
-    if tried == RebootMode.KEXEC.value:
+    if tried in trial.ONE_TIME:
         trial.boot(settings, entry)  # profile and boot default change after its checks
         return
     entry = journal.advance(paths, entry, Phase.PROFILE_SET)
@@ -493,7 +496,14 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
             ["nix-env", "--profile", paths.profile, "--set", upstream.path],
             switch_argv(paths, upstream, decision.activation),
         ]
-        if trial.kind(settings, decision.activation) == RebootMode.KEXEC.value:
+        tried = trial.kind(settings, decision.activation)
+        old = read_links(paths).profile
+        if tried == trial.ONESHOT and old is not None:
+            commands = [
+                *trial.oneshot_argvs(paths, upstream, old),
+                ["bootctl", "set-oneshot", f"<the entry of {upstream.name}>"],
+            ]
+        elif tried in trial.ONE_TIME:
             commands = []  # the profile and the boot loader follow once it passes its checks
         if leaves_reboot_required(decision.activation, snapshot.links.booted, upstream):
             commands += reboot_argvs(settings, upstream)

@@ -12,8 +12,8 @@ finishes it (see deploy.recover) before it decides anything anew.
     deploy, which keeps its `before`; when that run deploys nothing: rolling-back)
 
 `checking`: a switched system's health checks (actuator/health.py); failing, the deploy
-fails and is rolled back. A trial boot (actuator/trial.py) goes on from `booting` (kexec:
-straight from `planned`; reboot: after its `activated`) to the run after the boot, which
+fails and is rolled back. A trial boot (actuator/trial.py) goes on from `booting` (kexec and
+oneshot: straight from `planned`; reboot: after its `activated`) to the run after the boot, which
 checks, then confirms (`done`) or fails and rolls back, then `rebooting-back` once.
 """
 
@@ -63,7 +63,7 @@ def _path(value: Any) -> StorePath | None:
 
 
 def _trial(value: Any) -> str | None:
-    if value not in (None, "kexec", "reboot"):
+    if value not in (None, "kexec", "reboot", "oneshot"):
         raise ValueError(f"unknown trial {value!r}")
     return str(value) if value else None
 
@@ -104,7 +104,7 @@ class Journal:
     activation_started: bool = False  # switch-to-configuration may have touched the host
     blocks_retry: bool = False  # the system itself failed: not retried until upstream changes
     message: str = ""  # why it failed
-    trial: str | None = None  # a trial boot by "kexec" or "reboot" (actuator/trial.py)
+    trial: str | None = None  # a trial boot: "kexec", "oneshot" or "reboot" (actuator/trial.py)
 
     @property
     def open(self) -> bool:

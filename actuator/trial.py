@@ -1,16 +1,20 @@
 """Trial boots: a new kernel is tried before it is trusted.
 
 kexec: the new system is loaded and kexec'd with the profile and the boot loader's default
-left on the old system, and with `panic=` on its command line, so a kernel that never
-reaches userspace resets into the old default. reboot: the new system is made the default
-as before a plain reboot (no one-time boot entry yet), and the run after the boot checks it.
+left on the old system, and with `panic=` and `boot.panic_on_fail` on its command line, so
+a kernel or a stage 1 that never reaches userspace resets into the old default.
+oneshot (a reboot on a host that systemd-boot booted): the new system becomes a profile
+generation with a boot entry, but the profile and the default go back to the old system;
+`bootctl set-oneshot` boots the new entry once, so any reset after it boots the old default.
+reboot (any other boot loader): the new system is made the default before a plain reboot.
 
 The run after the boot (the module starts the actuator once at boot; any run does it
 first) finishes the trial: booted into the new system and its checks pass -> it becomes
-the profile and the boot default (kexec) and the deploy is done; its checks fail -> the
-profile and the boot default go back and the machine reboots into them, once; the machine
-came back on the old system -> a kexec trial failed (recorded, the host stays, no second
-reboot), a reboot was not taken by the boot loader (reported as pending, as always).
+the profile and the boot default (kexec, oneshot) and the deploy is done; its checks fail
+-> the profile and the boot default go back and the machine reboots into them, once; the
+machine came back on the old system -> a kexec or oneshot trial failed (recorded, the host
+stays, no second reboot), a reboot was not taken by the boot loader (reported as pending,
+as always).
 
 A marker in /run (a tmpfs, empty after every boot) tells a run after the boot from a run
 whose reboot never happened (killed before it, or the command returned and nothing went
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
 import time
 
 from collector import nix
@@ -29,6 +35,7 @@ from collector.config import Paths, RebootMode, Settings
 from collector.fsutil import atomic_write
 from collector.process import run
 from collector.state import Activation, load_deployed, read_links, save_deployed
+from collector.store import StorePath
 
 from . import deploy, health, journal
 from .journal import Journal, Phase
@@ -38,13 +45,82 @@ log = logging.getLogger(__name__)
 MARKER = "/run/nixos-autodeploy/trial"
 # The phases a trial's run after the boot takes over from (deploy.recover).
 PHASES = frozenset({Phase.BOOTING, Phase.CHECKING, Phase.REBOOTING_BACK})
+ONESHOT = "oneshot"
+# Trials that boot the new system once and leave the boot loader's default on the old one.
+ONE_TIME = frozenset({RebootMode.KEXEC.value, ONESHOT})
+# systemd-boot's LoaderInfo EFI variable: set by systemd-boot when it booted this machine.
+LOADER_INFO = "/sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 
 
 def kind(settings: Settings, activation: Activation) -> str | None:
     """A boot-mode deploy that the agent reboots into is a trial."""
     if activation is not Activation.BOOT or settings.reboot_mode is None:
         return None
+    if settings.reboot_mode is RebootMode.REBOOT and one_time_entries(settings.paths):
+        return ONESHOT
     return settings.reboot_mode.value
+
+
+def one_time_entries(paths: Paths) -> bool:
+    """Whether a reboot can boot a system once: systemd-boot booted this machine (it keeps
+    the one-time entry in an EFI variable), and the profile is at a generation to go back to."""
+    try:
+        with open(paths.under_root(LOADER_INFO), "rb") as f:
+            info = f.read()[4:].decode("utf-16-le", "replace")  # after the attribute bits
+    except OSError:
+        return False
+    return "systemd-boot" in info and _generation(paths) is not None
+
+
+def _generation(paths: Paths) -> int | None:
+    """The number of the profile generation the system profile points at."""
+    try:
+        link = os.path.basename(os.readlink(paths.profile))
+    except OSError:
+        return None
+    name = re.escape(os.path.basename(paths.profile))
+    match = re.fullmatch(rf"{name}-(\d+)-link", link)
+    return int(match.group(1)) if match else None
+
+
+def oneshot_argvs(paths: Paths, system: StorePath, old: StorePath) -> list[list[str]]:
+    """Before a oneshot reboot: system becomes a generation of the profile (so the boot
+    loader gets an entry for it), the profile goes back to the generation it was at, and the
+    old system installs the boot loader: every generation's entry, its own the default."""
+    generation = _generation(paths)
+    if generation is None:
+        raise deploy.ActuatorError(f"{paths.profile} is not at a profile generation")
+    return [
+        ["nix-env", "--profile", paths.profile, "--set", system.path],
+        ["nix-env", "--profile", paths.profile, "--switch-generation", str(generation)],
+        deploy.switch_argv(paths, old, Activation.BOOT),
+    ]
+
+
+def _boot_once(paths: Paths, entry: Journal) -> None:
+    """Add entry's system to the boot loader without making it the default, and tell
+    systemd-boot to boot it on the next boot only."""
+    old = read_links(paths).profile
+    if old is None:
+        raise deploy.ActuatorError(f"{paths.profile} is missing: no default to come back to")
+    for argv in oneshot_argvs(paths, entry.path, old):
+        run(argv, stream_stderr=True)
+    run(["bootctl", "set-oneshot", _entry_id(entry.path)], stream_stderr=True)
+
+
+def _entry_id(system: StorePath) -> str:
+    """The id of a boot loader entry that boots system (NixOS writes `init=<system>/init`
+    into its entries' options; any entry of system boots the same kernel, initrd and init)."""
+    listing = run(["bootctl", "list", "--json=short", "--no-pager"]).stdout
+    try:
+        entries = json.loads(listing)
+    except ValueError:
+        raise deploy.ActuatorError("bootctl list --json=short printed no JSON") from None
+    init = f"init={system.path}/init"
+    for item in entries if isinstance(entries, list) else []:
+        if isinstance(item, dict) and init in str(item.get("options", "")).split():
+            return str(item["id"])
+    raise deploy.ActuatorError(f"systemd-boot has no entry for {system.name} (bootctl list)")
 
 
 def _marker(paths: Paths) -> str:
@@ -71,8 +147,12 @@ def boot(settings: Settings, entry: Journal) -> None:
     *prepare, go = deploy.reboot_argvs(settings, entry.path)
     # Marked first: a run that finds `booting` and this boot's mark knows no boot happened.
     _mark(paths, entry)
-    entry = journal.advance(paths, entry, Phase.BOOTING)
+    oneshot = entry.trial == ONESHOT
+    started = entry.activation_started or oneshot  # a oneshot installs the boot loader
+    entry = journal.advance(paths, entry, Phase.BOOTING, activation_started=started)
     try:
+        if oneshot:
+            _boot_once(paths, entry)
         for argv in prepare:  # kexec --load
             run(argv, stream_stderr=True)
         record = load_deployed(paths)
@@ -90,6 +170,11 @@ def _undo(paths: Paths, entry: Journal) -> None:
     """Nothing was booted: as if the deploy had not started (the gate tries it again)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_marker(paths))
+    if entry.trial == ONESHOT:
+        # The one-time entry goes too: a reboot someone else issues boots the default.
+        cleared = run(["bootctl", "set-oneshot", ""], check=False)
+        if cleared.returncode != 0:
+            log.warning("could not clear systemd-boot's one-time entry: %s", cleared.stderr)
     deploy.roll_back(paths, entry)
 
 
@@ -100,8 +185,8 @@ def finish(settings: Settings, entry: Journal) -> None:
         reboot_back(settings, entry)
         return
     if _marked(paths, entry):
-        if entry.trial == RebootMode.KEXEC.value:
-            log.info("the kexec into %s did not happen; undoing the trial", entry.path.name)
+        if entry.trial in ONE_TIME:
+            log.info("the %s into %s did not happen; undoing it", entry.trial, entry.path.name)
             _undo(paths, entry)
         else:  # the reboot is still to come: the deploy is done as far as the agent goes
             deploy.complete(paths, entry)
@@ -114,7 +199,7 @@ def finish(settings: Settings, entry: Journal) -> None:
     result = health.run_checks(settings)
     deploy.record_health(paths, entry.path, result)
     if result.ok:
-        if entry.trial == RebootMode.KEXEC.value:
+        if entry.trial in ONE_TIME:
             # Only now does the new system become what the next boot loads.
             nix.set_profile(paths.profile, entry.path)
             run(deploy.switch_argv(paths, entry.path, Activation.BOOT), stream_stderr=True)
@@ -134,9 +219,18 @@ def _came_back(settings: Settings, entry: Journal) -> None:
     paths = settings.paths
     current = read_links(paths).current
     name = current.name if current else "an unknown system"
-    if entry.trial == RebootMode.KEXEC.value:
-        # The boot loader's default is the old system: the kernel panicked (panic=) or
-        # hung and the machine was reset. The failure is recorded; no second reboot.
+    record = load_deployed(paths)
+    issued = record is not None and record.path == entry.path and record.reboot_issued_at
+    if entry.trial in ONE_TIME and not issued:
+        # The machine went down (power loss, someone's reboot) before the agent issued
+        # the kexec or reboot: the new system was never tried.
+        log.info("the %s into %s never happened; undoing it", entry.trial, entry.path.name)
+        _undo(paths, entry)
+        return
+    if entry.trial in ONE_TIME:
+        # The boot loader's default is the old system: the kernel or stage 1 panicked
+        # (panic=, boot.panic_on_fail) or hung and the machine was reset. The failure is
+        # recorded; no second reboot.
         message = (
             f"{entry.path.name} did not come up on its trial boot: the host came back on {name}"
         )

@@ -729,7 +729,7 @@ def test_dry_run_prints_the_decision_and_commands_and_changes_nothing(
                 "--load",
                 f"{new}/kernel",
                 f"--initrd={new}/initrd",
-                f"--append=loglevel=4 autodeploy=new init={new}/init panic=30",
+                f"--append=loglevel=4 autodeploy=new init={new}/init panic=30 boot.panic_on_fail",
             ],
             ["systemctl", "kexec"],
         ]

@@ -11,7 +11,7 @@ import signal
 from typing import Any
 
 import pytest
-from harness import AgentResult, Host, System, SystemSpec, error_lines, metric
+from harness import AgentResult, Host, System, SystemSpec, error_lines, metric, read_link
 
 from actuator.journal import STOP_AT
 
@@ -89,7 +89,7 @@ def test_kexec_trial_leaves_the_boot_loader_until_the_new_system_passes(host: Ho
     result = kexec(host)
     assert result.returncode == 0, result
     # Loaded with panic=, kexec'd; the profile and the boot default stay on old.
-    params = f"loglevel=4 autodeploy=new init={new}/init panic=30"
+    params = f"loglevel=4 autodeploy=new init={new}/init panic=30 boot.panic_on_fail"
     assert host.recorded("kexec") == [
         ["--load", f"{new}/kernel", f"--initrd={new}/initrd", f"--append={params}"]
     ]
@@ -242,3 +242,169 @@ def test_killed_before_a_reboot_the_next_run_issues_it_once(host: Host, phase: s
     assert kexec(host, *check).returncode == 0
     assert boots(host) == [["kexec"], ["reboot"]]
     assert_on(host, old, "update-available")
+
+
+# ---- systemd-boot: a reboot trial boots the new system once --------------------------------
+
+
+def systemd_boot_systems(host: Host) -> tuple[System, System]:
+    old, new = systems(host)
+    host.use_systemd_boot()
+    return old, new
+
+
+def oneshot_commands(host: Host) -> list[list[str]]:
+    """What the agent ran to boot a system once: the profile generations, bootctl."""
+    profile = str(host.profile_link)
+    return [
+        argv
+        for argv in host.recorded("nix-env") + host.recorded("bootctl")
+        if argv[:2] == ["--profile", profile] or argv[:1] in (["list"], ["set-oneshot"])
+    ]
+
+
+def test_oneshot_trial_boots_the_new_system_once_and_confirms_it(host: Host) -> None:
+    old, new = systemd_boot_systems(host)
+    result = reboot(host)
+    assert result.returncode == 0, result
+    profile = str(host.profile_link)
+    # A generation (with a boot entry) for new; the profile and the default stay on old.
+    assert oneshot_commands(host) == [
+        ["--profile", profile, "--set", new.path],
+        ["--profile", profile, "--switch-generation", "1"],
+        ["list", "--json=short", "--no-pager"],
+        ["set-oneshot", "nixos-generation-2.conf"],
+    ]
+    assert host.activations() == [("boot", old.path)]
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert host.oneshot_path.read_text() == "nixos-generation-2.conf\n"
+    assert (journal(host)["trial"], journal(host)["phase"]) == ("oneshot", "booting")
+    assert boots(host) == [["reboot"]]
+    assert "trial-oneshot" in events(host)
+
+    host.reboot()
+    assert host.current() == new.path and not host.oneshot_path.exists()
+    confirmed = reboot(host)
+    assert confirmed.returncode == 0, confirmed
+    assert host.activations() == [("boot", old.path), ("boot", new.path)]
+    assert_on(host, new, "up-to-date")
+    assert read_link(host.profile_link) == "system-2-link", "the trial's generation, no new one"
+    assert journal(host)["phase"] == "done"
+    assert boots(host) == [["reboot"]]
+
+
+def test_oneshot_trial_failing_its_checks_reboots_into_the_untouched_default(
+    host: Host,
+) -> None:
+    old, new = systemd_boot_systems(host)
+    check = ("--health-check", not_running(host, new))
+    assert reboot(host, *check).returncode == 0
+    host.reboot()
+    result = reboot(host, *check)
+    assert result.returncode == 1, result
+    assert "failed its health checks after its trial boot" in error_lines(result)[0]
+    # The default never moved: the rollback reboot boots old.
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert boots(host) == [["reboot"], ["reboot"]]
+    host.reboot()
+    after = reboot(host, *check)
+    assert after.returncode == 0, after
+    assert "not retried" in after.stderr
+    assert boots(host) == [["reboot"], ["reboot"]]
+    assert_on(host, old, "update-available")
+    deploys = host.read_json("deploys.json")
+    assert new.path in deploys["failed"] and deploys["rollbacks"] == 1
+
+
+def test_oneshot_trial_that_never_reaches_userspace_stays_on_the_old_system(host: Host) -> None:
+    old, new = systemd_boot_systems(host)
+    assert reboot(host).returncode == 0
+    host.reboot()  # the one-time entry is used up: new's kernel panics, or hangs...
+    host.reboot()  # ...and the reset (panic=, a watchdog, a person) boots the default
+    assert host.current() == old.path
+    result = reboot(host)
+    assert result.returncode == 1, result
+    assert error_lines(result) == [
+        f"error: {new.basename} did not come up on its trial boot: "
+        f"the host came back on {old.basename}"
+    ]
+    assert boots(host) == [["reboot"]], "no second reboot"
+    assert_on(host, old, "update-available")
+    assert metric(host.metrics(), "nixos_autodeploy_rollbacks_total") == 1
+    again = reboot(host)
+    assert again.returncode == 0, again
+    assert "not retried" in again.stderr
+    assert boots(host) == [["reboot"]]
+
+
+def test_oneshot_trial_killed_before_its_reboot_is_undone_then_tried_again(host: Host) -> None:
+    old, new = systemd_boot_systems(host)
+    killed = reboot(host, env={STOP_AT: "booting"})
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert boots(host) == []
+    again = reboot(host)
+    assert again.returncode == 0, again
+    assert "the oneshot into" in again.stderr
+    assert boots(host) == [["reboot"]]
+    assert host.oneshot_path.read_text() == "nixos-generation-2.conf\n"
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    host.reboot()
+    assert reboot(host).returncode == 0
+    assert_on(host, new, "up-to-date")
+
+
+def test_oneshot_that_bootctl_refuses_changes_nothing_and_reboots_nothing(host: Host) -> None:
+    old, _ = systemd_boot_systems(host)
+    (host.root / "bootctl-fails").write_text(
+        "Failed to update EFI variable: Read-only file system\n"
+    )
+    result = reboot(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert "bootctl" in error and "Read-only file system" in error, error
+    assert boots(host) == []
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert journal(host)["phase"] == "rolled-back"
+    assert host.snapshot()["dirty"] is False
+    # A passing failure: tried again once bootctl works.
+    (host.root / "bootctl-fails").unlink()
+    assert reboot(host).returncode == 0
+    assert boots(host) == [["reboot"]]
+
+
+def test_dry_run_shows_the_oneshot_steps(host: Host) -> None:
+    old, new = systemd_boot_systems(host)
+    result = reboot(host, "--dry-run")
+    assert result.returncode == 0, result
+    profile = host.profile_link
+    assert [line for line in result.stdout.splitlines() if line.startswith("would run")] == [
+        f"would run: nix-env --profile {profile} --set {new}",
+        f"would run: nix-env --profile {profile} --switch-generation 1",
+        f"would run: {old}/bin/switch-to-configuration boot",
+        f"would run: bootctl set-oneshot '<the entry of {new.basename}>'",
+        "would run: systemctl reboot",
+    ]
+    assert host.recorded("bootctl") == [] and boots(host) == []
+
+
+@pytest.mark.parametrize("mode", ["kexec", "oneshot"])
+def test_power_lost_before_the_trial_boot_is_undone_not_failed(host: Host, mode: str) -> None:
+    old, new = systems(host)
+    run = kexec
+    if mode == "oneshot":
+        host.use_systemd_boot()
+        run = reboot
+    killed = run(host, env={STOP_AT: "booting"})
+    assert killed.returncode == -signal.SIGKILL, killed
+    host.reboot()  # the power comes back: the old default boots, /run is empty
+    assert host.current() == old.path
+    again = run(host)
+    assert again.returncode == 0, again
+    assert "never happened" in again.stderr
+    # Not a failure of new: undone, then tried again by the same run.
+    recorded = host.state_dir / "deploys.json"
+    deploys = json.loads(recorded.read_text()) if recorded.exists() else {}
+    assert new.path not in deploys.get("failed", {}) and deploys.get("rollbacks", 0) == 0
+    assert metric(host.metrics(), "nixos_autodeploy_rollbacks_total") == 0
+    assert (journal(host)["trial"], journal(host)["phase"]) == (mode, "booting")
+    assert len(boots(host)) == 1

@@ -33,6 +33,32 @@ for arg in "$@"; do line="$line$arg\x1f"; done
 printf '%s\\n' "$line" >> '{log}'
 """
 COUNTER = RECORDER + "exec '{real}' \"$@\"\n"
+# systemd-boot's LoaderInfo EFI variable (attribute bits, then UTF-16): "systemd-boot booted".
+LOADER_INFO = "sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+# bootctl as systemd-boot on this root would answer: one entry per profile generation (as
+# NixOS's systemd-boot-builder writes them), the one-time entry kept in <root>/boot/oneshot
+# where the firmware would keep it. `bootctl` fails with the message in <root>/bootctl-fails.
+BOOTCTL = (
+    RECORDER
+    + """root='{root}'
+if [ -e "$root/bootctl-fails" ]; then cat "$root/bootctl-fails" >&2; exit 1; fi
+case "$1" in
+list)
+  sep=""; printf '['
+  for link in "$root"/nix/var/nix/profiles/system-*-link; do
+    [ -L "$link" ] || continue
+    n=${{link##*/system-}}; n=${{n%-link}}
+    printf '%s{{"id":"nixos-generation-%s.conf","options":"init=%s/init loglevel=4"}}' \
+      "$sep" "$n" "$(readlink "$link")"
+    sep=,
+  done
+  echo ']' ;;
+set-oneshot)
+  if [ -z "$2" ]; then rm -f "$root/boot/oneshot"; else echo "$2" > "$root/boot/oneshot"; fi ;;
+*) echo "bootctl stand-in: $1 is not modelled" >&2; exit 1 ;;
+esac
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -241,9 +267,28 @@ class Host:
             self.set_profile(path)
         run_checked([f"{path}/bin/switch-to-configuration", action], env=self.agent_env())
 
+    def use_systemd_boot(self) -> None:
+        """From now on systemd-boot boots this host: its EFI variable, `bootctl`."""
+        info = self.root / LOADER_INFO
+        info.parent.mkdir(parents=True, exist_ok=True)
+        info.write_bytes(b"\x06\0\0\0" + "systemd-boot 252\0".encode("utf-16-le"))
+        log = self.log_dir / "bootctl.log"
+        self._write_script("bootctl", BOOTCTL.format(log=log, root=self.root))
+
+    @property
+    def oneshot_path(self) -> Path:
+        return self.root / "boot/oneshot"
+
     def reboot(self) -> None:
-        """Boot what the boot loader points at; /run is a tmpfs, so it starts empty."""
+        """Boot what the boot loader points at: systemd-boot's one-time entry (used up by
+        this boot, whether the system comes up or not), else the default. /run is a tmpfs,
+        so it starts empty."""
         target = self.boot_default()
+        if self.oneshot_path.exists():
+            entry = self.oneshot_path.read_text().strip()
+            self.oneshot_path.unlink()
+            generation = entry.removeprefix("nixos-generation-").removesuffix(".conf")
+            target = resolve_link(self.profile_link.with_name(f"system-{generation}-link"))
         assert target is not None, "nothing to boot: <root>/boot/default is missing"
         shutil.rmtree(self.root / "run")
         (self.root / "run").mkdir()
