@@ -299,7 +299,9 @@ def efi_guest() -> Iterator[GuestRun]:
 
 
 def run_guest(first_phase: str, names: tuple[str, ...], efi: bool = False) -> Iterator[GuestRun]:
-    tools = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "nix-build", "nix")
+    tools: tuple[str, ...] = (
+        "qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "nix-build", "nix"
+    )  # fmt: skip
     if efi:
         tools += ("sfdisk", "mkfs.vfat", "mcopy")
         for firmware in (OVMF_CODE, OVMF_VARS):
@@ -597,13 +599,35 @@ def test_switch_to_a_system_with_a_failing_unit_is_rolled_back_by_systemd(
     assert "nixos_autodeploy_rollbacks_total 1.0" in broken["metrics"]
 
 
+def kernel_command_lines(console: str) -> list[list[str]]:
+    """The command line of every kernel that started, as each printed it."""
+    marker = "Kernel command line: "
+    return [line.split(marker, 1)[1].split() for line in console.splitlines() if marker in line]
+
+
+def panicked_in_stage_1(console: str, system: str) -> list[str]:
+    """The console's lines from the stage 1 that found no init of system's, up to the
+    kernel's reset (panic=); empty when that did not happen."""
+    lines = console.replace("\r", "").splitlines()
+    said = f"stage 1: {system}/init is not on the root file system; boot.panic_on_fail: panicking"
+    if said not in lines:
+        return []
+    return lines[lines.index(said) :][:80]
+
+
 def test_kexec_trial_into_an_unbootable_system_comes_back_and_stays(guest: GuestRun) -> None:
     guest.show()
     after = guest.event("after-kexec-unbootable")
     kexeced, unbootable = guest.systems["kexeced"], guest.systems["unbootable"]
-    # The initramfs gave up on the root device; panic= made it reset the machine, and the
-    # firmware booted qemu's own kernel command line (the boot loader's default).
-    assert "Rebooting automatically due to panic= boot argument" in guest.console
+    # The kexec'd kernel got boot.panic_on_fail from the agent; the stage 1 found no init
+    # and panicked the kernel, whose panic= reset the machine; the firmware then booted
+    # qemu's own kernel command line (the boot loader's default).
+    trial = [c for c in kernel_command_lines(guest.console) if f"init={unbootable}/init" in c]
+    assert len(trial) == 1 and "boot.panic_on_fail" in trial[0], trial
+    panic = panicked_in_stage_1(guest.console, unbootable)
+    assert any("Kernel panic - not syncing" in line for line in panic), panic
+    assert any("Rebooting in 30 seconds" in line for line in panic), panic
+    assert guest.console.count("Kernel panic - not syncing") == 1
     assert "autodeploy=initial" in after["cmdline"].split()
     assert (after["current"], after["profile"], after["boot_entry"]) == (kexeced,) * 3
     assert after["agent_rc"] != 0
@@ -647,3 +671,182 @@ def test_reboot_trial_failing_its_check_reboots_back_once(guest: GuestRun) -> No
     assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
     assert boot_event(guest, "after-rollback-reboot")
     assert boots_in(guest, "done") == 0, "no reboot after the rollback reboot"
+
+
+# The EFI session: reboot trials with systemd-boot's one-time entry.
+
+
+def loader_default(event: dict[str, Any]) -> str | None:
+    """The `default` of the loader.conf the event saw."""
+    for line in (event["loader_conf"] or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "default":
+            return value.strip()
+    return None
+
+
+def entry_of(event: dict[str, Any], system: str) -> str:
+    """The name of the one boot entry, on the ESP the event saw, that boots system."""
+    names: list[str] = [
+        n for n, text in event["entries"].items() if f" init={system}/init " in text
+    ]
+    assert len(names) == 1, f"entries booting {system}: {names} in {event['entries']}"
+    return names[0]
+
+
+def shutdowns_in(guest: GuestRun, phase: str) -> list[dict[str, Any]]:
+    """What the boot loader was left with each time the guest went down in phase."""
+    return [e for e in guest.events if e["event"] == "shutdown" and e["phase"] == phase]
+
+
+def wall_time(guest: GuestRun, scenario: str, end: dict[str, Any]) -> float:
+    """From the start of a scenario (the guest's clock) to its last report."""
+    (start,) = [e for e in guest.events if e["event"] == "scenario" and e["name"] == scenario]
+    seconds = float(end["at"]) - float(start["at"])
+    print(f"wall time of the EFI scenario {scenario!r}: {seconds:.0f} s")
+    return seconds
+
+
+def test_efi_guest_ran_every_scenario_without_error(efi_guest: GuestRun) -> None:
+    guest = efi_guest
+    guest.show()
+    assert [e for e in guest.events if e["event"] in ("error", "unparsable")] == []
+    assert "finished" in guest.names()
+    assert guest.qemu_returncode == 0, "qemu did not exit by the guest powering off"
+    # Every boot went through the firmware and systemd-boot (no -kernel in this session).
+    boots = [e for e in guest.events if e["event"] == "boot"]
+    assert len(boots) == 5, [b["phase"] for b in boots]
+    assert all((b["loader_info"] or "").startswith("systemd-boot ") for b in boots), boots
+
+
+def test_efi_install_makes_the_first_generation_the_default_entry(efi_guest: GuestRun) -> None:
+    guest = efi_guest
+    guest.show()
+    installed = guest.event("efi-installed")
+    initial = guest.systems["initial"]
+    assert installed["agent_rc"] == 0
+    assert installed["generations"] == {"system-1-link": initial}
+    entry = entry_of(installed, initial)
+    assert entry == "nixos-generation-1.conf"
+    assert loader_default(installed) == entry
+    text = installed["entries"][entry]
+    kernel, initrd = (
+        line.split()[1] for line in text.splitlines() if line.split()[0] in ("linux", "initrd")
+    )
+    # Kernel and initrd copied to the ESP under names taken from their store paths.
+    assert kernel.startswith("/EFI/nixos/") and kernel.endswith("-bzImage.efi")
+    assert initrd.startswith("/EFI/nixos/") and initrd.endswith("-initrd.efi")
+    assert sorted(installed["images"]) == sorted(p.rsplit("/", 1)[1] for p in (kernel, initrd))
+    assert installed["current"] == installed["booted"] == initial
+
+
+def test_efi_reboot_trial_boots_the_new_system_once_then_makes_it_the_default(
+    efi_guest: GuestRun,
+) -> None:
+    """Scenario a: the trial boots NEW through a one-time entry while the default stays
+    OLD; NEW passes its checks and becomes the profile and the default; one reboot."""
+    guest = efi_guest
+    guest.show()
+    initial, new = guest.systems["initial"], guest.systems["rebooted"]
+    (down,) = shutdowns_in(guest, "efi-after-trial")
+    # As the guest went down for the trial: NEW's entry is written and is the one-shot;
+    # the default (loader.conf, and the profile) is still OLD.
+    assert loader_default(down) == entry_of(down, initial) == "nixos-generation-1.conf"
+    assert down["entry_oneshot"] == entry_of(down, new) == "nixos-generation-2.conf"
+    assert down["profile"] == initial
+    assert down["generations"] == {"system-1-link": initial, "system-2-link": new}
+    after = guest.event("efi-after-trial")
+    before = after["before_confirmation"]
+    # systemd-boot booted NEW's entry, once (the one-shot is used up), with its init=.
+    assert before["entry_selected"] == "nixos-generation-2.conf"
+    assert before["entry_oneshot"] is None
+    assert f"init={new}/init" in after["cmdline"].split()
+    assert "autodeploy=rebooted" in after["cmdline"].split()
+    assert (before["booted"], before["current"]) == (new, new)
+    assert (before["profile"], loader_default(before)) == (initial, "nixos-generation-1.conf")
+    # Confirmed: the profile and systemd-boot's default moved to NEW.
+    assert after["agent_rc"] == 0, after["journal"]
+    assert after["agent_journal"]["trial"] == "oneshot"
+    assert after["agent_journal"]["phase"] == "done"
+    assert (after["booted"], after["current"], after["profile"]) == (new,) * 3
+    assert loader_default(after) == entry_of(after, new)
+    assert after["deployed"]["path"] == new
+    assert after["deploys"]["health"]["ok"] is True
+    # OLD's switch-to-configuration boot wrote NEW's entry before the reboot; NEW's after.
+    assert [step[:3] for step in activation_lines(guest, after, "initial")][-2:] == [
+        ["start", initial, "boot"],
+        ["done", initial, "boot"],
+    ]
+    assert [step[:3] for step in activation_lines(guest, after, "rebooted")] == [
+        ["start", new, "boot"],
+        ["done", new, "boot"],
+    ]
+    assert after["status"]["state"] == "up-to-date"
+    assert after["status"]["reboot_required"] is False
+    assert boots_in(guest, "efi-after-trial") == 1, "exactly one reboot"
+    wall_time(guest, "rebooted", after)
+
+
+def test_efi_reboot_trial_failing_its_check_reboots_back_once(efi_guest: GuestRun) -> None:
+    """Scenario b: a one-time boot into a system whose operator check fails; the run after
+    the boot rolls back and reboots once, into the default, which never moved."""
+    guest = efi_guest
+    guest.show()
+    old, unhealthy = guest.systems["rebooted"], guest.systems["unhealthy"]
+    (down,) = shutdowns_in(guest, "efi-after-unhealthy")
+    assert down["entry_oneshot"] == entry_of(down, unhealthy)
+    assert loader_default(down) == entry_of(down, old)
+    trial = boot_event(guest, "efi-after-unhealthy")
+    assert trial["entry_selected"] == entry_of(trial, unhealthy)
+    assert (trial["booted"], trial["current"]) == (unhealthy, unhealthy)
+    assert loader_default(trial) == entry_of(trial, old)
+    # The rollback reboot: nothing one-shot, the default still OLD.
+    (back_down,) = shutdowns_in(guest, "efi-after-rollback")
+    assert back_down["entry_oneshot"] is None
+    assert loader_default(back_down) == entry_of(back_down, old)
+    back = guest.event("efi-after-rollback")
+    assert back["entry_selected"] == entry_of(back, old)
+    assert (back["booted"], back["current"], back["profile"]) == (old,) * 3
+    assert loader_default(back) == entry_of(back, old)
+    said = " ".join(back["previous_journal"])
+    assert "failed its health checks after its trial boot" in said
+    assert back["agent_rc"] == 0, back["journal"]
+    assert back["agent_journal"]["phase"] == "rolled-back"
+    assert back["deploys"]["last_rollback"]["from"] == unhealthy
+    assert unhealthy in back["deploys"]["failed"]
+    assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
+    assert boot_event(guest, "efi-after-rollback")  # one rollback reboot, no third boot
+    wall_time(guest, "unhealthy", back)
+
+
+def test_efi_reboot_trial_into_an_unbootable_system_comes_back_and_stays(
+    efi_guest: GuestRun,
+) -> None:
+    """Scenario c: the one-time entry boots a system without an init; its own kernel-params
+    (panic=10 boot.panic_on_fail) make the stage 1 panic and the kernel reset; systemd-boot
+    then boots the default (OLD); the agent records the failure and does not reboot."""
+    guest = efi_guest
+    guest.show()
+    old, unbootable = guest.systems["rebooted"], guest.systems["unbootable-efi"]
+    (down,) = shutdowns_in(guest, "efi-after-unbootable")
+    oneshot = down["entry_oneshot"]
+    assert oneshot == entry_of(down, unbootable)
+    assert " panic=10 boot.panic_on_fail" in down["entries"][oneshot]
+    assert loader_default(down) == entry_of(down, old)
+    panic = panicked_in_stage_1(guest.console, unbootable)
+    assert any("Kernel panic - not syncing" in line for line in panic), panic
+    assert any("Rebooting in 10 seconds" in line for line in panic), panic
+    assert guest.console.count("Kernel panic - not syncing") == 1
+    after = guest.event("efi-after-unbootable")
+    assert after["entry_selected"] == entry_of(after, old)
+    assert (after["booted"], after["current"], after["profile"]) == (old,) * 3
+    assert loader_default(after) == entry_of(after, old)
+    assert after["agent_rc"] != 0
+    assert unbootable in after["deploys"]["failed"]
+    assert after["deploys"]["last_rollback"]["from"] == unbootable
+    assert after["second_rc"] == 0, "the timer's next run leaves it alone"
+    assert "not retried" in " ".join(after["second_journal"])
+    assert after["status"]["state"] == "update-available" and after["status"]["dirty"] is False
+    assert boots_in(guest, "efi-after-unbootable") == 1, "no further reboot"
+    assert boots_in(guest, "done") == 0
+    wall_time(guest, "unbootable-efi", after)
