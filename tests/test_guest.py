@@ -610,9 +610,8 @@ def panicked_in_stage_1(console: str, system: str) -> list[str]:
     kernel's reset (panic=); empty when that did not happen."""
     lines = console.replace("\r", "").splitlines()
     said = f"stage 1: {system}/init is not on the root file system; boot.panic_on_fail: panicking"
-    if said not in lines:
-        return []
-    return lines[lines.index(said) :][:80]
+    found = [i for i, line in enumerate(lines) if said in line]
+    return lines[found[0] : found[0] + 80] if found else []
 
 
 def test_kexec_trial_into_an_unbootable_system_comes_back_and_stays(guest: GuestRun) -> None:
