@@ -459,12 +459,18 @@ def phase_kexec_unbootable() -> None:
 
 
 def phase_after_kexec_unbootable() -> None:
-    first = boot_run("--switch-mode", "smart", "--reboot-mode", "kexec")
+    after_unbootable("after-kexec-unbootable", "--switch-mode", "smart", "--reboot-mode", "kexec")
+    set_phase("reboot")
+
+
+def after_unbootable(event: str, *deploy_args: str) -> None:
+    """Back on the old system after a trial that never reached userspace: the run after
+    the boot, then the timer's next run (the failed system is not tried again)."""
+    first = boot_run(*deploy_args)
     first_journal = journal(AGENT_UNIT)
-    # And the timer's next run: the failed system is not tried again.
-    second = start_agent("--switch-mode", "smart", "--reboot-mode", "kexec")
+    second = start_agent(*deploy_args)
     report(
-        "after-kexec-unbootable",
+        event,
         previous_journal=journal(AGENT_UNIT, "-1"),
         agent_rc=first.returncode,
         journal=first_journal,
@@ -475,7 +481,6 @@ def phase_after_kexec_unbootable() -> None:
         **deploy_state(),
         **status(),
     )
-    set_phase("reboot")
 
 
 def phase_reboot() -> None:
@@ -667,22 +672,7 @@ def phase_efi_unbootable() -> None:
 
 
 def phase_efi_after_unbootable() -> None:
-    first = boot_run(*EFI_TRIAL)
-    first_journal = journal(AGENT_UNIT)
-    # And the timer's next run: the failed system is not tried again.
-    second = start_agent(*EFI_TRIAL)
-    report(
-        "efi-after-unbootable",
-        previous_journal=journal(AGENT_UNIT, "-1"),
-        agent_rc=first.returncode,
-        journal=first_journal,
-        second_rc=second.returncode,
-        second_journal=journal(AGENT_UNIT),
-        **boot_facts(),
-        **links(),
-        **deploy_state(),
-        **status(),
-    )
+    after_unbootable("efi-after-unbootable", *EFI_TRIAL)
     finish()
 
 
