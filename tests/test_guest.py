@@ -242,6 +242,10 @@ def boot_guest(
             "-machine", "q35",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
+            # The firmware's RNG protocol, from which the kernel's EFI stub seeds its random
+            # pool (qemu's -kernel hands it a seed instead): without it, early getrandom()
+            # calls can stall a boot for minutes under TCG.
+            "-device", "virtio-rng-pci",
         ]  # fmt: skip
         second_disk = ["-drive", f"file={esp},format=raw,if=virtio"]
     else:
