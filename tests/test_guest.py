@@ -9,6 +9,10 @@ serves the cache and the upstream file on its own 127.0.0.1. The driver runs the
 scenarios across boots and reports facts as JSON lines on the second serial port;
 the tests below assert on them.
 
+Three sessions, each a guest of its own: the main one (qemu's -kernel stands in for the
+boot loader), the resident collector's, and the EFI one, booted by OVMF and the guest's
+own systemd-boot from an ESP the host builds (reboot trials with a one-time boot entry).
+
 The image is cached in .cache/guest/ keyed by the builder script and image/.
 """
 
