@@ -112,15 +112,24 @@ def _entry_id(system: StorePath) -> str:
     """The id of a boot loader entry that boots system (NixOS writes `init=<system>/init`
     into its entries' options; any entry of system boots the same kernel, initrd and init)."""
     listing = run(["bootctl", "list", "--json=short", "--no-pager"]).stdout
-    try:
-        entries = json.loads(listing)
-    except ValueError:
-        raise deploy.ActuatorError("bootctl list --json=short printed no JSON") from None
     init = f"init={system.path}/init"
-    for item in entries if isinstance(entries, list) else []:
+    for item in _listed(listing):
         if isinstance(item, dict) and init in str(item.get("options", "")).split():
             return str(item["id"])
     raise deploy.ActuatorError(f"systemd-boot has no entry for {system.name} (bootctl list)")
+
+
+def _listed(listing: str) -> list[object]:
+    """The entries `bootctl list --json=short` printed: a JSON array, or one JSON object
+    per line (systemd 252, Debian 12's)."""
+    try:
+        entries = json.loads(listing)
+    except ValueError:
+        try:
+            return [json.loads(line) for line in listing.splitlines() if line.strip()]
+        except ValueError:
+            raise deploy.ActuatorError("bootctl list --json=short printed no JSON") from None
+    return entries if isinstance(entries, list) else [entries]
 
 
 def _marker(paths: Paths) -> str:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need on a fresh Debian 12 machine (as root): Nix,
-# Prometheus, node_exporter, qemu and debootstrap for the guest test, Nix's build users,
-# and .venv. README.md ("What setup changes on your machine") lists every change.
+# Prometheus, node_exporter, qemu, debootstrap, UEFI firmware and ESP tools for the guest
+# test, Nix's build users, and .venv. README.md ("What setup changes on your machine")
+# lists every change.
 # Idempotent: a second run changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(nix-bin prometheus prometheus-node-exporter qemu-system-x86 qemu-utils debootstrap
-  python3 python3-venv util-linux e2fsprogs cpio curl time openssl)
+  ovmf fdisk dosfstools mtools python3 python3-venv util-linux e2fsprogs cpio curl time openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

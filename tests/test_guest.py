@@ -9,6 +9,10 @@ serves the cache and the upstream file on its own 127.0.0.1. The driver runs the
 scenarios across boots and reports facts as JSON lines on the second serial port;
 the tests below assert on them.
 
+Three sessions, each a guest of its own: the main one (qemu's -kernel stands in for the
+boot loader), the resident collector's, and the EFI one, booted by OVMF and the guest's
+own systemd-boot from an ESP the host builds (reboot trials with a one-time boot entry).
+
 The image is cached in .cache/guest/ keyed by the builder script and image/.
 """
 
@@ -54,6 +58,16 @@ SYSTEM_NAMES = (
     "unbootable",
     "unhealthy",
 )
+EFI_SYSTEM_NAMES = ("initial", "rebooted", "unhealthy", "unbootable-efi")
+# The EFI session's firmware (Debian's ovmf): code read-only, variables a copy per run.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# The ESP: a GPT disk with one EFI System Partition (bootctl checks both), 1 MiB in.
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ESP_DISK_MIB = 512
+ESP_OFFSET_SECTORS = 2048
+# The entry the ESP starts with: the image's kernel, as qemu's -kernel boots it otherwise.
+INSTALL_ENTRY = "autodeploy-install.conf"
 
 
 def require(condition: bool, message: str) -> None:
@@ -65,8 +79,8 @@ def require(condition: bool, message: str) -> None:
     pytest.skip(message)
 
 
-def run(argv: list[str], timeout: float = 300) -> str:
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def run(argv: list[str], timeout: float = 300, stdin: str | None = None) -> str:
+    completed = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {completed.returncode}:\n{completed.stderr}")
     return completed.stdout
@@ -181,18 +195,74 @@ def parse_reports(text: str) -> list[dict[str, Any]]:
     return events
 
 
-def boot_guest(image: Path, share: Path, work: Path, kernel_params: str) -> GuestRun:
+def make_esp(image: Path, work: Path, kernel_params: str) -> Path:
+    """The EFI session's ESP: systemd-boot as the removable-media loader, and one entry
+    (the default) that boots the image's kernel, as -kernel/-append does otherwise."""
+    esp = work / "esp.img"
+    sectors = ESP_DISK_MIB * 2048
+    size = sectors - 2 * ESP_OFFSET_SECTORS  # room for the backup GPT at the end
+    with open(esp, "wb") as disk:
+        disk.truncate(sectors * 512)
+    table = f"label: gpt\nstart={ESP_OFFSET_SECTORS}, size={size}, type={ESP_TYPE}\n"
+    run(["sfdisk", "--quiet", str(esp)], stdin=table)
+    offset = str(ESP_OFFSET_SECTORS)
+    run(["mkfs.vfat", "-F", "32", "-n", "ESP", "--offset", offset, str(esp), str(size // 2)])
+    files = work / "esp"
+    (files / "EFI/BOOT").mkdir(parents=True)
+    (files / "loader/entries").mkdir(parents=True)
+    (files / "autodeploy").mkdir()
+    shutil.copy(image / "systemd-bootx64.efi", files / "EFI/BOOT/BOOTX64.EFI")
+    shutil.copy(image / "vmlinuz", files / "autodeploy/vmlinuz")
+    shutil.copy(image / "initrd.img", files / "autodeploy/initrd.img")
+    (files / "loader/loader.conf").write_text(f"timeout 0\ndefault {INSTALL_ENTRY}\n")
+    (files / "loader/entries" / INSTALL_ENTRY).write_text(
+        "title Debian guest (before the first system is installed)\n"
+        "linux /autodeploy/vmlinuz\ninitrd /autodeploy/initrd.img\n"
+        f"options {kernel_params}\n"
+    )
+    image_arg = f"{esp}@@{ESP_OFFSET_SECTORS * 512}"
+    # MTOOLS_SKIP_CHECK: the file system is mkfs.vfat's, on a disk image mtools has not seen.
+    sources = [str(p) for p in sorted(files.iterdir())]
+    run(["env", "MTOOLS_SKIP_CHECK=1", "mcopy", "-s", "-i", image_arg, *sources, "::/"])
+    return esp
+
+
+def boot_guest(
+    image: Path, share: Path, work: Path, kernel_params: str, efi: bool = False
+) -> GuestRun:
     """Boot the guest on a throwaway overlay of the cached image and wait until it
-    powers off (the driver does that at the end) or the time runs out."""
+    powers off (the driver does that at the end) or the time runs out. The EFI session
+    boots through OVMF and systemd-boot from an ESP on a second disk (/dev/vdb); the
+    other gets the image's kernel from qemu's -kernel."""
     overlay = work / "overlay.qcow2"
     base = image / "base.img"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)])
     console, reports = work / "console.log", work / "reports.log"
+    if efi:
+        variables = work / "OVMF_VARS.fd"
+        shutil.copy(OVMF_VARS, variables)
+        esp = make_esp(image, work, kernel_params)
+        boot = [
+            "-machine", "q35",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
+            # The firmware's RNG protocol, from which the kernel's EFI stub seeds its random
+            # pool (qemu's -kernel hands it a seed instead): without it, early getrandom()
+            # calls can stall a boot for minutes under TCG.
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
+        second_disk = ["-drive", f"file={esp},format=raw,if=virtio"]
+    else:
+        boot = [
+            "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
+            "-append", kernel_params,
+        ]  # fmt: skip
+        second_disk = []
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
-        "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-        "-append", kernel_params,
-        "-drive", f"file={overlay},format=qcow2,if=virtio",
+        *boot,
+        # The root disk first (/dev/vda, as the systems' root=), then the ESP (/dev/vdb).
+        "-drive", f"file={overlay},format=qcow2,if=virtio", *second_disk,
         "-virtfs", f"local,path={share},mount_tag=share,security_model=none,readonly=on",
         "-nic", "none", "-display", "none", "-monitor", "none",
         # No -no-reboot: the reboot scenario needs the guest to come back.
@@ -229,8 +299,21 @@ def resident_guest() -> Iterator[GuestRun]:
     yield from run_guest("resident", ("initial", "switched"))
 
 
-def run_guest(first_phase: str, names: tuple[str, ...]) -> Iterator[GuestRun]:
-    tools = ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "nix-build", "nix")
+@pytest.fixture(scope="module")
+def efi_guest() -> Iterator[GuestRun]:
+    """A session of its own booted by UEFI firmware and systemd-boot: reboot trials with
+    a one-time boot entry."""
+    yield from run_guest("efi-install", EFI_SYSTEM_NAMES, efi=True)
+
+
+def run_guest(first_phase: str, names: tuple[str, ...], efi: bool = False) -> Iterator[GuestRun]:
+    tools: tuple[str, ...] = (
+        "qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "nix-build", "nix"
+    )  # fmt: skip
+    if efi:
+        tools += ("sfdisk", "mkfs.vfat", "mcopy")
+        for firmware in (OVMF_CODE, OVMF_VARS):
+            require(firmware.exists(), f"{firmware} is missing (Debian's ovmf)")
     for tool in tools:
         require(shutil.which(tool) is not None, f"{tool} is not on PATH")
     require(os.geteuid() == 0, "building the guest image (debootstrap, chroot) needs root")
@@ -254,11 +337,12 @@ def run_guest(first_phase: str, names: tuple[str, ...]) -> Iterator[GuestRun]:
             "public_key": public_key,
             "switch_unit": SWITCH_UNIT,
             "fleet_lock_app_id": fleetlock.APP_ID,
+            "efi": efi,
         }
         (share / "guest.json").write_text(json.dumps(config | {"first_phase": first_phase}))
         kernel_params = Path(work / "store" / systems["initial"].lstrip("/"), "kernel-params")
         prepared = time.monotonic()
-        result = boot_guest(image, share, work, kernel_params.read_text())
+        result = boot_guest(image, share, work, kernel_params.read_text(), efi=efi)
         result = dataclasses.replace(result, systems=systems)
         print(
             f"guest test: image+systems {prepared - started:.0f} s, "
@@ -523,13 +607,34 @@ def test_switch_to_a_system_with_a_failing_unit_is_rolled_back_by_systemd(
     assert "nixos_autodeploy_rollbacks_total 1.0" in broken["metrics"]
 
 
+def kernel_command_lines(console: str) -> list[list[str]]:
+    """The command line of every kernel that started, as each printed it."""
+    marker = "Kernel command line: "
+    return [line.split(marker, 1)[1].split() for line in console.splitlines() if marker in line]
+
+
+def panicked_in_stage_1(console: str, system: str) -> list[str]:
+    """The console's lines from the stage 1 that found no init of system's, up to the
+    kernel's reset (panic=); empty when that did not happen."""
+    lines = console.replace("\r", "").splitlines()
+    said = f"stage 1: {system}/init is not on the root file system; boot.panic_on_fail: panicking"
+    found = [i for i, line in enumerate(lines) if said in line]
+    return lines[found[0] : found[0] + 80] if found else []
+
+
 def test_kexec_trial_into_an_unbootable_system_comes_back_and_stays(guest: GuestRun) -> None:
     guest.show()
     after = guest.event("after-kexec-unbootable")
     kexeced, unbootable = guest.systems["kexeced"], guest.systems["unbootable"]
-    # The initramfs gave up on the root device; panic= made it reset the machine, and the
-    # firmware booted qemu's own kernel command line (the boot loader's default).
-    assert "Rebooting automatically due to panic= boot argument" in guest.console
+    # The kexec'd kernel got boot.panic_on_fail from the agent; the stage 1 found no init
+    # and panicked the kernel, whose panic= reset the machine; the firmware then booted
+    # qemu's own kernel command line (the boot loader's default).
+    trial = [c for c in kernel_command_lines(guest.console) if f"init={unbootable}/init" in c]
+    assert len(trial) == 1 and "boot.panic_on_fail" in trial[0], trial
+    panic = panicked_in_stage_1(guest.console, unbootable)
+    assert any("Kernel panic - not syncing" in line for line in panic), panic
+    assert any("Rebooting in 30 seconds" in line for line in panic), panic
+    assert guest.console.count("Kernel panic - not syncing") == 1
     assert "autodeploy=initial" in after["cmdline"].split()
     assert (after["current"], after["profile"], after["boot_entry"]) == (kexeced,) * 3
     assert after["agent_rc"] != 0
@@ -573,3 +678,182 @@ def test_reboot_trial_failing_its_check_reboots_back_once(guest: GuestRun) -> No
     assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
     assert boot_event(guest, "after-rollback-reboot")
     assert boots_in(guest, "done") == 0, "no reboot after the rollback reboot"
+
+
+# The EFI session: reboot trials with systemd-boot's one-time entry.
+
+
+def loader_default(event: dict[str, Any]) -> str | None:
+    """The `default` of the loader.conf the event saw."""
+    for line in (event["loader_conf"] or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "default":
+            return value.strip()
+    return None
+
+
+def entry_of(event: dict[str, Any], system: str) -> str:
+    """The name of the one boot entry, on the ESP the event saw, that boots system."""
+    names: list[str] = [
+        n for n, text in event["entries"].items() if f" init={system}/init " in text
+    ]
+    assert len(names) == 1, f"entries booting {system}: {names} in {event['entries']}"
+    return names[0]
+
+
+def shutdowns_in(guest: GuestRun, phase: str) -> list[dict[str, Any]]:
+    """What the boot loader was left with each time the guest went down in phase."""
+    return [e for e in guest.events if e["event"] == "shutdown" and e["phase"] == phase]
+
+
+def wall_time(guest: GuestRun, scenario: str, end: dict[str, Any]) -> float:
+    """From the start of a scenario (the guest's clock) to its last report."""
+    (start,) = [e for e in guest.events if e["event"] == "scenario" and e["name"] == scenario]
+    seconds = float(end["at"]) - float(start["at"])
+    print(f"wall time of the EFI scenario {scenario!r}: {seconds:.0f} s")
+    return seconds
+
+
+def test_efi_guest_ran_every_scenario_without_error(efi_guest: GuestRun) -> None:
+    guest = efi_guest
+    guest.show()
+    assert [e for e in guest.events if e["event"] in ("error", "unparsable")] == []
+    assert "finished" in guest.names()
+    assert guest.qemu_returncode == 0, "qemu did not exit by the guest powering off"
+    # Every boot went through the firmware and systemd-boot (no -kernel in this session).
+    boots = [e for e in guest.events if e["event"] == "boot"]
+    assert len(boots) == 5, [b["phase"] for b in boots]
+    assert all((b["loader_info"] or "").startswith("systemd-boot ") for b in boots), boots
+
+
+def test_efi_install_makes_the_first_generation_the_default_entry(efi_guest: GuestRun) -> None:
+    guest = efi_guest
+    guest.show()
+    installed = guest.event("efi-installed")
+    initial = guest.systems["initial"]
+    assert installed["agent_rc"] == 0
+    assert installed["generations"] == {"system-1-link": initial}
+    entry = entry_of(installed, initial)
+    assert entry == "nixos-generation-1.conf"
+    assert loader_default(installed) == entry
+    text = installed["entries"][entry]
+    kernel, initrd = (
+        line.split()[1] for line in text.splitlines() if line.split()[0] in ("linux", "initrd")
+    )
+    # Kernel and initrd copied to the ESP under names taken from their store paths.
+    assert kernel.startswith("/EFI/nixos/") and kernel.endswith("-bzImage.efi")
+    assert initrd.startswith("/EFI/nixos/") and initrd.endswith("-initrd.efi")
+    assert sorted(installed["images"]) == sorted(p.rsplit("/", 1)[1] for p in (kernel, initrd))
+    assert installed["current"] == installed["booted"] == initial
+
+
+def test_efi_reboot_trial_boots_the_new_system_once_then_makes_it_the_default(
+    efi_guest: GuestRun,
+) -> None:
+    """Scenario a: the trial boots NEW through a one-time entry while the default stays
+    OLD; NEW passes its checks and becomes the profile and the default; one reboot."""
+    guest = efi_guest
+    guest.show()
+    initial, new = guest.systems["initial"], guest.systems["rebooted"]
+    (down,) = shutdowns_in(guest, "efi-after-trial")
+    # As the guest went down for the trial: NEW's entry is written and is the one-shot;
+    # the default (loader.conf, and the profile) is still OLD.
+    assert loader_default(down) == entry_of(down, initial) == "nixos-generation-1.conf"
+    assert down["entry_oneshot"] == entry_of(down, new) == "nixos-generation-2.conf"
+    assert down["profile"] == initial
+    assert down["generations"] == {"system-1-link": initial, "system-2-link": new}
+    after = guest.event("efi-after-trial")
+    before = after["before_confirmation"]
+    # systemd-boot booted NEW's entry, once (the one-shot is used up), with its init=.
+    assert before["entry_selected"] == "nixos-generation-2.conf"
+    assert before["entry_oneshot"] is None
+    assert f"init={new}/init" in after["cmdline"].split()
+    assert "autodeploy=rebooted" in after["cmdline"].split()
+    assert (before["booted"], before["current"]) == (new, new)
+    assert (before["profile"], loader_default(before)) == (initial, "nixos-generation-1.conf")
+    # Confirmed: the profile and systemd-boot's default moved to NEW.
+    assert after["agent_rc"] == 0, after["journal"]
+    assert after["agent_journal"]["trial"] == "oneshot"
+    assert after["agent_journal"]["phase"] == "done"
+    assert (after["booted"], after["current"], after["profile"]) == (new,) * 3
+    assert loader_default(after) == entry_of(after, new)
+    assert after["deployed"]["path"] == new
+    assert after["deploys"]["health"]["ok"] is True
+    # OLD's switch-to-configuration boot wrote NEW's entry before the reboot; NEW's after.
+    assert [step[:3] for step in activation_lines(guest, after, "initial")][-2:] == [
+        ["start", initial, "boot"],
+        ["done", initial, "boot"],
+    ]
+    assert [step[:3] for step in activation_lines(guest, after, "rebooted")] == [
+        ["start", new, "boot"],
+        ["done", new, "boot"],
+    ]
+    assert after["status"]["state"] == "up-to-date"
+    assert after["status"]["reboot_required"] is False
+    assert boots_in(guest, "efi-after-trial") == 1, "exactly one reboot"
+    wall_time(guest, "rebooted", after)
+
+
+def test_efi_reboot_trial_failing_its_check_reboots_back_once(efi_guest: GuestRun) -> None:
+    """Scenario b: a one-time boot into a system whose operator check fails; the run after
+    the boot rolls back and reboots once, into the default, which never moved."""
+    guest = efi_guest
+    guest.show()
+    old, unhealthy = guest.systems["rebooted"], guest.systems["unhealthy"]
+    (down,) = shutdowns_in(guest, "efi-after-unhealthy")
+    assert down["entry_oneshot"] == entry_of(down, unhealthy)
+    assert loader_default(down) == entry_of(down, old)
+    trial = boot_event(guest, "efi-after-unhealthy")
+    assert trial["entry_selected"] == entry_of(trial, unhealthy)
+    assert (trial["booted"], trial["current"]) == (unhealthy, unhealthy)
+    assert loader_default(trial) == entry_of(trial, old)
+    # The rollback reboot: nothing one-shot, the default still OLD.
+    (back_down,) = shutdowns_in(guest, "efi-after-rollback")
+    assert back_down["entry_oneshot"] is None
+    assert loader_default(back_down) == entry_of(back_down, old)
+    back = guest.event("efi-after-rollback")
+    assert back["entry_selected"] == entry_of(back, old)
+    assert (back["booted"], back["current"], back["profile"]) == (old,) * 3
+    assert loader_default(back) == entry_of(back, old)
+    said = " ".join(back["previous_journal"])
+    assert "failed its health checks after its trial boot" in said
+    assert back["agent_rc"] == 0, back["journal"]
+    assert back["agent_journal"]["phase"] == "rolled-back"
+    assert back["deploys"]["last_rollback"]["from"] == unhealthy
+    assert unhealthy in back["deploys"]["failed"]
+    assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
+    assert boot_event(guest, "efi-after-rollback")  # one rollback reboot, no third boot
+    wall_time(guest, "unhealthy", back)
+
+
+def test_efi_reboot_trial_into_an_unbootable_system_comes_back_and_stays(
+    efi_guest: GuestRun,
+) -> None:
+    """Scenario c: the one-time entry boots a system without an init; its own kernel-params
+    (panic=10 boot.panic_on_fail) make the stage 1 panic and the kernel reset; systemd-boot
+    then boots the default (OLD); the agent records the failure and does not reboot."""
+    guest = efi_guest
+    guest.show()
+    old, unbootable = guest.systems["rebooted"], guest.systems["unbootable-efi"]
+    (down,) = shutdowns_in(guest, "efi-after-unbootable")
+    oneshot = down["entry_oneshot"]
+    assert oneshot == entry_of(down, unbootable)
+    assert " panic=10 boot.panic_on_fail" in down["entries"][oneshot]
+    assert loader_default(down) == entry_of(down, old)
+    panic = panicked_in_stage_1(guest.console, unbootable)
+    assert any("Kernel panic - not syncing" in line for line in panic), panic
+    assert any("Rebooting in 10 seconds" in line for line in panic), panic
+    assert guest.console.count("Kernel panic - not syncing") == 1
+    after = guest.event("efi-after-unbootable")
+    assert after["entry_selected"] == entry_of(after, old)
+    assert (after["booted"], after["current"], after["profile"]) == (old,) * 3
+    assert loader_default(after) == entry_of(after, old)
+    assert after["agent_rc"] != 0
+    assert unbootable in after["deploys"]["failed"]
+    assert after["deploys"]["last_rollback"]["from"] == unbootable
+    assert after["second_rc"] == 0, "the timer's next run leaves it alone"
+    assert "not retried" in " ".join(after["second_journal"])
+    assert after["status"]["state"] == "update-available" and after["status"]["dirty"] is False
+    assert boots_in(guest, "efi-after-unbootable") == 1, "no further reboot"
+    assert boots_in(guest, "done") == 0
+    wall_time(guest, "unbootable-efi", after)

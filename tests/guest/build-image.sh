@@ -5,8 +5,11 @@
 #   debootstrap-<hash of suite+packages>.tar   the slow part (~2 min), reused
 #                                              while the package list is unchanged
 #   OUT/{vmlinuz,initrd.img,base.img}          that root plus image/ (the guest's
-#                                              units and scripts) as a raw ext4 disk;
-#                                              the caller keys OUT by this script and image/
+#                                              units and scripts, its initramfs hook) as a
+#                                              raw ext4 disk; the caller keys OUT by this
+#                                              script and image/
+#   OUT/systemd-bootx64.efi                    the guest's systemd-boot, for the ESP the
+#                                              host builds for the EFI session
 # The project itself is NOT in the image: each run shares it over 9p.
 set -eu
 CACHE=$1
@@ -22,7 +25,7 @@ host_mirror() {
 MIRROR=${GUEST_MIRROR:-$(host_mirror)}
 [ -n "$MIRROR" ] || { echo "no Debian mirror in apt's sources; set GUEST_MIRROR" >&2; exit 1; }
 SUITE=bookworm
-PACKAGES=systemd,systemd-sysv,dbus,linux-image-amd64,kexec-tools,nix-bin,libdbi-perl,python3,python3-requests,python3-prometheus-client,python3-rich
+PACKAGES=systemd,systemd-sysv,systemd-boot,dbus,linux-image-amd64,kexec-tools,nix-bin,libdbi-perl,python3,python3-requests,python3-prometheus-client,python3-rich
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 mkdir -p "$CACHE"
@@ -48,15 +51,20 @@ fi
 # agent decides when to kexec).
 cp -r "$HERE/image/." "$ROOT/"
 mkdir -p "$ROOT/var/log/journal"  # persistent journal: the test reads the previous boot's
-chmod 755 "$ROOT"/usr/local/sbin/* "$ROOT"/usr/local/bin/*
+chmod 755 "$ROOT"/usr/local/sbin/* "$ROOT"/usr/local/bin/* "$ROOT"/etc/initramfs-tools/scripts/*/*
 echo autodeploy-guest > "$ROOT/etc/hostname"
 printf '/dev/vda / ext4 rw 0 1\n' > "$ROOT/etc/fstab"
 chroot "$ROOT" passwd -d root >/dev/null
 echo 'LOAD_KEXEC=false' > "$ROOT/etc/default/kexec"
 chroot "$ROOT" systemctl enable autodeploy-guest-stage2.service autodeploy-guest-driver.service
+# The initramfs with image/'s hook (NixOS's stage 1 under boot.panic_on_fail).
+mount -t proc proc "$ROOT/proc"
+chroot "$ROOT" update-initramfs -u -k all >/dev/null || { umount "$ROOT/proc"; exit 1; }
+umount "$ROOT/proc"
 
 cp -L "$ROOT/vmlinuz" "$TMP/vmlinuz"
 cp -L "$ROOT/initrd.img" "$TMP/initrd.img"
+cp "$ROOT/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$TMP/systemd-bootx64.efi"
 mkfs.ext4 -q -L guestroot -d "$ROOT" "$TMP/base.img" 3G
 rm -rf "$ROOT"
 

@@ -57,6 +57,12 @@ SHUTDOWN_WAIT_SECONDS = 180
 
 CONFIG: dict[str, Any] = json.loads((SHARE / "guest.json").read_text())
 SYSTEMS: dict[str, str] = CONFIG["systems"]
+# The EFI session: OVMF and systemd-boot, the ESP (the second disk) mounted at /boot.
+EFI = bool(CONFIG.get("efi"))
+ESP_DEVICE = "/dev/vdb1"
+LOADER_VARIABLES = Path("/sys/firmware/efi/efivars")
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's vendor GUID
+SHUTDOWN_UNIT = "autodeploy-guest-shutdown.service"
 
 
 def report(event: str, **facts: object) -> None:
@@ -141,6 +147,33 @@ def links() -> dict[str, object]:
         "boot_entry": readlink(STATE / "boot-entry"),
         "deployed": read_json(AGENT_STATE / "deployed.json"),
         "activations": (read_text(STATE / "activations.log") or "").splitlines(),
+        **(boot_loader() if EFI else {}),
+    }
+
+
+def loader_variable(name: str) -> str | None:
+    """One of systemd-boot's EFI variables: 4 bytes of attributes, then UTF-16 text."""
+    try:
+        data = (LOADER_VARIABLES / f"{name}-{LOADER_GUID}").read_bytes()
+    except OSError:
+        return None
+    return data[4:].decode("utf-16-le").rstrip("\0")
+
+
+def boot_loader() -> dict[str, object]:
+    """systemd-boot's view: its files on the ESP, its variables, the generations."""
+    entries = Path("/boot/loader/entries")
+    images = Path("/boot/EFI/nixos")
+    return {
+        "loader_conf": read_text(Path("/boot/loader/loader.conf")),
+        "entries": {p.name: p.read_text() for p in sorted(entries.glob("*.conf"))},
+        "images": sorted(p.name for p in images.iterdir()) if images.is_dir() else [],
+        "generations": {
+            p.name: os.readlink(p) for p in sorted(PROFILE.parent.glob("system-*-link"))
+        },
+        "loader_info": loader_variable("LoaderInfo"),
+        "entry_selected": loader_variable("LoaderEntrySelected"),
+        "entry_oneshot": loader_variable("LoaderEntryOneShot"),
     }
 
 
@@ -163,6 +196,8 @@ def setup() -> None:
     if not (WWW / "cache").is_symlink():
         (WWW / "cache").symlink_to(SHARE / "cache")
     PROMETHEUS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    if EFI:
+        report_at_shutdown()
     serve(
         "autodeploy-guest-fleetlock",
         FLEET_LOCK_PORT,
@@ -195,6 +230,19 @@ def serve(unit: str, port: int, *argv: str) -> None:
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"the guest's {unit} did not come up")
+
+
+def report_at_shutdown() -> None:
+    """A unit whose stop, as the guest goes down (before /boot and the share are
+    unmounted), reports what the boot loader will boot: the facts before a reboot."""
+    Path(f"/etc/systemd/system/{SHUTDOWN_UNIT}").write_text(
+        "[Unit]\nDescription=Report the boot loader's state as the guest goes down\n"
+        "RequiresMountsFor=/boot /mnt/share\n"
+        "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n"
+        f"ExecStop={sys.executable} {Path(__file__).resolve()} --shutdown\n"
+    )
+    run("systemctl", "daemon-reload")
+    run("systemctl", "start", SHUTDOWN_UNIT)
 
 
 def fleet_lock(endpoint: str, ident: str) -> int:
@@ -411,12 +459,18 @@ def phase_kexec_unbootable() -> None:
 
 
 def phase_after_kexec_unbootable() -> None:
-    first = boot_run("--switch-mode", "smart", "--reboot-mode", "kexec")
+    after_unbootable("after-kexec-unbootable", "--switch-mode", "smart", "--reboot-mode", "kexec")
+    set_phase("reboot")
+
+
+def after_unbootable(event: str, *deploy_args: str) -> None:
+    """Back on the old system after a trial that never reached userspace: the run after
+    the boot, then the timer's next run (the failed system is not tried again)."""
+    first = boot_run(*deploy_args)
     first_journal = journal(AGENT_UNIT)
-    # And the timer's next run: the failed system is not tried again.
-    second = start_agent("--switch-mode", "smart", "--reboot-mode", "kexec")
+    second = start_agent(*deploy_args)
     report(
-        "after-kexec-unbootable",
+        event,
         previous_journal=journal(AGENT_UNIT, "-1"),
         agent_rc=first.returncode,
         journal=first_journal,
@@ -427,7 +481,6 @@ def phase_after_kexec_unbootable() -> None:
         **deploy_state(),
         **status(),
     )
-    set_phase("reboot")
 
 
 def phase_reboot() -> None:
@@ -479,7 +532,7 @@ def phase_after_reboot() -> None:
 UNHEALTHY_CHECK = STATE / "check-not-unhealthy"
 
 
-def unhealthy_args() -> tuple[str, ...]:
+def unhealthy_args(switch_mode: str = "smart") -> tuple[str, ...]:
     """The operator's check that fails while the "unhealthy" system runs."""
     UNHEALTHY_CHECK.write_text(
         f'#!/bin/sh\n[ "$(readlink /run/current-system)" != {SYSTEMS["unhealthy"]} ]\n'
@@ -487,7 +540,7 @@ def unhealthy_args() -> tuple[str, ...]:
     UNHEALTHY_CHECK.chmod(0o755)
     return (
         "--switch-mode",
-        "smart",
+        switch_mode,
         "--reboot-mode",
         "reboot",
         "--health-check",
@@ -532,6 +585,94 @@ def phase_after_rollback_reboot() -> None:
         **deploy_state(),
         **status(),
     )
+    finish()
+
+
+EFI_TRIAL = ("--switch-mode", "boot", "--reboot-mode", "reboot")
+
+
+def efi_trial(system: str, after: str, *deploy_args: str) -> None:
+    """A reboot trial on a host booted by systemd-boot: a one-time boot entry."""
+    report("scenario", name=system)
+    publish(system)
+    set_phase(after)
+    agent = start_agent(*deploy_args)
+    report(f"{system}-requested", agent_rc=agent.returncode, journal=journal(AGENT_UNIT))
+    wait_for_shutdown("reboot")
+
+
+def phase_efi_install() -> None:
+    """EFI session: install the initial system (its entry becomes systemd-boot's default),
+    and the agent tracks it."""
+    install_initial()
+    agent = start_agent("--switch-mode", "boot")
+    report("efi-installed", agent_rc=agent.returncode, journal=journal(AGENT_UNIT), **links())
+    set_phase("efi-trial")
+
+
+def phase_efi_trial() -> None:
+    """Scenario a: a reboot trial into a healthy system."""
+    efi_trial("rebooted", "efi-after-trial", *EFI_TRIAL)
+
+
+def phase_efi_after_trial() -> None:
+    before = links()
+    agent = boot_run(*EFI_TRIAL)
+    report(
+        "efi-after-trial",
+        before_confirmation=before,
+        previous_journal=journal(AGENT_UNIT, "-1"),
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
+        **boot_facts(),
+        **links(),
+        **deploy_state(),
+        **status(),
+    )
+    set_phase("efi-unhealthy")
+
+
+def phase_efi_unhealthy() -> None:
+    """Scenario b: a reboot trial into a system that fails the operator's check."""
+    efi_trial("unhealthy", "efi-after-unhealthy", *unhealthy_args("boot"))
+
+
+def phase_efi_after_unhealthy() -> None:
+    set_phase("efi-after-rollback")
+    agent = boot_run(*unhealthy_args("boot"))
+    report(
+        "efi-after-unhealthy",
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
+        **boot_facts(),
+        **links(),
+        **deploy_state(),
+    )
+    wait_for_shutdown("the rollback reboot")
+
+
+def phase_efi_after_rollback() -> None:
+    agent = boot_run(*unhealthy_args("boot"))
+    report(
+        "efi-after-rollback",
+        previous_journal=journal(AGENT_UNIT, "-1"),
+        agent_rc=agent.returncode,
+        journal=journal(AGENT_UNIT),
+        **boot_facts(),
+        **links(),
+        **deploy_state(),
+        **status(),
+    )
+    set_phase("efi-unbootable")
+
+
+def phase_efi_unbootable() -> None:
+    """Scenario c: a reboot trial into a system that never reaches userspace."""
+    efi_trial("unbootable-efi", "efi-after-unbootable", *EFI_TRIAL)
+
+
+def phase_efi_after_unbootable() -> None:
+    after_unbootable("efi-after-unbootable", *EFI_TRIAL)
     finish()
 
 
@@ -639,6 +780,14 @@ PHASES = {
     "reboot-unhealthy": phase_reboot_unhealthy,
     "after-reboot-unhealthy": phase_after_reboot_unhealthy,
     "after-rollback-reboot": phase_after_rollback_reboot,
+    "efi-install": phase_efi_install,
+    "efi-trial": phase_efi_trial,
+    "efi-after-trial": phase_efi_after_trial,
+    "efi-unhealthy": phase_efi_unhealthy,
+    "efi-after-unhealthy": phase_efi_after_unhealthy,
+    "efi-after-rollback": phase_efi_after_rollback,
+    "efi-unbootable": phase_efi_unbootable,
+    "efi-after-unbootable": phase_efi_after_unbootable,
 }
 # One boot runs phases until one takes the machine down.
 NEXT_IN_SAME_BOOT = {
@@ -649,6 +798,9 @@ NEXT_IN_SAME_BOOT = {
     "after-kexec",
     "after-kexec-unbootable",
     "after-reboot",
+    "efi-install",
+    "efi-after-trial",
+    "efi-after-rollback",
 }
 
 
@@ -672,8 +824,13 @@ def detach() -> bool:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--shutdown"]:
+        report("shutdown", phase=read_text(PHASE_FILE), **boot_facts(), **links())
+        return
     if detach():
         return
+    if EFI:  # before the first report, which shows what is on the ESP
+        run("sh", "-c", f"mountpoint -q /boot || mount {ESP_DEVICE} /boot")
     phase = read_text(PHASE_FILE) or CONFIG.get("first_phase", "install")
     report("boot", phase=phase, **boot_facts(), **links(), **systemd_state())
     if phase == "done":  # booted again after the end: nothing to do

@@ -40,9 +40,46 @@ let
     mkdir -p $state
     note() { echo "$1 $out $action $(date +%s) $(cat /proc/self/cgroup)" >> $state/activations.log; echo "switch-to-configuration: $1 $out $action"; }
     case "$action" in switch|boot|test) ;; *) echo "usage: $0 switch|boot|test" >&2; exit 1 ;; esac
+    # What NixOS's systemd-boot-builder does, on the ESP mounted at /boot: an entry per
+    # generation (kernel and initrd copied under names derived from their store paths),
+    # none for generations that are gone, and this system's newest generation the default.
+    # Every file is written under a temporary name and renamed.
+    put() { cat > "$1.tmp" && mv "$1.tmp" "$1"; }
+    write_boot_entries() {
+      profiles=/nix/var/nix/profiles
+      mkdir -p /boot/EFI/nixos
+      default=
+      for generation in $(ls $profiles | sed -n 's/^system-\([0-9]*\)-link$/\1/p' | sort -n); do
+        system=$(readlink -f "$profiles/system-$generation-link")
+        for file in kernel initrd; do
+          source=$(readlink -f "$system/$file")
+          name=$(echo "''${source#/nix/store/}" | tr / -).efi
+          if [ ! -f "/boot/EFI/nixos/$name" ]; then put "/boot/EFI/nixos/$name" < "$source"; fi
+          eval "$file=/EFI/nixos/$name"
+        done
+        printf '%s\n' "title NixOS (generation $generation, $(cat "$system/nixos-version"))" \
+          "version Generation $generation" "linux $kernel" "initrd $initrd" \
+          "options init=$system/init $(cat "$system/kernel-params")" \
+          | put "/boot/loader/entries/nixos-generation-$generation.conf"
+        if [ "$system" = $out ]; then default=nixos-generation-$generation.conf; fi
+      done
+      for entry in /boot/loader/entries/nixos-generation-*.conf; do
+        generation=''${entry#/boot/loader/entries/nixos-generation-}
+        [ -L "$profiles/system-''${generation%.conf}-link" ] || rm -f "$entry"
+      done
+      for file in /boot/EFI/nixos/*.efi; do
+        grep -qsF "/EFI/nixos/''${file##*/}" /boot/loader/entries/*.conf || rm -f "$file"
+      done
+      if [ -n "$default" ]; then
+        printf 'timeout 0\ndefault %s\n' "$default" | put /boot/loader/loader.conf
+      fi
+    }
     note start
     case "$action" in switch) ${onSwitch} ;; esac
-    case "$action" in switch|boot) ln -sfn $out $state/boot-entry.new && mv -T $state/boot-entry.new $state/boot-entry ;; esac
+    case "$action" in switch|boot)
+      ln -sfn $out $state/boot-entry.new && mv -T $state/boot-entry.new $state/boot-entry
+      if [ -d /boot/loader/entries ]; then write_boot_entries; fi ;;
+    esac
     case "$action" in switch|test)
       if [ ${toString activationSeconds} -gt 0 ]; then sleep ${toString activationSeconds}; fi
       ln -sfn $out /run/current-system.new && mv -T /run/current-system.new /run/current-system ;;
@@ -59,14 +96,14 @@ let
     exec /lib/systemd/systemd "$@"
   '';
 
-  mkSystem = { tag, kernel, activationSeconds ? 0, onSwitch ? ":", root ? "/dev/vda rw" }:
+  mkSystem = { tag, kernel, activationSeconds ? 0, onSwitch ? ":", hasInit ? true, extraParams ? "" }:
     let k = kernelPackage kernel; in
     sh {
       inherit (k) linux modules;
       initrdPackage = k.initrd;
-      kernelParams = "root=${root} console=ttyS0 autodeploy=${tag}";
+      kernelParams = "root=/dev/vda rw console=ttyS0 autodeploy=${tag}${extraParams}";
       switchScript = switchScript activationSeconds onSwitch;
-      inherit initScript;
+      initScript = if hasInit then initScript else "";
     } "nixos-system-guest-${tag}" ''
       set -eu
       mkdir -p $out/bin
@@ -76,8 +113,11 @@ let
       printf '%s' "$kernelParams" > $out/kernel-params
       echo ${tag} > $out/nixos-version
       printf '%s' "$switchScript" | sed "s|@out@|$out|g" > $out/bin/switch-to-configuration
-      printf '%s' "$initScript" | sed "s|@out@|$out|g" > $out/init
-      chmod +x $out/bin/switch-to-configuration $out/init
+      chmod +x $out/bin/switch-to-configuration
+      if [ -n "$initScript" ]; then
+        printf '%s' "$initScript" | sed "s|@out@|$out|g" > $out/init
+        chmod +x $out/init
+      fi
     '';
 in {
   initial = mkSystem { tag = "initial"; kernel = "a"; };
@@ -91,9 +131,19 @@ in {
     kernel = "a";
     onSwitch = "systemd-run --unit=autodeploy-guest-broken --service-type=oneshot /bin/false || true";
   };
-  # Never reaches userspace: its root device does not exist, so the initramfs gives up
-  # and (with the agent's panic=) resets the machine.
-  unbootable = mkSystem { tag = "unbootable"; kernel = "c"; root = "/dev/vdz rootdelay=3"; };
+  # Never reaches userspace: it has no init, so the stage 1 (the initramfs hook in image/)
+  # panics under boot.panic_on_fail, which the agent adds to a kexec's command line; the
+  # kernel's panic= then resets the machine.
+  unbootable = mkSystem { tag = "unbootable"; kernel = "c"; hasInit = false; };
+  # The same for a reboot trial, where the command line is the system's own: built as an
+  # operator following the README would, with panic= and boot.panic_on_fail in its
+  # kernel-params.
+  unbootable-efi = mkSystem {
+    tag = "unbootable-efi";
+    kernel = "c";
+    hasInit = false;
+    extraParams = " panic=10 boot.panic_on_fail";
+  };
   # Boots, but the operator's health check fails on it.
   unhealthy = mkSystem { tag = "unhealthy"; kernel = "b"; };
 }
