@@ -184,15 +184,35 @@ class GuestRun:
 
 def parse_reports(text: str) -> list[dict[str, Any]]:
     """The driver's JSON lines; a garbled one becomes an "unparsable" event (a test
-    fails on it) rather than an error that would hide the serial log."""
+    fails on it) rather than an error that would hide the serial log. A report cut off by
+    the machine going down (the next boot's report then follows on the same line) becomes a
+    "cut-off" event, and the report after it is kept: a test that needs the cut one fails
+    on its absence."""
     events: list[dict[str, Any]] = []
     for line in text.replace("\r", "").splitlines():
-        if line.startswith(REPORT_PREFIX):
+        reports = line.split(REPORT_PREFIX)[1:]
+        for index, report in enumerate(reports):
             try:
-                events.append(json.loads(line[len(REPORT_PREFIX) :]))
+                events.append(json.loads(report))
             except json.JSONDecodeError:
-                events.append({"event": "unparsable", "line": line})
+                cut = index < len(reports) - 1
+                name = "cut-off" if cut else "unparsable"
+                events.append({"event": name, "line": REPORT_PREFIX + report})
     return events
+
+
+def test_parse_reports_keeps_the_report_after_a_cut_off_one() -> None:
+    text = (
+        f'{REPORT_PREFIX}{{"event": "a"}}\r\n'
+        f'{REPORT_PREFIX}{{"event": "b", "x": [1, {REPORT_PREFIX}{{"event": "c"}}\n'
+        f"{REPORT_PREFIX}{{garbage\n"
+    )
+    assert parse_reports(text) == [
+        {"event": "a"},
+        {"event": "cut-off", "line": f'{REPORT_PREFIX}{{"event": "b", "x": [1, '},
+        {"event": "c"},
+        {"event": "unparsable", "line": f"{REPORT_PREFIX}{{garbage"},
+    ]
 
 
 def make_esp(image: Path, work: Path, kernel_params: str) -> Path:

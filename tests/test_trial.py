@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from harness import AgentResult, Host, System, SystemSpec, error_lines, metric, read_link
 
+from actuator import trial
+from actuator.deploy import ActuatorError
 from actuator.journal import STOP_AT
 
 pytestmark = pytest.mark.nix
@@ -408,3 +410,22 @@ def test_power_lost_before_the_trial_boot_is_undone_not_failed(host: Host, mode:
     assert metric(host.metrics(), "nixos_autodeploy_rollbacks_total") == 0
     assert (journal(host)["trial"], journal(host)["phase"]) == (mode, "booting")
     assert len(boots(host)) == 1
+
+
+@pytest.mark.parametrize(
+    ("printed", "listed"),
+    [
+        ('[{"id": "a.conf"}, {"id": "b.conf"}]', [{"id": "a.conf"}, {"id": "b.conf"}]),
+        # systemd 252 (Debian 12): one object per line.
+        ('{"id": "a.conf"}\n{"id": "b.conf"}\n', [{"id": "a.conf"}, {"id": "b.conf"}]),
+        ('{"id": "a.conf"}', [{"id": "a.conf"}]),
+        ("", []),
+    ],
+)
+def test_bootctl_list_in_either_json_form(printed: str, listed: list[object]) -> None:
+    assert trial._listed(printed) == listed
+
+
+def test_bootctl_list_that_is_not_json_is_an_error() -> None:
+    with pytest.raises(ActuatorError, match="printed no JSON"):
+        trial._listed("Boot Loader Entries:\n  title: NixOS\n")
