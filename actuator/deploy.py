@@ -204,6 +204,8 @@ def roll_back(paths: Paths, entry: Journal) -> Journal:
     # Only a profile this deploy set goes back (one someone set since is theirs).
     if target is not None and links.profile == entry.path:
         nix.set_profile(paths.profile, target)
+    if entry.trial == trial.ONESHOT:
+        trial.forget(paths, entry)
     booted_target = False
     running = before.current
     if (

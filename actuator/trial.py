@@ -63,13 +63,16 @@ def kind(settings: Settings, activation: Activation) -> str | None:
 
 def one_time_entries(paths: Paths) -> bool:
     """Whether a reboot can boot a system once: systemd-boot booted this machine (it keeps
-    the one-time entry in an EFI variable), and the profile is at a generation to go back to."""
+    the one-time entry in an EFI variable), and the profile is at its newest generation (the
+    new one then comes right after it, and a configurationLimit of 2 keeps both entries)."""
     try:
         with open(paths.under_root(LOADER_INFO), "rb") as f:
             info = f.read()[4:].decode("utf-16-le", "replace")  # after the attribute bits
     except OSError:
         return False
-    return "systemd-boot" in info and _generation(paths) is not None
+    current = _generation(paths)
+    generations = _generations(paths)
+    return "systemd-boot" in info and current is not None and current == max(generations)
 
 
 def _generation(paths: Paths) -> int | None:
@@ -78,9 +81,25 @@ def _generation(paths: Paths) -> int | None:
         link = os.path.basename(os.readlink(paths.profile))
     except OSError:
         return None
-    name = re.escape(os.path.basename(paths.profile))
-    match = re.fullmatch(rf"{name}-(\d+)-link", link)
+    match = re.fullmatch(_generation_link(paths), link)
     return int(match.group(1)) if match else None
+
+
+def _generation_link(paths: Paths) -> str:
+    return re.escape(os.path.basename(paths.profile)) + r"-(\d+)-link"
+
+
+def _generations(paths: Paths) -> dict[int, str]:
+    """The profile's generations: number -> the store path its link points at."""
+    directory = os.path.dirname(paths.profile)
+    found: dict[int, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            match = re.fullmatch(_generation_link(paths), name)
+            if match:
+                with contextlib.suppress(OSError):
+                    found[int(match.group(1))] = os.readlink(os.path.join(directory, name))
+    return found
 
 
 def oneshot_argvs(paths: Paths, system: StorePath, old: StorePath) -> list[list[str]]:
@@ -105,18 +124,44 @@ def _boot_once(paths: Paths, entry: Journal) -> None:
         raise deploy.ActuatorError(f"{paths.profile} is missing: no default to come back to")
     for argv in oneshot_argvs(paths, entry.path, old):
         run(argv, stream_stderr=True)
-    run(["bootctl", "set-oneshot", _entry_id(entry.path)], stream_stderr=True)
+    entries = _listed(run(["bootctl", "list", "--json=short", "--no-pager"]).stdout)
+    new = _entry_id(entries, entry.path)
+    if new is None:
+        raise deploy.ActuatorError(
+            f"systemd-boot has no entry for {entry.path.name} (bootctl list)"
+        )
+    if _entry_id(entries, old) is None:
+        # boot.loader.systemd-boot.configurationLimit = 1 keeps only the newest generation:
+        # the default would point at nothing and the firmware would boot the untried one.
+        raise deploy.ActuatorError(
+            f"systemd-boot dropped the entry of {old.name} when {entry.path.name} was added: "
+            "a one-time boot needs boot.loader.systemd-boot.configurationLimit >= 2"
+        )
+    run(["bootctl", "set-oneshot", new], stream_stderr=True)
 
 
-def _entry_id(system: StorePath) -> str:
+def forget(paths: Paths, entry: Journal) -> None:
+    """Rolling back a oneshot trial: the generation it added goes (before the boot loader is
+    installed again, which then drops its entry, so failed trials never push the old
+    system out of a configurationLimit), and so does a one-time entry still set."""
+    current = _generation(paths)
+    added = [n for n, p in _generations(paths).items() if p == entry.path.path and n != current]
+    if added:
+        argv = ["nix-env", "--profile", paths.profile, "--delete-generations"]
+        run([*argv, *map(str, sorted(added))], stream_stderr=True)
+    cleared = run(["bootctl", "set-oneshot", ""], check=False)
+    if cleared.returncode != 0:
+        log.warning("could not clear systemd-boot's one-time entry: %s", cleared.stderr.strip())
+
+
+def _entry_id(entries: list[object], system: StorePath) -> str | None:
     """The id of a boot loader entry that boots system (NixOS writes `init=<system>/init`
     into its entries' options; any entry of system boots the same kernel, initrd and init)."""
-    listing = run(["bootctl", "list", "--json=short", "--no-pager"]).stdout
     init = f"init={system.path}/init"
-    for item in _listed(listing):
+    for item in entries:
         if isinstance(item, dict) and init in str(item.get("options", "")).split():
             return str(item["id"])
-    raise deploy.ActuatorError(f"systemd-boot has no entry for {system.name} (bootctl list)")
+    return None
 
 
 def _listed(listing: str) -> list[object]:
@@ -176,15 +221,12 @@ def boot(settings: Settings, entry: Journal) -> None:
 
 
 def _undo(paths: Paths, entry: Journal) -> None:
-    """Nothing was booted: as if the deploy had not started (the gate tries it again)."""
+    """Nothing was booted: as if the deploy had not started (the gate tries it again).
+    Rolled back first (journaled at once): a run cut short here finishes the rollback
+    instead of taking the trial for one that was booted."""
+    deploy.roll_back(paths, entry)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_marker(paths))
-    if entry.trial == ONESHOT:
-        # The one-time entry goes too: a reboot someone else issues boots the default.
-        cleared = run(["bootctl", "set-oneshot", ""], check=False)
-        if cleared.returncode != 0:
-            log.warning("could not clear systemd-boot's one-time entry: %s", cleared.stderr)
-    deploy.roll_back(paths, entry)
 
 
 def finish(settings: Settings, entry: Journal) -> None:
@@ -238,10 +280,15 @@ def _came_back(settings: Settings, entry: Journal) -> None:
         return
     if entry.trial in ONE_TIME:
         # The boot loader's default is the old system: the kernel or stage 1 panicked
-        # (panic=, boot.panic_on_fail) or hung and the machine was reset. The failure is
-        # recorded; no second reboot.
+        # (panic=, boot.panic_on_fail) or hung and the machine was reset, or (checking)
+        # the new system went down during its checks. The failure is recorded; no second
+        # reboot.
         message = (
-            f"{entry.path.name} did not come up on its trial boot: the host came back on {name}"
+            f"{entry.path.name} went down during its checks after its trial boot: "
+            f"the host came back on {name}"
+            if entry.phase is Phase.CHECKING
+            else f"{entry.path.name} did not come up on its trial boot: "
+            f"the host came back on {name}"
         )
         raise deploy.fail(paths, entry, message, blocks_retry=True)
     # The boot loader did not take the new default (someone picked another entry): as

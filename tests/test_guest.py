@@ -664,6 +664,8 @@ def test_kexec_trial_into_an_unbootable_system_comes_back_and_stays(guest: Guest
     )
     assert unbootable in after["deploys"]["failed"]
     assert after["deploys"]["last_rollback"]["from"] == unbootable
+    assert unbootable not in after["generations"].values()
+    assert not [text for text in after["entries"].values() if f"init={unbootable}/init" in text]
     assert after["second_rc"] == 0, "the timer's next run leaves it alone"
     assert "not retried" in " ".join(after["second_journal"])
     assert after["status"]["state"] == "update-available" and after["status"]["dirty"] is False
@@ -695,6 +697,9 @@ def test_reboot_trial_failing_its_check_reboots_back_once(guest: GuestRun) -> No
     assert back["agent_journal"]["phase"] == "rolled-back"
     assert back["deploys"]["last_rollback"]["from"] == unhealthy
     assert unhealthy in back["deploys"]["failed"]
+    # The trial's generation went with the rollback, and with it its boot entry.
+    assert unhealthy not in back["generations"].values()
+    assert not [text for text in back["entries"].values() if f"init={unhealthy}/init" in text]
     assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
     assert boot_event(guest, "after-rollback-reboot")
     assert boots_in(guest, "done") == 0, "no reboot after the rollback reboot"
@@ -841,6 +846,9 @@ def test_efi_reboot_trial_failing_its_check_reboots_back_once(efi_guest: GuestRu
     assert back["agent_journal"]["phase"] == "rolled-back"
     assert back["deploys"]["last_rollback"]["from"] == unhealthy
     assert unhealthy in back["deploys"]["failed"]
+    # The trial's generation went with the rollback, and with it its boot entry.
+    assert unhealthy not in back["generations"].values()
+    assert not [text for text in back["entries"].values() if f"init={unhealthy}/init" in text]
     assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
     assert boot_event(guest, "efi-after-rollback")  # one rollback reboot, no third boot
     wall_time(guest, "unhealthy", back)
@@ -871,6 +879,8 @@ def test_efi_reboot_trial_into_an_unbootable_system_comes_back_and_stays(
     assert after["agent_rc"] != 0
     assert unbootable in after["deploys"]["failed"]
     assert after["deploys"]["last_rollback"]["from"] == unbootable
+    assert unbootable not in after["generations"].values()
+    assert not [text for text in after["entries"].values() if f"init={unbootable}/init" in text]
     assert after["second_rc"] == 0, "the timer's next run leaves it alone"
     assert "not retried" in " ".join(after["second_journal"])
     assert after["status"]["state"] == "update-available" and after["status"]["dirty"] is False

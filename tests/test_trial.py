@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from typing import Any
 
 import pytest
@@ -265,6 +266,10 @@ def oneshot_commands(host: Host) -> list[list[str]]:
     ]
 
 
+def generations(host: Host) -> list[str]:
+    return sorted(p.name for p in host.profile_link.parent.glob("system-*-link"))
+
+
 def test_oneshot_trial_boots_the_new_system_once_and_confirms_it(host: Host) -> None:
     old, new = systemd_boot_systems(host)
     result = reboot(host)
@@ -305,8 +310,10 @@ def test_oneshot_trial_failing_its_checks_reboots_into_the_untouched_default(
     result = reboot(host, *check)
     assert result.returncode == 1, result
     assert "failed its health checks after its trial boot" in error_lines(result)[0]
-    # The default never moved: the rollback reboot boots old.
+    # The default never moved: the rollback reboot boots old. The trial's generation is
+    # gone (and with it its boot entry): failed trials never crowd out the old one.
     assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert generations(host) == ["system-1-link"]
     assert boots(host) == [["reboot"], ["reboot"]]
     host.reboot()
     after = reboot(host, *check)
@@ -332,6 +339,7 @@ def test_oneshot_trial_that_never_reaches_userspace_stays_on_the_old_system(host
     ]
     assert boots(host) == [["reboot"]], "no second reboot"
     assert_on(host, old, "update-available")
+    assert generations(host) == ["system-1-link"]
     assert metric(host.metrics(), "nixos_autodeploy_rollbacks_total") == 1
     again = reboot(host)
     assert again.returncode == 0, again
@@ -429,3 +437,41 @@ def test_bootctl_list_in_either_json_form(printed: str, listed: list[object]) ->
 def test_bootctl_list_that_is_not_json_is_an_error() -> None:
     with pytest.raises(ActuatorError, match="printed no JSON"):
         trial._listed("Boot Loader Entries:\n  title: NixOS\n")
+
+
+def test_oneshot_that_would_drop_the_old_entry_is_refused_and_undone(host: Host) -> None:
+    # boot.loader.systemd-boot.configurationLimit = 1: adding new's generation drops old's
+    # entry, and the default would point at nothing.
+    old, new = systemd_boot_systems(host)
+    (host.root / "boot/limit").write_text("1\n")
+    result = reboot(host)
+    assert result.returncode == 1, result
+    assert error_lines(result) == [
+        f"error: systemd-boot dropped the entry of {old.basename} when {new.basename} was "
+        "added: a one-time boot needs boot.loader.systemd-boot.configurationLimit >= 2"
+    ]
+    assert boots(host) == [] and not host.oneshot_path.exists()
+    # Its generation deleted before the old system installed the boot loader again.
+    assert generations(host) == ["system-1-link"]
+    assert host.activations() == [("boot", old.path), ("boot", old.path)]
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert journal(host)["phase"] == "rolled-back"
+    assert host.snapshot()["dirty"] is False
+
+
+def test_a_profile_rolled_back_by_hand_gets_a_plain_reboot_trial(host: Host) -> None:
+    # Not at its newest generation: the new one would not come right after it.
+    old, new = systemd_boot_systems(host)
+    host.set_profile(new)
+    env = host.nix_env()
+    subprocess.run(
+        ["nix-env", "--profile", str(host.profile_link), "--switch-generation", "1"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert host.profile() == old.path
+    assert reboot(host).returncode == 0
+    assert journal(host)["trial"] == "reboot"
+    assert host.recorded("bootctl") == []
+    assert host.boot_default() == new.path

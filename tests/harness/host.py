@@ -36,20 +36,22 @@ COUNTER = RECORDER + "exec '{real}' \"$@\"\n"
 # systemd-boot's LoaderInfo EFI variable (attribute bits, then UTF-16): "systemd-boot booted".
 LOADER_INFO = "sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # bootctl as systemd-boot on this root would answer: one entry per profile generation (as
-# NixOS's systemd-boot-builder writes them), the one-time entry kept in <root>/boot/oneshot
-# where the firmware would keep it. `bootctl` fails with the message in <root>/bootctl-fails.
+# NixOS's systemd-boot-builder writes them; only the newest N with N in <root>/boot/limit,
+# its configurationLimit), the one-time entry kept in <root>/boot/oneshot where the
+# firmware would keep it. `bootctl` fails with the message in <root>/bootctl-fails.
 BOOTCTL = (
     RECORDER
     + """root='{root}'
+profiles="$root/nix/var/nix/profiles"
 if [ -e "$root/bootctl-fails" ]; then cat "$root/bootctl-fails" >&2; exit 1; fi
 case "$1" in
 list)
+  limit=$(cat "$root/boot/limit" 2>/dev/null || echo 1000)
   sep=""; printf '['
-  for link in "$root"/nix/var/nix/profiles/system-*-link; do
-    [ -L "$link" ] || continue
-    n=${{link##*/system-}}; n=${{n%-link}}
-    printf '%s{{"id":"nixos-generation-%s.conf","options":"init=%s/init loglevel=4"}}' \
-      "$sep" "$n" "$(readlink "$link")"
+  numbers=$(ls "$profiles" | sed -n 's/^system-\\([0-9]*\\)-link$/\\1/p' | sort -n)
+  for n in $(echo "$numbers" | tail -n "$limit"); do
+    printf '%s{{"id":"nixos-generation-%s.conf","options":"init=%s/init loglevel=4"}}' \\
+      "$sep" "$n" "$(readlink "$profiles/system-$n-link")"
     sep=,
   done
   echo ']' ;;
