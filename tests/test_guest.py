@@ -664,8 +664,6 @@ def test_kexec_trial_into_an_unbootable_system_comes_back_and_stays(guest: Guest
     )
     assert unbootable in after["deploys"]["failed"]
     assert after["deploys"]["last_rollback"]["from"] == unbootable
-    assert unbootable not in after["generations"].values()
-    assert not [text for text in after["entries"].values() if f"init={unbootable}/init" in text]
     assert after["second_rc"] == 0, "the timer's next run leaves it alone"
     assert "not retried" in " ".join(after["second_journal"])
     assert after["status"]["state"] == "update-available" and after["status"]["dirty"] is False
@@ -697,9 +695,6 @@ def test_reboot_trial_failing_its_check_reboots_back_once(guest: GuestRun) -> No
     assert back["agent_journal"]["phase"] == "rolled-back"
     assert back["deploys"]["last_rollback"]["from"] == unhealthy
     assert unhealthy in back["deploys"]["failed"]
-    # The trial's generation went with the rollback, and with it its boot entry.
-    assert unhealthy not in back["generations"].values()
-    assert not [text for text in back["entries"].values() if f"init={unhealthy}/init" in text]
     assert back["status"]["state"] == "update-available" and back["status"]["dirty"] is False
     assert boot_event(guest, "after-rollback-reboot")
     assert boots_in(guest, "done") == 0, "no reboot after the rollback reboot"
