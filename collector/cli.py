@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .closure import compute, load_changes
@@ -18,6 +19,9 @@ from .errors import AutodeployError, ConfigError, StateError, UpstreamError
 from .snapshot import load_snapshot
 from .state import load_deployed, read_links
 from .store import StorePath, resolve_link
+
+if TYPE_CHECKING:
+    from .collect import Then
 
 log = logging.getLogger("nixos-autodeploy")
 
@@ -162,13 +166,18 @@ def _health(parser: argparse.ArgumentParser) -> None:
 
 
 def _collect(settings: Settings) -> int:
+    then: Then | None = None
+    if settings.track:  # writing the deployed record is the actuator's
+        from actuator.records import adopt_untracked
+
+        then = adopt_untracked
     if settings.every is not None:
         from .resident import run
 
-        return run(settings, settings.every)
+        return run(settings, settings.every, then)
     from .collect import collect_locked  # requests and prometheus_client: not for `status`
 
-    snapshot = collect_locked(settings)
+    snapshot = collect_locked(settings, then=then)
     # A held lock is not a failure: the other run reports the same host.
     if snapshot is not None and snapshot.upstream.error:
         # Reported after snapshot and metrics are written, so the unit shows as failed.
@@ -228,10 +237,11 @@ def _diff(settings: Settings, systems: list[str], as_json: bool) -> int:
 
 
 def _log(settings: Settings, n: int, as_json: bool) -> int:
-    from .status import read_history, show_log  # rich is loaded only here
+    from . import history
+    from .status import show_log  # rich is loaded only here
 
-    path = settings.paths.state("history.jsonl")
-    entries, skipped = read_history(path)
+    path = settings.paths.state(history.FILE)
+    entries, skipped = history.read(path)
     for number in skipped:
         print(f"note: skipped line {number} of {path}: not a history entry", file=sys.stderr)
     if not entries and not as_json:

@@ -21,6 +21,10 @@ class StateError(AutodeployError):
     """A file in the state directory is corrupt or of an unknown version."""
 
 
+class ActuatorError(AutodeployError):
+    """A deploy failed, was refused, or could not be finished (actuator/)."""
+
+
 class LockHeld(AutodeployError):
     """Another collector or actuator run holds the lock."""
 

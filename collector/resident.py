@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from . import upstream
-from .collect import collect_locked, summary
+from .collect import Then, collect_locked, summary
 from .config import Settings
 from .errors import AutodeployError
 from .notify import notify, watchdog_enabled
@@ -71,10 +71,12 @@ def _signals_unblocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
-def _poll(settings: Settings, session: upstream.Session) -> tuple[str, str | None]:
+def _poll(
+    settings: Settings, session: upstream.Session, then: Then | None
+) -> tuple[str, str | None]:
     """One collect, reported as a one-shot reports it; (status line, error or None)."""
     try:
-        snapshot = collect_locked(settings, session)
+        snapshot = collect_locked(settings, session, then)
     except (AutodeployError, OSError) as e:  # a full disk, a corrupt deployed record
         return f"error: {e}", str(e)
     if snapshot is None:
@@ -83,7 +85,7 @@ def _poll(settings: Settings, session: upstream.Session) -> tuple[str, str | Non
     return summary(snapshot) + (f"; error: {error}" if error else ""), error
 
 
-def run(settings: Settings, every: float) -> int:
+def run(settings: Settings, every: float, then: Then | None = None) -> int:
     """Poll every `every` seconds from the start of the previous poll until SIGTERM."""
     once = _OncePerChange()
     for handler in logging.getLogger().handlers:
@@ -114,7 +116,7 @@ def run(settings: Settings, every: float) -> int:
             started = time.monotonic()
             hangup.requested = False
             with _signals_unblocked():
-                status, error = _poll(settings, session)
+                status, error = _poll(settings, session, then)
             if error is not None and error != last_error:
                 log.error("error: %s", error)
             elif error is None and last_error is not None:

@@ -35,8 +35,8 @@ from harness import (
     run_checked,
 )
 
-from actuator import trial
-from actuator.journal import STOP_AT, Phase
+from actuator import transaction
+from actuator.transaction import STOP_AT, Phase
 
 pytestmark = pytest.mark.nix
 
@@ -1095,7 +1095,7 @@ FAILING = {Phase.FAILED, Phase.ROLLING_BACK, Phase.ROLLED_BACK}
 def test_recovery_covers_every_phase() -> None:
     # A trial boot's own phases are finished by the run after the boot: test_trial.py.
     assert set(RECOVERY) == set(Phase) - {Phase.BOOTING, Phase.REBOOTING_BACK}
-    assert trial.PHASES - set(RECOVERY) == {Phase.BOOTING, Phase.REBOOTING_BACK}
+    assert transaction.AFTER_BOOT - set(RECOVERY) == {Phase.BOOTING, Phase.REBOOTING_BACK}
 
 
 @pytest.mark.parametrize("phase", list(RECOVERY), ids=[p.value for p in RECOVERY])

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from harness import AgentResult, Host, Reply, System, SystemSpec, error_lines, metric
 
-from actuator.journal import STOP_AT
+from actuator.transaction import STOP_AT
 
 pytestmark = pytest.mark.nix
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from harness import AgentResult, Host, System, SystemSpec, error_lines, metric, read_link
 
-from actuator import trial
-from actuator.deploy import ActuatorError
-from actuator.journal import STOP_AT
+from actuator.reboot import listed_entries
+from actuator.transaction import STOP_AT
+from collector.errors import ActuatorError
 
 pytestmark = pytest.mark.nix
 
@@ -431,12 +431,12 @@ def test_power_lost_before_the_trial_boot_is_undone_not_failed(host: Host, mode:
     ],
 )
 def test_bootctl_list_in_either_json_form(printed: str, listed: list[object]) -> None:
-    assert trial._listed(printed) == listed
+    assert listed_entries(printed) == listed
 
 
 def test_bootctl_list_that_is_not_json_is_an_error() -> None:
     with pytest.raises(ActuatorError, match="printed no JSON"):
-        trial._listed("Boot Loader Entries:\n  title: NixOS\n")
+        listed_entries("Boot Loader Entries:\n  title: NixOS\n")
 
 
 def test_oneshot_that_would_drop_the_old_entry_is_refused_and_undone(host: Host) -> None:
