@@ -13,9 +13,9 @@ from typing import Any
 
 from collector.collect import report
 from collector.config import Settings
+from collector.http import shown
 from collector.reboot import RebootState, SlotHeld, Waiting, WaitReason, save_reboot_state
 from collector.snapshot import Snapshot, load_deploys
-from collector.upstream import shown
 
 from . import fleetlock, window
 from .gate import Action, Decision, may_reboot

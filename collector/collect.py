@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 
-from . import closure, metrics, nix, upstream
+from . import closure, http, metrics, nix, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _refresh_upstream(
-    settings: Settings, known: Upstream | None, now: float, session: upstream.Session | None
+    settings: Settings, known: Upstream | None, now: float, session: http.Session | None
 ) -> Upstream:
     """Fetch (conditionally) and make sure the result is realised and pinned; only then is
     the fetch record updated, so a failure leaves everything as it was."""
@@ -63,7 +63,7 @@ def _refresh_upstream(
     if changed:
         log.info("upstream is now %s", path)
     record = Upstream(
-        url=upstream.shown(settings.url),
+        url=http.shown(settings.url),
         path=path,
         etag=fetched.etag,
         last_modified=fetched.last_modified,
@@ -174,7 +174,7 @@ def observe(
     return snapshot
 
 
-def collect(settings: Settings, session: upstream.Session | None = None) -> Snapshot:
+def collect(settings: Settings, session: http.Session | None = None) -> Snapshot:
     """Fetch and realise upstream, then observe. A fetch or realise failure is kept in the
     snapshot (upstream.error) and the metrics; the last known upstream stays. The resident
     collector passes its kept-alive HTTP session."""
@@ -185,7 +185,7 @@ def collect(settings: Settings, session: upstream.Session | None = None) -> Snap
     try:
         record = _refresh_upstream(settings, known, time.time(), session)
     except (AutodeployError, OSError) as e:
-        last = known or Upstream(url=upstream.shown(settings.url))
+        last = known or Upstream(url=http.shown(settings.url))
         record = dataclasses.replace(
             last, fetched_at=_last_fetched_at(settings, last), error=str(e)
         )
@@ -200,7 +200,7 @@ def collect(settings: Settings, session: upstream.Session | None = None) -> Snap
     return snapshot
 
 
-def collect_locked(settings: Settings, session: upstream.Session | None = None) -> Snapshot | None:
+def collect_locked(settings: Settings, session: http.Session | None = None) -> Snapshot | None:
     """collect() under the shared lock, held only for this one collect; None (and a log
     line) when another run holds it: that run reports the same host."""
     try:
