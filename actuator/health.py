@@ -1,7 +1,7 @@
 """Is the host well after a switch or a trial boot? systemd's verdict, upstream still
 reachable, and the operator's own checks, retried until they all pass or the deadline.
 
-Every check runs through the agent's two doors (collector.process, collector.upstream);
+Every check runs through the agent's two doors (collector.process, collector.http);
 a check that hangs is killed at the deadline, one that floods is cut to its last lines."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from collector import upstream
+from collector import http, upstream
 from collector.config import Settings
 from collector.errors import AutodeployError
 from collector.process import Result, run_bounded
@@ -47,7 +47,7 @@ class Check:
     def name(self) -> str:
         """How the operator refers to it: the command, URL (without secrets) or unit."""
         if self.kind is Kind.URL:
-            return upstream.shown(self.target)
+            return http.shown(self.target)
         return self.target or self.kind.value
 
 
@@ -126,7 +126,7 @@ def _upstream(settings: Settings, check: Check, timeout: float) -> CheckResult:
 
 
 def _url(settings: Settings, check: Check, timeout: float) -> CheckResult:
-    probed = upstream.probe(settings, check.target, timeout)
+    probed = http.probe(settings, check.target, timeout)
     said = (*last_lines(probed.body), f"HTTP {probed.status} {probed.reason}".strip())
     return CheckResult(check.name, 200 <= probed.status < 300, said)
 

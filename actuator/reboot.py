@@ -21,13 +21,13 @@ from collector.collect import report
 from collector.config import Paths, Settings
 from collector.errors import ActuatorError, AutodeployError
 from collector.history import Event, Kind
+from collector.http import shown
 from collector.process import run
 from collector.reboot import RebootState, SlotHeld, Waiting, WaitReason
 from collector.records import load_deploys
 from collector.snapshot import Snapshot
 from collector.state import load_deployed, read_links
 from collector.store import StorePath
-from collector.upstream import shown
 
 from . import commands, fleetlock, profile, window
 from .gate import Action, may_reboot

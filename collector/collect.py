@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from . import closure, metrics, nix, upstream
+from . import closure, http, metrics, nix, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _refresh_upstream(
-    settings: Settings, known: Upstream | None, now: float, session: upstream.Session | None
+    settings: Settings, known: Upstream | None, now: float, session: http.Session | None
 ) -> Upstream:
     """Fetch (conditionally) and make sure the result is realised and pinned; only then is
     the fetch record updated, so a failure leaves everything as it was."""
@@ -47,7 +47,7 @@ def _refresh_upstream(
     if changed:
         log.info("upstream is now %s", path)
     record = Upstream(
-        url=upstream.shown(settings.url),
+        url=http.shown(settings.url),
         path=path,
         etag=fetched.etag,
         last_modified=fetched.last_modified,
@@ -165,7 +165,7 @@ Then = Callable[[Settings, Snapshot], Snapshot]
 
 
 def collect(
-    settings: Settings, session: upstream.Session | None = None, then: Then | None = None
+    settings: Settings, session: http.Session | None = None, then: Then | None = None
 ) -> Snapshot:
     """Fetch and realise upstream, then observe. A fetch or realise failure is kept in the
     snapshot (upstream.error) and the metrics; the last known upstream stays. The resident
@@ -177,7 +177,7 @@ def collect(
     try:
         record = _refresh_upstream(settings, known, time.time(), session)
     except (AutodeployError, OSError) as e:
-        last = known or Upstream(url=upstream.shown(settings.url))
+        last = known or Upstream(url=http.shown(settings.url))
         record = dataclasses.replace(
             last, fetched_at=_last_fetched_at(settings, last), error=str(e)
         )
@@ -186,7 +186,7 @@ def collect(
 
 
 def collect_locked(
-    settings: Settings, session: upstream.Session | None = None, then: Then | None = None
+    settings: Settings, session: http.Session | None = None, then: Then | None = None
 ) -> Snapshot | None:
     """collect() under the shared lock, held only for this one collect; None (and a log
     line) when another run holds it: that run reports the same host."""

@@ -10,7 +10,8 @@ class ConfigError(AutodeployError):
 
 
 class UpstreamError(AutodeployError):
-    """The upstream URL could not be fetched or gave something that is not a store path."""
+    """An HTTP request failed (collector/http.py: upstream, a health URL, a FleetLock
+    server), or upstream's answer is not what it must be (not a store path)."""
 
 
 class NixError(AutodeployError):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from . import upstream
+from . import http
 from .collect import Then, collect_locked, summary
 from .config import Settings
 from .errors import AutodeployError
@@ -71,9 +71,7 @@ def _signals_unblocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
-def _poll(
-    settings: Settings, session: upstream.Session, then: Then | None
-) -> tuple[str, str | None]:
+def _poll(settings: Settings, session: http.Session, then: Then | None) -> tuple[str, str | None]:
     """One collect, reported as a one-shot reports it; (status line, error or None)."""
     try:
         snapshot = collect_locked(settings, session, then)
@@ -102,7 +100,7 @@ def run(settings: Settings, every: float, then: Then | None = None) -> int:
     signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_terminate)
     watchdog = watchdog_enabled()
-    session = upstream.Session()
+    session = http.Session()
     ready = ["READY=1"]  # sent once, with the first poll's status
     wait = random.uniform(0, min(every * FIRST_OFFSET_SHARE, FIRST_OFFSET_MAX))
     last_error: str | None = None
