@@ -172,7 +172,7 @@ def run_checks(
         results = tuple(
             run_check(settings, c, max(deadline - clock(), MIN_CHECK_TIME)) for c in checks
         )
-        health = HealthResult(results, attempt, time.time())
+        health = HealthResult.of(results, attempt, time.time())
         if health.ok or clock() + RETRY_INTERVAL >= deadline:
             log.info("health: %s (after %d rounds)", health.summary, attempt)
             return health

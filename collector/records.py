@@ -103,12 +103,23 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class HealthResult:
-    """One run of the health checks (actuator/health.py): the last round's results."""
+    """One run of the health checks (actuator/health.py): the last round's results, and
+    its summary as it was said then."""
 
     checks: tuple[CheckResult, ...]
     attempts: int
     at: float  # when the last round ended (unix time)
+    summary: str
     path: StorePath | None = None  # the system checked
+
+    @classmethod
+    def of(cls, checks: tuple[CheckResult, ...], attempts: int, at: float) -> HealthResult:
+        """One line: "all 3 checks passed", or "check 'X' failed: its last line; ..."."""
+        failed = [c for c in checks if not c.ok]
+        summary = "; ".join(
+            f"check '{c.name}' failed: {c.output[-1] if c.output else 'no output'}" for c in failed
+        )
+        return cls(checks, attempts, at, summary or f"all {len(checks)} checks passed")
 
     @property
     def ok(self) -> bool:
@@ -118,25 +129,15 @@ class HealthResult:
     def failed(self) -> tuple[CheckResult, ...]:
         return tuple(c for c in self.checks if not c.ok)
 
-    @property
-    def summary(self) -> str:
-        """One line: "all 3 checks passed", or "check 'X' failed: its last line; ..."."""
-        if self.ok:
-            return f"all {len(self.checks)} checks passed"
-        return "; ".join(
-            f"check '{c.name}' failed: {c.output[-1] if c.output else 'no output'}"
-            for c in self.failed
-        )
-
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "at": self.at,
             "ok": self.ok,
             "attempts": self.attempts,
             "summary": self.summary,
             "checks": [c.to_json() for c in self.checks],
-            "path": path_of(self.path),
         }
+        return data if self.path is None else {**data, "path": self.path.path}
 
     @classmethod
     def from_json(cls, value: Any) -> HealthResult:
@@ -149,6 +150,7 @@ class HealthResult:
             checks=tuple(CheckResult.from_json(c) for c in checks),
             attempts=int(data.get("attempts", 1)),
             at=float(data["at"]),
+            summary=_text(data["summary"], "last health check's summary"),
             path=None if path is None else StorePath.parse(path),
         )
 

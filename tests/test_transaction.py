@@ -26,8 +26,8 @@ from collector.store import StorePath
 __all__ = ["machine"]  # the fixture, for pytest
 
 LOADER_INFO = "sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
-PASSED = HealthResult((CheckResult("check", True, ("fine",)),), 1, 1.0)
-FAILED = HealthResult((CheckResult("check", False, ("broken",)),), 2, 1.0)
+PASSED = HealthResult.of((CheckResult("check", True, ("fine",)),), 1, 1.0)
+FAILED = HealthResult.of((CheckResult("check", False, ("broken",)),), 2, 1.0)
 
 
 @dataclasses.dataclass
