@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from harness import system_path
 
 from actuator.gate import Action, decide
 from collector.config import RebootMode, SwitchMode
@@ -11,12 +12,7 @@ from collector.snapshot import Snapshot, Upstream
 from collector.state import Activation, Deployed, Links, State, classify
 from collector.store import StorePath
 
-
-def sp(name: str) -> StorePath:
-    return StorePath(f"/nix/store/{name * 32}-nixos-system-{name}")
-
-
-A, B, C = sp("a"), sp("b"), sp("c")
+A, B, C = system_path("a"), system_path("b"), system_path("c")
 
 
 def snapshot(

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Host, RecordedRequest, Reply, TestServer, require_tool, run_checked
+from harness import REPO, Host, RecordedRequest, Reply, TestServer, require_tool, run_checked
 
 from actuator import window
 from collector.cli import build_parser
 from collector.config import HealthSettings, RebootMode, Settings, SwitchMode, settings_from
 from collector.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
 EVAL_FLAKE = REPO / "tests" / "nix" / "eval-flake.nix"
 SKIP_DIRS = {".git", ".venv", ".cache", "node_modules", "result"}
@@ -213,7 +212,7 @@ def test_package_check_phase_passes_without_nix_tools(tmp_path: Path) -> None:
 
 
 @pytest.mark.nix
-def test_the_nix_files_of_this_issue_exist() -> None:
+def test_module_package_flake_vm_test_and_eval_files_exist() -> None:
     names = {path.relative_to(REPO).as_posix() for path in nix_files()}
     expected = {"module.nix", "package.nix", "flake.nix", "test.nix", "tests/nix/eval-module.nix"}
     assert expected <= names

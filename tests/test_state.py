@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from harness import system_path
 
 from collector.config import Paths
 from collector.records import FAILED_MAX, DeployResult, Deploys, load_deploys
@@ -21,12 +22,7 @@ from collector.state import (
 )
 from collector.store import StorePath
 
-
-def sp(name: str) -> StorePath:
-    return StorePath(f"/nix/store/{name * 32}-nixos-system-{name}")
-
-
-A, B, C = sp("a"), sp("b"), sp("c")
+A, B, C = system_path("a"), system_path("b"), system_path("c")
 
 
 def switched(path: StorePath) -> Deployed:
