@@ -149,3 +149,15 @@ def test_no_collector_module_calls_a_writer_of_actuator_state(name: str) -> None
 def test_a_collector_that_wrote_the_deployed_record_would_be_caught() -> None:
     copied = "from x import records\ndef tracked(p):\n    records.save_deployed(p, None)\n"
     assert named_writers(copied, writer_names()) == {"save_deployed"}
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in tests/harness."""
+    found = {
+        f"{path.name} imports {module}"
+        for path in sorted((REPO / "tests").glob("test_*.py"))
+        for module, _ in imports(path.stem, path.read_text())
+        if module.split(".")[0].startswith("test_")
+    }
+    assert len(list((REPO / "tests").glob("test_*.py"))) > 20
+    assert found == set()
