@@ -168,14 +168,14 @@ class Rollback:
     reason: str
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
+        data = {
             "at": self.at,
             "from": self.source.path,
             "to": path_of(self.target),
             "ok": self.ok,
             "reason": self.reason,
         }
+        return data if self.id is None else {"id": self.id, **data}
 
     @classmethod
     def from_json(cls, value: Any) -> Rollback:
