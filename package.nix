@@ -27,6 +27,8 @@ python3Packages.buildPythonApplication {
       ./package.nix
       # tests/test_grafana.py (unmarked, so it runs in the check phase) reads the dashboards.
       ./grafana
+      # tests/test_transaction.py checks the contract's phase table against the code.
+      ./docs
       (lib.fileset.maybeMissing ./README.md)
       (lib.fileset.maybeMissing ./LICENSE)
     ];

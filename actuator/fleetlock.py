@@ -1,6 +1,6 @@
 """A FleetLock client (the protocol of Fedora CoreOS's Zincati; airlock is a server): take a
 reboot slot before a reboot, release it once the host is back. HTTP goes through
-collector.upstream, the project's one HTTP door."""
+collector.http, the project's one HTTP door."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hmac
 import json
 import re
 
-from collector import upstream
+from collector import http
 from collector.config import Paths, Settings
 from collector.errors import AutodeployError, ConfigError, UpstreamError
 
@@ -72,12 +72,12 @@ def _call(settings: Settings, path: str, ident: str) -> None:
     url = _endpoint(settings.fleet_lock_url, path)
     body = {"client_params": {"id": ident, "group": settings.fleet_lock_group}}
     try:
-        answer = upstream.post_json(settings, url, body, {"fleet-lock-protocol": "true"})
+        answer = http.post_json(settings, url, body, {"fleet-lock-protocol": "true"})
     except UpstreamError as e:
         raise FleetLockError(str(e)) from None
     if answer.status == 200:
         return
-    shown = upstream.shown(url)
+    shown = http.shown(url)
     refusal = _refusal(answer.body)
     if refusal is not None:
         raise FleetLockError(f"{shown} answered HTTP {answer.status}: {refusal}")

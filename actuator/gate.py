@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from collector.config import RebootMode, SwitchMode
-from collector.snapshot import Deploys, Snapshot
+from collector.records import Deploys
+from collector.snapshot import Snapshot
 from collector.state import Activation, State, boot_differs
 from collector.store import StorePath, name_of
 

@@ -1,7 +1,7 @@
 """Is the host well after a switch or a trial boot? systemd's verdict, upstream still
 reachable, and the operator's own checks, retried until they all pass or the deadline.
 
-Every check runs through the agent's two doors (collector.process, collector.upstream);
+Every check runs through the agent's two doors (collector.process, collector.http);
 a check that hangs is killed at the deadline, one that floods is cut to its last lines."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
-from collector import upstream
+from collector import http, upstream
 from collector.config import Settings
 from collector.errors import AutodeployError
 from collector.process import Result, run_bounded
+from collector.records import CheckResult, HealthResult
+
+from . import commands
 
 log = logging.getLogger(__name__)
 
@@ -45,52 +47,8 @@ class Check:
     def name(self) -> str:
         """How the operator refers to it: the command, URL (without secrets) or unit."""
         if self.kind is Kind.URL:
-            return upstream.shown(self.target)
+            return http.shown(self.target)
         return self.target or self.kind.value
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    ok: bool
-    output: tuple[str, ...]  # its last lines
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "output": list(self.output)}
-
-
-@dataclass(frozen=True)
-class HealthResult:
-    checks: tuple[CheckResult, ...]
-    attempts: int
-    at: float  # when the last round ended (unix time)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    @property
-    def failed(self) -> tuple[CheckResult, ...]:
-        return tuple(c for c in self.checks if not c.ok)
-
-    @property
-    def summary(self) -> str:
-        """One line: "all 3 checks passed", or "check 'X' failed: its last line; ..."."""
-        if self.ok:
-            return f"all {len(self.checks)} checks passed"
-        return "; ".join(
-            f"check '{c.name}' failed: {c.output[-1] if c.output else 'no output'}"
-            for c in self.failed
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "at": self.at,
-            "ok": self.ok,
-            "attempts": self.attempts,
-            "summary": self.summary,
-            "checks": [c.to_json() for c in self.checks],
-        }
 
 
 def checks_for(settings: Settings) -> tuple[Check, ...]:
@@ -129,10 +87,7 @@ OWN_UNITS = ("nixos-autodeploy*",)
 
 
 def _failed_units(timeout: float) -> list[str]:
-    listed = run_bounded(
-        ["systemctl", "list-units", "--state=failed", "--plain", "--no-legend", "--no-pager"],
-        timeout=timeout,
-    )
+    listed = run_bounded(commands.failed_units(), timeout=timeout)
     # "unit load active sub description"; older systemctl prefixes a bullet.
     return [line.lstrip("●* ").split()[0] for line in listed.stdout.splitlines() if line.strip()]
 
@@ -146,7 +101,7 @@ def _ignored(unit: str, patterns: tuple[str, ...]) -> bool:
 def _systemd(settings: Settings, check: Check, timeout: float) -> CheckResult:
     """`is-system-running --wait` returns once the boot has finished: running passes,
     degraded passes only when every failed unit is ignored, anything else fails."""
-    result = run_bounded(["systemctl", "is-system-running", "--wait"], timeout=timeout)
+    result = run_bounded(commands.system_running(), timeout=timeout)
     said = last_lines(result.stdout)
     state = said[-1].strip() if said else "unknown"
     if result.timed_out:
@@ -171,13 +126,13 @@ def _upstream(settings: Settings, check: Check, timeout: float) -> CheckResult:
 
 
 def _url(settings: Settings, check: Check, timeout: float) -> CheckResult:
-    probed = upstream.probe(settings, check.target, timeout)
+    probed = http.probe(settings, check.target, timeout)
     said = (*last_lines(probed.body), f"HTTP {probed.status} {probed.reason}".strip())
     return CheckResult(check.name, 200 <= probed.status < 300, said)
 
 
 def _unit(settings: Settings, check: Check, timeout: float) -> CheckResult:
-    result = run_bounded(["systemctl", "is-active", check.target], timeout=timeout)
+    result = run_bounded(commands.unit_state(check.target), timeout=timeout)
     return _command_result(check, result, timeout)
 
 
@@ -217,7 +172,7 @@ def run_checks(
         results = tuple(
             run_check(settings, c, max(deadline - clock(), MIN_CHECK_TIME)) for c in checks
         )
-        health = HealthResult(results, attempt, time.time())
+        health = HealthResult.of(results, attempt, time.time())
         if health.ok or clock() + RETRY_INTERVAL >= deadline:
             log.info("health: %s (after %d rounds)", health.summary, attempt)
             return health

@@ -10,165 +10,59 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .closure import compute, load_changes
-from .config import Settings, settings_from
+from .config import COMMANDS, SYSTEM_NAMES, Settings, add_options, settings_from
 from .errors import AutodeployError, ConfigError, StateError, UpstreamError
 from .snapshot import load_snapshot
 from .state import load_deployed, read_links
 from .store import StorePath, resolve_link
 
+if TYPE_CHECKING:
+    from .collect import Then
+
 log = logging.getLogger("nixos-autodeploy")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", metavar="DIR", help="manage the system mounted at DIR (/)")
-    parser.add_argument("--state-dir", metavar="DIR", help="state directory")
-    parser.add_argument(
-        "--runtime-dir", metavar="DIR", help="keep upstream-system and deployed-system here (/run)"
-    )
-    parser.add_argument("--config", metavar="FILE", help="JSON or TOML config file")
-    parser.add_argument("--debug", action="store_true", help="log more, show tracebacks")
+# What each subcommand does (the options each takes: OPTIONS in config.py).
+_ABOUT = {
+    "collect": "fetch and realise upstream, report the state",
+    "status": "show the last collected state",
+    "diff": "what changes between two systems",
+    "log": "what the actuator decided and did, newest last",
+    "deploy": "deploy upstream when the gate allows it",
+}
 
 
-def _upstream(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="URL that serves the upstream store path")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="total deadline (60)")
-    parser.add_argument("--netrc-file", metavar="FILE", help="credentials for the URL's host")
-    parser.add_argument("--bearer-token-file", metavar="FILE", help="send this bearer token")
-    parser.add_argument(
-        "--header",
-        dest="headers",
-        action="append",
-        metavar="'NAME: VALUE'",
-        help="extra request header (repeatable)",
-    )
-    parser.add_argument("--ca-file", metavar="FILE", help="CA bundle for https")
-    parser.add_argument("--prometheus-path", metavar="FILE", help="node_exporter textfile")
-    # The original tool's form: `nixos-autodeploy [OPTIONS] URL`.
-    parser.add_argument("url_argument", nargs="?", metavar="URL", help="same as --url")
-
-
-SYSTEM_NAMES = ("current", "booted", "deployed", "upstream", "profile")
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
-    return n
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line. With `command`, the parser of that subcommand alone: all a run that
+    starts with it uses (main), and each subcommand and option costs start-up time."""
     parser = argparse.ArgumentParser(
         prog="nixos-autodeploy",
         description="Keep this NixOS host on the system its CI published, safely.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = commands.add_parser("collect", help="fetch and realise upstream, report the state")
-    _common(p)
-    _upstream(p)
-    p.add_argument(
-        "--track",
-        action="store_true",
-        default=None,
-        help="record what runs as deployed when it is upstream (hosts without the actuator)",
-    )
-    p.add_argument(
-        "--every",
-        type=float,
-        metavar="SECONDS",
-        help="stay resident and collect every SECONDS (SIGHUP: now; SIGTERM: stop)",
-    )
-
-    p = commands.add_parser("status", help="show the last collected state")
-    _common(p)
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-
-    p = commands.add_parser("diff", help="what changes between two systems")
-    _common(p)
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.add_argument(
-        "systems",
-        nargs="*",
-        metavar="FROM TO",
-        help=f"{', '.join(SYSTEM_NAMES)} or a store path (current upstream)",
-    )
-
-    p = commands.add_parser("log", help="what the actuator decided and did, newest last")
-    _common(p)
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.add_argument("-n", type=_positive, default=20, metavar="N", help="last N entries (20)")
-
-    p = commands.add_parser("deploy", help="deploy upstream when the gate allows it")
-    _common(p)
-    _upstream(p)
-    # The short flags and k-exec are the original tool's, kept so its extraArgs still work.
-    p.add_argument("-s", "--switch-mode", choices=["switch", "boot", "smart"])
-    p.add_argument("-r", "--reboot-mode", choices=["reboot", "kexec", "k-exec"])
-    p.add_argument(
-        "--reboot-window",
-        dest="reboot_windows",
-        action="append",
-        metavar="'[DAYS ]HH:MM-HH:MM'",
-        help="reboot or kexec only inside this local-time window (repeatable)",
-    )
-    p.add_argument(
-        "--fleet-lock-url", metavar="URL", help="take a reboot slot from this FleetLock server"
-    )
-    p.add_argument("--fleet-lock-group", metavar="NAME", help="FleetLock reboot group (default)")
-    p.add_argument("-f", "--force", action="store_true", help="deploy even if the host is dirty")
-    p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
-    p.add_argument(
-        "--max-snapshot-age",
-        type=float,
-        metavar="SECONDS",
-        help="collect first when the snapshot is older (3600)",
-    )
-    _health(p)
+    for name in COMMANDS if command is None else (command,):
+        add_options(commands.add_parser(name, help=_ABOUT[name]), name)
     return parser
 
 
-def _health(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("health checks after a switch or a trial boot")
-    for flag, dest, metavar, what in (
-        ("--health-check", "health_commands", "'COMMAND'", "run with sh -c; exit 0 passes"),
-        ("--health-url", "health_urls", "URL", "GET it; a 2xx passes"),
-        ("--health-unit", "health_units", "UNIT", "passes when the unit is active"),
-        ("--health-ignore-unit", "health_ignore_units", "UNIT", "failed unit to overlook"),
-    ):
-        group.add_argument(
-            flag, dest=dest, action="append", metavar=metavar, help=what + " (repeatable)"
-        )
-    group.add_argument(
-        "--health-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="retry the checks until they all pass or this deadline (300)",
-    )
-    group.add_argument(
-        "--no-health-checks",
-        dest="health_checks",
-        action="store_false",
-        default=None,
-        help="no checks, and so no automatic rollback",
-    )
-
-
 def _collect(settings: Settings) -> int:
+    then: Then | None = None
+    if settings.track:  # writing the deployed record is the actuator's
+        from actuator.records import adopt_untracked
+
+        then = adopt_untracked
     if settings.every is not None:
         from .resident import run
 
-        return run(settings, settings.every)
+        return run(settings, settings.every, then)
     from .collect import collect_locked  # requests and prometheus_client: not for `status`
 
-    snapshot = collect_locked(settings)
+    snapshot = collect_locked(settings, then=then)
     # A held lock is not a failure: the other run reports the same host.
     if snapshot is not None and snapshot.upstream.error:
         # Reported after snapshot and metrics are written, so the unit shows as failed.
@@ -228,10 +122,11 @@ def _diff(settings: Settings, systems: list[str], as_json: bool) -> int:
 
 
 def _log(settings: Settings, n: int, as_json: bool) -> int:
-    from .status import read_history, show_log  # rich is loaded only here
+    from . import history
+    from .status import show_log  # rich is loaded only here
 
-    path = settings.paths.state("history.jsonl")
-    entries, skipped = read_history(path)
+    path = settings.paths.state(history.FILE)
+    entries, skipped = history.read(path)
     for number in skipped:
         print(f"note: skipped line {number} of {path}: not a history entry", file=sys.stderr)
     if not entries and not as_json:
@@ -242,7 +137,11 @@ def _log(settings: Settings, n: int, as_json: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Starting with a subcommand, nothing but its parser is used: the top level's help and
+    # its list of subcommands only show for arguments that come before one.
+    command = words[0] if words and words[0] in COMMANDS else None
+    args = build_parser(command).parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(message)s",

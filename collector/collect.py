@@ -5,39 +5,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
-from . import closure, metrics, nix, upstream
+from . import closure, http, metrics, nix, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
 from .reboot import load_reboot_state
-from .snapshot import (
-    Deploys,
-    Snapshot,
-    Upstream,
-    load_deploys,
-    load_snapshot,
-    load_upstream,
-    save_snapshot,
-    save_upstream,
-)
-from .state import (
-    State,
-    classify,
-    load_deployed,
-    mirror_deployed,
-    pinned,
-    read_links,
-    reboot_required,
-    track,
-)
+from .records import Deploys, load_deploys
+from .snapshot import Snapshot, Upstream, load_snapshot, load_upstream, save_snapshot, save_upstream
+from .state import classify, load_deployed, mirror_deployed, pinned, read_links, reboot_required
 from .store import name_of
 
 log = logging.getLogger(__name__)
 
 
 def _refresh_upstream(
-    settings: Settings, known: Upstream | None, now: float, session: upstream.Session | None
+    settings: Settings, known: Upstream | None, now: float, session: http.Session | None
 ) -> Upstream:
     """Fetch (conditionally) and make sure the result is realised and pinned; only then is
     the fetch record updated, so a failure leaves everything as it was."""
@@ -63,7 +47,7 @@ def _refresh_upstream(
     if changed:
         log.info("upstream is now %s", path)
     record = Upstream(
-        url=upstream.shown(settings.url),
+        url=http.shown(settings.url),
         path=path,
         etag=fetched.etag,
         last_modified=fetched.last_modified,
@@ -174,7 +158,15 @@ def observe(
     return snapshot
 
 
-def collect(settings: Settings, session: upstream.Session | None = None) -> Snapshot:
+# What the dispatcher may add to a collect, under its lock: `collect --track` accepts a
+# hand deploy of upstream as deployed (actuator/records.py: the collector writes no
+# actuator state itself).
+Then = Callable[[Settings, Snapshot], Snapshot]
+
+
+def collect(
+    settings: Settings, session: http.Session | None = None, then: Then | None = None
+) -> Snapshot:
     """Fetch and realise upstream, then observe. A fetch or realise failure is kept in the
     snapshot (upstream.error) and the metrics; the last known upstream stays. The resident
     collector passes its kept-alive HTTP session."""
@@ -185,27 +177,22 @@ def collect(settings: Settings, session: upstream.Session | None = None) -> Snap
     try:
         record = _refresh_upstream(settings, known, time.time(), session)
     except (AutodeployError, OSError) as e:
-        last = known or Upstream(url=upstream.shown(settings.url))
+        last = known or Upstream(url=http.shown(settings.url))
         record = dataclasses.replace(
             last, fetched_at=_last_fetched_at(settings, last), error=str(e)
         )
     snapshot = observe(settings, record, time.monotonic() - started)
-    current = snapshot.links.current
-    if settings.track and snapshot.state is State.UNTRACKED and current is not None:
-        # A host without the actuator: someone deploys by hand what CI published; accept
-        # it, so that a later publish reads as update-available, not as dirty.
-        track(settings.paths, current)
-        log.info("tracking %s", current.name)
-        snapshot = observe(settings, record, snapshot.duration_seconds, snapshot.collected_at)
-    return snapshot
+    return snapshot if then is None else then(settings, snapshot)
 
 
-def collect_locked(settings: Settings, session: upstream.Session | None = None) -> Snapshot | None:
+def collect_locked(
+    settings: Settings, session: http.Session | None = None, then: Then | None = None
+) -> Snapshot | None:
     """collect() under the shared lock, held only for this one collect; None (and a log
     line) when another run holds it: that run reports the same host."""
     try:
         with locked(settings.paths.state_dir):
-            return collect(settings, session)
+            return collect(settings, session, then)
     except LockHeld as e:
         log.info("%s; not collecting this time", e)
         return None

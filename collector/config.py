@@ -1,4 +1,9 @@
-"""Settings from the command line and the config file (flags win), and the paths they imply."""
+"""Settings from the command line and the config file (flags win), and the paths they imply.
+
+Each option is declared once, in OPTIONS: its flags and help, the subcommands that take it,
+its config-file key and type, and the Settings field its value fills. The subcommands'
+parsers (add_options), the config file's check (load_config_file) and Settings
+(settings_from) are all made from that table."""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import groupby
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -111,32 +118,498 @@ class Settings:
     health: HealthSettings = HealthSettings()
 
 
-_FILE_KEYS: dict[str, type | tuple[type, ...]] = {
-    "url": str,
-    "timeout": (int, float),
-    "netrc_file": str,
-    "bearer_token_file": str,
-    "ca_file": str,
-    "headers": list,
-    "prometheus_path": str,
-    "root": str,
-    "state_dir": str,
-    "runtime_dir": str,
-    "switch_mode": str,
-    "reboot_mode": str,
-    "max_snapshot_age": (int, float),
-    "reboot_windows": list,
-    "fleet_lock_url": str,
-    "fleet_lock_group": str,
-    "track": bool,
-    "every": (int, float),
-    "health_checks": bool,
-    "health_commands": list,
-    "health_urls": list,
-    "health_units": list,
-    "health_ignore_units": list,
-    "health_timeout": (int, float),
-}
+# ---- the options ---------------------------------------------------------------------
+
+COMMANDS = ("collect", "status", "diff", "log", "deploy")
+FETCHING = ("collect", "deploy")  # they fetch upstream
+REPORTS = ("status", "diff", "log")
+DEPLOY = ("deploy",)
+
+SYSTEM_NAMES = ("current", "booted", "deployed", "upstream", "profile")  # as `diff` takes them
+
+NUMBER = (int, float)  # a number in JSON or TOML: 60 and 60.0 alike
+HEALTH = "health checks after a switch or a trial boot"  # the title of their group in --help
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if (
+        not sep
+        or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)
+        or re.search(r"[\r\n\0]", value)
+    ):
+        raise ConfigError(f"invalid header {text.split(':')[0][:40]!r}: expected 'Name: value'")
+    return name, value.strip()
+
+
+# The original tool's spellings (its clap enum wrote kexec as k-exec).
+_ALIASES = {"k-exec": "kexec"}
+
+
+def _enum(kind: type[E], value: str, what: str) -> E:
+    try:
+        return kind(_ALIASES.get(value, value))
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ConfigError(f"{what} must be one of {choices}, not {value!r}") from None
+
+
+# Parsers of a flag's word (argparse's `type`: a bad word is a usage error) and checks of a
+# value, from a flag or the config file (a bad one is a ConfigError). A check gets a value of
+# the option's file_type (load_config_file made sure) or what its parser made of the word.
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return n
+
+
+def _positive(what: str) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if value <= 0:
+            raise ConfigError(f"{what} must be positive")
+        return float(value)
+
+    return check
+
+
+def _not_negative(what: str) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if value < 0:
+            raise ConfigError(f"{what} must not be negative")
+        return float(value)
+
+    return check
+
+
+def _every(value: float) -> float:
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"every must be a positive number of seconds, not {value}")
+    return float(value)
+
+
+def _one_of(kind: type[E], what: str) -> Callable[[str], E]:
+    return lambda value: _enum(kind, value, what)
+
+
+def _reboot_mode(value: str) -> RebootMode | None:
+    return _enum(RebootMode, value, "reboot mode") if value else None
+
+
+def _strings(values: Sequence[object], error: str, blank: bool = True) -> tuple[str, ...]:
+    strings = tuple(v for v in values if isinstance(v, str) and (blank or v.strip()))
+    if len(strings) < len(values):
+        raise ConfigError(error)
+    return strings
+
+
+def _headers(values: Sequence[object]) -> tuple[tuple[str, str], ...]:
+    texts = _strings(values, "headers must be a list of 'Name: value' strings")
+    return tuple(parse_header(text) for text in texts)
+
+
+def _windows(values: Sequence[object]) -> tuple[str, ...]:
+    # Their syntax is the actuator's (actuator/window.py), checked when it reboots.
+    return _strings(values, "reboot_windows must be a list of '[DAYS ]HH:MM-HH:MM' strings")
+
+
+def _nonblank(what: str) -> Callable[[Sequence[object]], tuple[str, ...]]:
+    return lambda values: _strings(values, f"{what} must be a list of non-empty strings", False)
+
+
+def _health_urls(values: Sequence[object]) -> tuple[str, ...]:
+    urls = _nonblank("health URLs")(values)
+    for url in urls:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise ConfigError(f"health URL {url[:80]!r} is not an http or https URL")
+    return urls
+
+
+def _fleet_lock_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+        raise ConfigError("the fleet lock URL must be an http:// or https:// URL")
+    return value
+
+
+def _fleet_lock_group(value: str) -> str:
+    # The FleetLock protocol's rule for a group name.
+    if not re.fullmatch(r"[a-zA-Z0-9.-]+", value):
+        raise ConfigError(f"fleet lock group {value[:40]!r}: only letters, digits, '.' and '-'")
+    return value
+
+
+# No generated __eq__, __hash__ or __repr__: nothing compares or prints options, and the
+# class is made at every start (each generated method costs the one-shot collector).
+@dataclass(frozen=True, eq=False, repr=False)
+class Option:
+    """One option, declared once: on the command line, in the config file, in Settings.
+
+    Its value is the flag's, else the config file's, else `default`, made the Settings
+    field's value by `check` (also the place for rules of its own: a positive timeout)."""
+
+    name: str  # the config file's key and argparse's dest
+    flags: tuple[str, ...]  # its spellings, short and legacy ones first; (): a positional
+    help: str | None
+    commands: tuple[str, ...] = COMMANDS  # the subcommands that take it
+    metavar: str | None = None
+    parse: Callable[[str], object] | None = None  # a flag's word to its value; None: as is
+    choices: tuple[str, ...] | None = None
+    switch: bool | None = None  # a flag without a word: the value it sets
+    repeat: bool = False  # a flag given again adds to a list; a positional: any number
+    default: object = None  # neither flag nor file: this (for a setting, Settings' own)
+    file_type: type | tuple[type, ...] | None = str  # its key's value; None: no key
+    # Gets a value of file_type or what parse made; raises ConfigError. None: taken as is.
+    check: Callable[[Any], object] | None = None
+    # The Settings field it fills: "" the one of its name, "paths.F" or "health.F" in the
+    # nested ones; None: none, the option is the command's own (--config, --json).
+    field: str | None = ""
+    group: str | None = None  # the title of its group in --help
+
+    @property
+    def setting(self) -> str | None:
+        """Its field in Settings, dotted for a nested one ("health.enabled")."""
+        return None if self.field is None else self.field or self.name
+
+
+# In --help's order. A new setting is an entry here and its field in Settings (or Paths,
+# HealthSettings); tests/test_settings.py wants a sample of it, and checks that module.nix
+# hands the program only what is here.
+OPTIONS: tuple[Option, ...] = (
+    # Every command's.
+    Option(
+        "root",
+        ("--root",),
+        "manage the system mounted at DIR (/)",
+        metavar="DIR",
+        default="/",
+        check=os.path.abspath,
+        field="paths.root",
+    ),
+    # Its default is under root: settings_from.
+    Option(
+        "state_dir", ("--state-dir",), "state directory", metavar="DIR", field="paths.state_dir"
+    ),
+    Option(
+        "runtime_dir",
+        ("--runtime-dir",),
+        "keep upstream-system and deployed-system here (/run)",
+        metavar="DIR",
+        check=os.path.abspath,
+        field="paths.runtime_dir",
+    ),
+    Option(
+        "config",
+        ("--config",),
+        "JSON or TOML config file",
+        metavar="FILE",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "debug",
+        ("--debug",),
+        "log more, show tracebacks",
+        switch=True,
+        default=False,
+        file_type=None,
+        field=None,
+    ),
+    # Fetching upstream.
+    Option("url", ("--url",), "URL that serves the upstream store path", FETCHING),
+    Option(
+        "timeout",
+        ("--timeout",),
+        "total deadline (60)",
+        FETCHING,
+        metavar="SECONDS",
+        parse=float,
+        file_type=NUMBER,
+        default=60.0,
+        check=_positive("timeout"),
+    ),
+    Option(
+        "netrc_file",
+        ("--netrc-file",),
+        "credentials for the URL's host",
+        FETCHING,
+        metavar="FILE",
+    ),
+    Option(
+        "bearer_token_file",
+        ("--bearer-token-file",),
+        "send this bearer token",
+        FETCHING,
+        metavar="FILE",
+    ),
+    Option(
+        "headers",
+        ("--header",),
+        "extra request header (repeatable)",
+        FETCHING,
+        metavar="'NAME: VALUE'",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_headers,
+    ),
+    Option("ca_file", ("--ca-file",), "CA bundle for https", FETCHING, metavar="FILE"),
+    Option(
+        "prometheus_path",
+        ("--prometheus-path",),
+        "node_exporter textfile",
+        FETCHING,
+        metavar="FILE",
+    ),
+    # The original tool's form, `nixos-autodeploy [OPTIONS] URL`: settings_from makes it url.
+    Option(
+        "url_argument",
+        (),
+        "same as --url",
+        FETCHING,
+        metavar="URL",
+        file_type=None,
+        field=None,
+    ),
+    # collect's.
+    Option(
+        "track",
+        ("--track",),
+        "record what runs as deployed when it is upstream (hosts without the actuator)",
+        ("collect",),
+        switch=True,
+        file_type=bool,
+        default=False,
+    ),
+    Option(
+        "every",
+        ("--every",),
+        "stay resident and collect every SECONDS (SIGHUP: now; SIGTERM: stop)",
+        ("collect",),
+        metavar="SECONDS",
+        parse=float,
+        file_type=NUMBER,
+        check=_every,
+    ),
+    # The reports'.
+    Option(
+        "json",
+        ("--json",),
+        "print JSON for scripts",
+        REPORTS,
+        switch=True,
+        default=False,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "systems",
+        (),
+        f"{', '.join(SYSTEM_NAMES)} or a store path (current upstream)",
+        ("diff",),
+        metavar="FROM TO",
+        repeat=True,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "n",
+        ("-n",),
+        "last N entries (20)",
+        ("log",),
+        metavar="N",
+        parse=_count,
+        default=20,
+        file_type=None,
+        field=None,
+    ),
+    # deploy's. The short flags and k-exec are the original tool's, kept so its extraArgs
+    # still work.
+    Option(
+        "switch_mode",
+        ("-s", "--switch-mode"),
+        None,
+        DEPLOY,
+        choices=tuple(mode.value for mode in SwitchMode),
+        default=SwitchMode.SWITCH,
+        check=_one_of(SwitchMode, "switch mode"),
+    ),
+    Option(
+        "reboot_mode",
+        ("-r", "--reboot-mode"),
+        None,
+        DEPLOY,
+        choices=(*(mode.value for mode in RebootMode), *_ALIASES),
+        check=_reboot_mode,
+    ),
+    Option(
+        "reboot_windows",
+        ("--reboot-window",),
+        "reboot or kexec only inside this local-time window (repeatable)",
+        DEPLOY,
+        metavar="'[DAYS ]HH:MM-HH:MM'",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_windows,
+    ),
+    Option(
+        "fleet_lock_url",
+        ("--fleet-lock-url",),
+        "take a reboot slot from this FleetLock server",
+        DEPLOY,
+        metavar="URL",
+        check=_fleet_lock_url,
+    ),
+    Option(
+        "fleet_lock_group",
+        ("--fleet-lock-group",),
+        "FleetLock reboot group (default)",
+        DEPLOY,
+        metavar="NAME",
+        default="default",
+        check=_fleet_lock_group,
+    ),
+    # Orders for one run, not settings: the config file has no key for them.
+    Option(
+        "force",
+        ("-f", "--force"),
+        "deploy even if the host is dirty",
+        DEPLOY,
+        switch=True,
+        default=False,
+        file_type=None,
+    ),
+    Option(
+        "dry_run",
+        ("--dry-run",),
+        "say what would be done, do nothing",
+        DEPLOY,
+        switch=True,
+        default=False,
+        file_type=None,
+    ),
+    Option(
+        "max_snapshot_age",
+        ("--max-snapshot-age",),
+        "collect first when the snapshot is older (3600)",
+        DEPLOY,
+        metavar="SECONDS",
+        parse=float,
+        file_type=NUMBER,
+        default=3600.0,
+        check=_not_negative("max snapshot age"),
+    ),
+    Option(
+        "health_commands",
+        ("--health-check",),
+        "run with sh -c; exit 0 passes (repeatable)",
+        DEPLOY,
+        metavar="'COMMAND'",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_nonblank("health commands"),
+        field="health.commands",
+        group=HEALTH,
+    ),
+    Option(
+        "health_urls",
+        ("--health-url",),
+        "GET it; a 2xx passes (repeatable)",
+        DEPLOY,
+        metavar="URL",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_health_urls,
+        field="health.urls",
+        group=HEALTH,
+    ),
+    Option(
+        "health_units",
+        ("--health-unit",),
+        "passes when the unit is active (repeatable)",
+        DEPLOY,
+        metavar="UNIT",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_nonblank("health units"),
+        field="health.units",
+        group=HEALTH,
+    ),
+    Option(
+        "health_ignore_units",
+        ("--health-ignore-unit",),
+        "failed unit to overlook (repeatable)",
+        DEPLOY,
+        metavar="UNIT",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_nonblank("ignored units"),
+        field="health.ignore_units",
+        group=HEALTH,
+    ),
+    Option(
+        "health_timeout",
+        ("--health-timeout",),
+        "retry the checks until they all pass or this deadline (300)",
+        DEPLOY,
+        metavar="SECONDS",
+        parse=float,
+        file_type=NUMBER,
+        default=300.0,
+        check=_positive("health timeout"),
+        field="health.timeout",
+        group=HEALTH,
+    ),
+    Option(
+        "health_checks",
+        ("--no-health-checks",),
+        "no checks, and so no automatic rollback",
+        DEPLOY,
+        switch=False,
+        file_type=bool,
+        default=True,
+        field="health.enabled",
+        group=HEALTH,
+    ),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Offer the options `command` takes on its parser, in the table's order."""
+    taken = (option for option in OPTIONS if command in option.commands)
+    for title, options in groupby(taken, key=lambda option: option.group):
+        target = parser if title is None else parser.add_argument_group(title)
+        for option in options:
+            names = option.flags or (option.name,)
+            target.add_argument(*names, **_argparse_keywords(option))
+
+
+def _argparse_keywords(option: Option) -> dict[str, Any]:
+    # What the config file may set is None when not given, so the file's value can win.
+    keywords: dict[str, Any] = {
+        "help": option.help,
+        "default": option.default if option.file_type is None else None,
+    }
+    if option.switch is not None:
+        action = "store_true" if option.switch else "store_false"
+        return keywords | {"dest": option.name, "action": action}
+    keywords |= {"type": option.parse, "choices": option.choices, "metavar": option.metavar}
+    if not option.flags:  # a positional: its name is its dest
+        return keywords | {"nargs": "*" if option.repeat else "?"}
+    return keywords | {"dest": option.name, "action": "append" if option.repeat else "store"}
+
+
+# The config file's keys and what each holds.
+_FILE_KEYS = {option.name: option.file_type for option in OPTIONS if option.file_type is not None}
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -163,117 +636,46 @@ def load_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def parse_header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if (
-        not sep
-        or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)
-        or re.search(r"[\r\n\0]", value)
-    ):
-        raise ConfigError(f"invalid header {text.split(':')[0][:40]!r}: expected 'Name: value'")
-    return name, value.strip()
-
-
-# The original tool's spellings (its clap enum wrote kexec as k-exec).
-_ALIASES = {"k-exec": "kexec"}
-
-
-def _enum(kind: type[E], value: str, what: str) -> E:
-    try:
-        return kind(_ALIASES.get(value, value))
-    except ValueError:
-        choices = ", ".join(m.value for m in kind)
-        raise ConfigError(f"{what} must be one of {choices}, not {value!r}") from None
-
-
-def _strings(value: Any, what: str) -> tuple[str, ...]:
-    if not all(isinstance(v, str) and v.strip() for v in value):
-        raise ConfigError(f"{what} must be a list of non-empty strings")
-    return tuple(value)
-
-
-def _health(pick: Any) -> HealthSettings:
-    timeout = float(pick("health_timeout", 300.0))
-    if timeout <= 0:
-        raise ConfigError("health timeout must be positive")
-    urls = _strings(pick("health_urls", []), "health URLs")
-    for url in urls:
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-            raise ConfigError(f"health URL {url[:80]!r} is not an http or https URL")
-    return HealthSettings(
-        enabled=bool(pick("health_checks", True)),
-        commands=_strings(pick("health_commands", []), "health commands"),
-        urls=urls,
-        units=_strings(pick("health_units", []), "health units"),
-        ignore_units=_strings(pick("health_ignore_units", []), "ignored units"),
-        timeout=timeout,
-    )
-
-
 def settings_from(args: argparse.Namespace) -> Settings:
     """Merge the parsed flags over the config file; absent flags are None."""
     file = load_config_file(args.config) if getattr(args, "config", None) else {}
-
-    def pick(key: str, default: Any = None) -> Any:
-        flag = getattr(args, key, None)
-        value = flag if flag not in (None, []) else file.get(key)
-        return default if value is None else value
-
-    root = os.path.abspath(pick("root", "/"))
-    state_dir = pick("state_dir") or os.path.join(root, STATE_DIR.lstrip("/"))
-    runtime_dir = pick("runtime_dir")
-    url, positional = pick("url"), getattr(args, "url_argument", None)
+    positional = getattr(args, "url_argument", None)
+    # The original tool took the URL as its argument; a different --url is a mistake.
+    if positional is not None and getattr(args, "url", None) not in (None, positional):
+        raise ConfigError("the URL is given twice (--url and as an argument): give it once")
+    # Each setting's value, of its field's type once checked; a subcommand's parser has
+    # only the flags it takes, so the others come from the file or the default.
+    values = {
+        option.name: _value(option, getattr(args, option.name, None), file)
+        for option in OPTIONS
+        if option.setting is not None
+    }
     if positional is not None:
-        # The original tool took the URL as its argument; a different --url is a mistake.
-        if getattr(args, "url", None) not in (None, positional):
-            raise ConfigError("the URL is given twice (--url and as an argument): give it once")
-        url = positional
-    headers = pick("headers", [])
-    if not all(isinstance(h, str) for h in headers):
-        raise ConfigError("headers must be a list of 'Name: value' strings")
-    timeout = float(pick("timeout", 60.0))
-    if timeout <= 0:
-        raise ConfigError("timeout must be positive")
-    max_snapshot_age = float(pick("max_snapshot_age", 3600.0))
-    if max_snapshot_age < 0:
-        raise ConfigError("max snapshot age must not be negative")
-    every = pick("every")
-    if every is not None and not 0 < float(every) < float("inf"):
-        raise ConfigError(f"every must be a positive number of seconds, not {every}")
-    switch_mode = _enum(SwitchMode, pick("switch_mode", "switch"), "switch mode")
-    windows = pick("reboot_windows", [])
-    if not all(isinstance(w, str) for w in windows):
-        raise ConfigError("reboot_windows must be a list of '[DAYS ]HH:MM-HH:MM' strings")
-    fleet_lock_url = pick("fleet_lock_url")
-    if fleet_lock_url is not None and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", fleet_lock_url):
-        raise ConfigError("the fleet lock URL must be an http:// or https:// URL")
-    group = pick("fleet_lock_group", "default")
-    # The FleetLock protocol's rule for a group name.
-    if not re.fullmatch(r"[a-zA-Z0-9.-]+", group):
-        raise ConfigError(f"fleet lock group {group[:40]!r}: only letters, digits, '.' and '-'")
-    reboot = pick("reboot_mode")
+        values["url"] = positional
+    given = values["state_dir"]
+    if not (isinstance(given, str) and given):  # by default under root
+        given = os.path.join(str(values["root"]), STATE_DIR.lstrip("/"))
+    values["state_dir"] = os.path.abspath(given)
+    return _settings(values)
+
+
+def _value(option: Option, flag: object, file: Mapping[str, object]) -> object:
+    value = flag if flag not in (None, []) else file.get(option.name)
+    if value is None:
+        value = option.default
+    if value is None or option.check is None:
+        return value
+    return option.check(value)
+
+
+def _settings(values: Mapping[str, object]) -> Settings:
+    """Settings with each value in its option's field."""
+    # Any: the fields' types are many; each value was made its own field's type by its check.
+    fields: dict[str, dict[str, Any]] = {"": {}, "paths": {}, "health": {}}
+    for option in OPTIONS:
+        if option.setting is not None:
+            part, _, name = option.setting.rpartition(".")
+            fields[part][name] = values[option.name]
     return Settings(
-        paths=Paths(
-            root=root,
-            state_dir=os.path.abspath(state_dir),
-            runtime_dir=None if runtime_dir is None else os.path.abspath(runtime_dir),
-        ),
-        url=url,
-        timeout=timeout,
-        netrc_file=pick("netrc_file"),
-        bearer_token_file=pick("bearer_token_file"),
-        ca_file=pick("ca_file"),
-        headers=tuple(parse_header(h) for h in headers),
-        prometheus_path=pick("prometheus_path"),
-        switch_mode=switch_mode,
-        reboot_mode=_enum(RebootMode, reboot, "reboot mode") if reboot else None,
-        max_snapshot_age=max_snapshot_age,
-        reboot_windows=tuple(windows),
-        fleet_lock_url=fleet_lock_url,
-        fleet_lock_group=group,
-        track=bool(pick("track", False)),
-        every=None if every is None else float(every),
-        force=bool(getattr(args, "force", False)),
-        dry_run=bool(getattr(args, "dry_run", False)),
-        health=_health(pick),
+        paths=Paths(**fields["paths"]), health=HealthSettings(**fields["health"]), **fields[""]
     )

@@ -10,7 +10,8 @@ class ConfigError(AutodeployError):
 
 
 class UpstreamError(AutodeployError):
-    """The upstream URL could not be fetched or gave something that is not a store path."""
+    """An HTTP request failed (collector/http.py: upstream, a health URL, a FleetLock
+    server), or upstream's answer is not what it must be (not a store path)."""
 
 
 class NixError(AutodeployError):
@@ -19,6 +20,10 @@ class NixError(AutodeployError):
 
 class StateError(AutodeployError):
     """A file in the state directory is corrupt or of an unknown version."""
+
+
+class ActuatorError(AutodeployError):
+    """A deploy failed, was refused, or could not be finished (actuator/)."""
 
 
 class LockHeld(AutodeployError):

@@ -11,7 +11,8 @@ from prometheus_client.registry import Collector
 
 from .closure import Changes
 from .reboot import WaitReason, pending_reason
-from .snapshot import Deploys, Snapshot
+from .records import Deploys
+from .snapshot import Snapshot
 from .state import State
 from .store import name_of
 
@@ -86,13 +87,9 @@ class _SnapshotCollector(Collector):
         last = self.deploys.last
         if last is not None:
             yield _gauge(
-                "last_deploy_timestamp_seconds", "When the actuator last deployed", last["at"]
+                "last_deploy_timestamp_seconds", "When the actuator last deployed", last.at
             )
-            yield _gauge(
-                "last_deploy_success",
-                "1 when the last deploy succeeded",
-                last["result"] == "success",
-            )
+            yield _gauge("last_deploy_success", "1 when the last deploy succeeded", last.ok)
         waiting = pending_reason(s.reboot_required, s.reboot)
         reasons = GaugeMetricFamily(
             P + "reboot_pending_reason",
@@ -148,12 +145,12 @@ class _SnapshotCollector(Collector):
             yield _gauge(
                 "last_health_check_success",
                 "1 when the last health checks after a switch or trial boot all passed",
-                health["ok"],
+                health.ok,
             )
             yield _gauge(
                 "last_health_check_timestamp_seconds",
                 "When the actuator last ran the health checks",
-                health["at"],
+                health.at,
             )
         yield CounterMetricFamily(
             P + "rollbacks",
@@ -164,7 +161,7 @@ class _SnapshotCollector(Collector):
             yield _gauge(
                 "last_rollback_success",
                 "1 when the last rollback brought the previous system back",
-                rollback["ok"],
+                rollback.ok,
             )
 
 

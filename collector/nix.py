@@ -1,4 +1,5 @@
-"""Thin wrappers over the Nix commands the agent runs."""
+"""Thin wrappers over the Nix commands the collector runs (the profile is the actuator's:
+actuator/profile.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,6 @@ def realise(path: StorePath, gc_root: str) -> None:
         run(["nix-store", "--realise", path.path, "--add-root", gc_root], stream_stderr=True)
     except ProcessError as e:
         raise NixError(f"cannot realise {path}: {e.message}") from None
-
-
-def set_profile(profile: str, path: StorePath) -> None:
-    try:
-        run(["nix-env", "--profile", profile, "--set", path.path], stream_stderr=True)
-    except ProcessError as e:
-        raise NixError(f"cannot set {profile} to {path}: {e.message}") from None
 
 
 def requisites(system: StorePath) -> list[str]:

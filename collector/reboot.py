@@ -1,5 +1,5 @@
 """Why a required reboot waits, and whether this host holds a FleetLock reboot slot
-(reboot.json): written by the actuator, exported by the collector."""
+(reboot.json): written by the actuator (actuator/records.py), exported by the collector."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any
 
 from .config import Paths
 from .errors import StateError
-from .fsutil import atomic_write_json, read_json
+from .fsutil import read_json
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
+FILE = "reboot.json"
 
 
 class WaitReason(StrEnum):
@@ -76,17 +77,13 @@ class RebootState:
 def load_reboot_state(paths: Paths) -> RebootState:
     """Corrupt, it is started afresh with a warning: it only reports (the FleetLock server
     holds the slot itself, and the actuator releases it whenever no reboot is pending)."""
-    source = paths.state("reboot.json")
+    source = paths.state(FILE)
     try:
         data = read_json(source)
         return RebootState() if data is None else RebootState.from_json(data)
     except (StateError, KeyError, TypeError, ValueError) as e:
         log.warning("warning: reboot state %s is corrupt (%s); starting it afresh", source, e)
         return RebootState()
-
-
-def save_reboot_state(paths: Paths, state: RebootState) -> None:
-    atomic_write_json(paths.state("reboot.json"), state.to_json())
 
 
 def pending_reason(reboot_required: bool, state: RebootState) -> WaitReason | None:

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from . import upstream
-from .collect import collect_locked, summary
+from . import http
+from .collect import Then, collect_locked, summary
 from .config import Settings
 from .errors import AutodeployError
 from .notify import notify, watchdog_enabled
@@ -71,10 +71,10 @@ def _signals_unblocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
-def _poll(settings: Settings, session: upstream.Session) -> tuple[str, str | None]:
+def _poll(settings: Settings, session: http.Session, then: Then | None) -> tuple[str, str | None]:
     """One collect, reported as a one-shot reports it; (status line, error or None)."""
     try:
-        snapshot = collect_locked(settings, session)
+        snapshot = collect_locked(settings, session, then)
     except (AutodeployError, OSError) as e:  # a full disk, a corrupt deployed record
         return f"error: {e}", str(e)
     if snapshot is None:
@@ -83,7 +83,7 @@ def _poll(settings: Settings, session: upstream.Session) -> tuple[str, str | Non
     return summary(snapshot) + (f"; error: {error}" if error else ""), error
 
 
-def run(settings: Settings, every: float) -> int:
+def run(settings: Settings, every: float, then: Then | None = None) -> int:
     """Poll every `every` seconds from the start of the previous poll until SIGTERM."""
     once = _OncePerChange()
     for handler in logging.getLogger().handlers:
@@ -100,7 +100,7 @@ def run(settings: Settings, every: float) -> int:
     signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_terminate)
     watchdog = watchdog_enabled()
-    session = upstream.Session()
+    session = http.Session()
     ready = ["READY=1"]  # sent once, with the first poll's status
     wait = random.uniform(0, min(every * FIRST_OFFSET_SHARE, FIRST_OFFSET_MAX))
     last_error: str | None = None
@@ -114,7 +114,7 @@ def run(settings: Settings, every: float) -> int:
             started = time.monotonic()
             hangup.requested = False
             with _signals_unblocked():
-                status, error = _poll(settings, session)
+                status, error = _poll(settings, session, then)
             if error is not None and error != last_error:
                 log.error("error: %s", error)
             elif error is None and last_error is not None:

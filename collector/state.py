@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
@@ -12,7 +10,7 @@ from typing import Any
 
 from .config import Paths
 from .errors import StateError
-from .fsutil import atomic_symlink, atomic_write_json, read_json
+from .fsutil import atomic_symlink, read_json
 from .store import StorePath, path_of, resolve_link
 
 # What a boot loader loads: when these differ the running system cannot simply switch.
@@ -84,31 +82,17 @@ class Deployed:
             raise StateError(f"{source} is corrupt: {e}") from None
 
 
+DEPLOYED = "deployed.json"
+
+
 def load_deployed(paths: Paths) -> Deployed | None:
-    source = paths.state("deployed.json")
+    source = paths.state(DEPLOYED)
     try:
         data = read_json(source)
         return None if data is None else Deployed.from_json(data, source)
     except StateError as e:
         # Nothing can be decided without it; the operator knows what ran and can restart.
         raise StateError(f"{e}; remove it to let the agent start tracking afresh") from None
-
-
-def save_deployed(paths: Paths, deployed: Deployed) -> None:
-    atomic_write_json(paths.state("deployed.json"), deployed.to_json())
-    mirror_deployed(paths, deployed)
-
-
-def track(paths: Paths, current: StorePath) -> None:
-    """Accept what runs as deployed (it is upstream; someone else deployed it)."""
-    save_deployed(paths, Deployed(current, Activation.SWITCH, current, time.time()))
-
-
-def forget_deployed(paths: Paths) -> None:
-    """No record at all (a failed deploy on a host that had none before)."""
-    for path in (paths.state("deployed.json"), paths.deployed_link):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def mirror_deployed(paths: Paths, deployed: Deployed | None) -> None:

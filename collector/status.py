@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .closure import Change, Changes, Diff, Kind
+from .closure import Change, Changes, Diff
+from .closure import Kind as ChangeKind
+from .history import Event, Kind, describe
 from .reboot import WaitReason, pending_reason
 from .snapshot import Snapshot
 from .state import State
@@ -29,19 +31,19 @@ STATE_STYLE = {
 
 
 KIND_STYLE = {
-    Kind.ADDED: "green",
-    Kind.REMOVED: "red",
-    Kind.UPGRADED: "cyan",
-    Kind.DOWNGRADED: "yellow",
-    Kind.CHANGED: "dim",
+    ChangeKind.ADDED: "green",
+    ChangeKind.REMOVED: "red",
+    ChangeKind.UPGRADED: "cyan",
+    ChangeKind.DOWNGRADED: "yellow",
+    ChangeKind.CHANGED: "dim",
 }
 # How the summary names each kind, in its order: "rebuilt" is what a same-version change is.
 SUMMARY_WORDS = {
-    Kind.UPGRADED: "upgraded",
-    Kind.DOWNGRADED: "downgraded",
-    Kind.ADDED: "added",
-    Kind.REMOVED: "removed",
-    Kind.CHANGED: "rebuilt",
+    ChangeKind.UPGRADED: "upgraded",
+    ChangeKind.DOWNGRADED: "downgraded",
+    ChangeKind.ADDED: "added",
+    ChangeKind.REMOVED: "removed",
+    ChangeKind.CHANGED: "rebuilt",
 }
 HAND_LISTED = 5  # changes named in the dirty summary; `diff` lists them all
 
@@ -77,9 +79,9 @@ def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
         "upstream_error": s.upstream.error,
         "collected_at": s.collected_at,
         "upstream_fetched_at": s.upstream.fetched_at,
-        "last_deploy": s.last_deploy,
-        "last_health": s.last_health,
-        "last_rollback": s.last_rollback,
+        "last_deploy": s.last_deploy.to_json() if s.last_deploy else None,
+        "last_health": s.last_health.to_json() if s.last_health else None,
+        "last_rollback": s.last_rollback.to_json() if s.last_rollback else None,
         "reboot_wait": _reboot_wait(s),
         "fleet_lock_held": s.reboot.slot is not None,
     }
@@ -125,9 +127,9 @@ def versions(vs: tuple[str, ...]) -> str:
 
 def change_text(c: Change) -> str:
     """`nginx 1.26.1 → 1.27.0`, `fresh 0.1 (added)`, `etc (rebuilt)`."""
-    if c.kind in (Kind.UPGRADED, Kind.DOWNGRADED):
+    if c.kind in (ChangeKind.UPGRADED, ChangeKind.DOWNGRADED):
         return f"{c.name} {versions(c.before)} → {versions(c.after)}"
-    shown = c.before if c.kind is Kind.REMOVED else c.after
+    shown = c.before if c.kind is ChangeKind.REMOVED else c.after
     word = SUMMARY_WORDS[c.kind]
     return f"{c.name} {versions(shown)} ({word})" if shown != ("",) else f"{c.name} ({word})"
 
@@ -174,16 +176,16 @@ def _health_facts(s: Snapshot) -> list[str]:
     facts = []
     if s.last_health:
         h = s.last_health
-        result = "[green]passed[/green]" if h["ok"] else "[red]failed[/red]"
+        result = "[green]passed[/green]" if h.ok else "[red]failed[/red]"
         facts.append(
-            f"last health check: {result} {_age(time.time() - h['at'])} ago: {escape(h['summary'])}"
+            f"last health check: {result} {_age(time.time() - h.at)} ago: {escape(h.summary)}"
         )
     if s.last_rollback:
         r = s.last_rollback
-        moved = f"rolled back from {r['from']} at {_when(r['at'])}"
-        if not r["ok"]:
+        moved = f"rolled back from {r.source} at {_when(r.at)}"
+        if not r.ok:
             moved = f"[bold red]rolling back failed[/bold red] ({moved})"
-        facts.append(f"{moved}: {escape(r['reason'])}")
+        facts.append(f"{moved}: {escape(r.reason)}")
     return facts
 
 
@@ -233,10 +235,10 @@ def render(s: Snapshot, console: Console, changes: Changes | None = None) -> Non
         )
     if s.last_deploy:
         d = s.last_deploy
-        result = "[green]success[/green]" if d["result"] == "success" else "[red]failure[/red]"
+        result = "[green]success[/green]" if d.ok else "[red]failure[/red]"
         facts.append(
-            f"last deploy: {result} ({d.get('mode')}) {_age(time.time() - d['at'])} ago"
-            + (f": {d['message']}" if d.get("message") else "")
+            f"last deploy: {result} ({d.mode}) {_age(time.time() - d.at)} ago"
+            + (f": {d.message}" if d.message else "")
         )
     facts += _health_facts(s)
     for fact in facts:
@@ -283,76 +285,19 @@ def show_diff(d: Diff, as_json_output: bool) -> None:
 # ---- log ----------------------------------------------------------------------------------
 
 
-def read_history(path: str) -> tuple[list[dict[str, Any]], list[int]]:
-    """The actuator's entries, oldest first, and the numbers of the lines that are not one
-    (a line cut short by a crash, or written by something else): those are skipped."""
-    entries: list[dict[str, Any]] = []
-    skipped: list[int] = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = list(f)
-    except FileNotFoundError:
-        return [], []
-    for number, line in enumerate(lines, 1):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
-        valid = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("event"), str)
-            and isinstance(entry.get("at"), int | float)
-        )
-        if valid:
-            assert isinstance(entry, dict)
-            entries.append(entry)
-        elif line.strip():
-            skipped.append(number)
-    return entries, skipped
-
-
-def _basename(value: Any) -> str:
-    text = str(value)
-    return text.rsplit("/", 1)[-1] if text.startswith("/") else text
-
-
-def event_text(entry: dict[str, Any]) -> str:
-    """What happened, in words; an event this version does not know, field by field."""
-    event, e = entry["event"], entry
-    if event == "decision" and "action" in e:
-        return f"{e['action']}: {e.get('reason', '')}"
-    if event == "deploy" and "result" in e:
-        text = f"{e['result']} ({e.get('mode', '?')}) {_basename(e.get('path', ''))}"
-        return text + (f": {e['message']}" if e.get("message") else "")
-    if event == "rolled-back" and "path" in e:
-        return f"{_basename(e['path'])}, back to {_basename(e.get('to'))}"
-    if event == "health" and "ok" in e:
-        result = "passed" if e["ok"] else "failed"
-        return f"{result} on {_basename(e.get('path', ''))}: {e.get('summary', '')}"
-    simple = ("reboot", "kexec", "completed-interrupted-deploy", "rollback-reboot")
-    if (event in simple or event.startswith("trial-")) and "path" in e:
-        return _basename(e["path"])
-    rest = {k: v for k, v in e.items() if k not in ("at", "event")}
-    return " ".join(f"{k}={_basename(v)}" for k, v in sorted(rest.items()))
-
-
-def _event_style(entry: dict[str, Any]) -> str:
-    if entry.get("result") == "failure" or "fail" in str(entry["event"]):
+def _event_style(event: Event) -> str:
+    if event.failed:
         return "red"
-    if entry.get("ok") is False:
-        return "red"
-    if entry["event"] in ("reboot", "kexec", "rollback-reboot") or entry["event"].startswith(
-        "trial-"
-    ):
+    if isinstance(event.kind, Kind) and (event.kind.reboots or event.kind is Kind.TRIAL_CONFIRMED):
         return "magenta"
-    if entry["event"] == "rolled-back":
+    if event.kind is Kind.ROLLED_BACK:
         return "yellow"
-    return "green" if entry.get("result") == "success" else ""
+    return "green" if event.result == "success" else ""
 
 
-def show_log(entries: list[dict[str, Any]], as_json_output: bool, now: float) -> None:
+def show_log(events: list[Event], as_json_output: bool, now: float) -> None:
     if as_json_output:
-        print(json.dumps(entries, indent=2, sort_keys=True))
+        print(json.dumps([e.to_json() for e in events], indent=2, sort_keys=True))
         return
     console = Console()
     table = Table(title="nixos-autodeploy history")
@@ -360,13 +305,13 @@ def show_log(entries: list[dict[str, Any]], as_json_output: bool, now: float) ->
     table.add_column("ago", justify="right")
     table.add_column("event")
     table.add_column("what", overflow="fold")
-    for entry in entries:
-        at = float(entry["at"])
-        style = _event_style(entry)
+    for event in events:
+        style = _event_style(event)
+        kind = escape(str(event.kind))
         table.add_row(
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)),
-            _age(now - at),
-            f"[{style}]{escape(entry['event'])}[/{style}]" if style else escape(entry["event"]),
-            escape(event_text(entry)),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at)),
+            _age(now - event.at),
+            f"[{style}]{kind}[/{style}]" if style else kind,
+            escape(describe(event)),
         )
     console.print(table)

@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 import yaml
 from harness import require_tool
+from harness.grafana import GRAFANA, RULES
 
 pytestmark = pytest.mark.prometheus
 
-GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
-RULES = GRAFANA / "alerts.rules.yml"
 RULE_TESTS = GRAFANA / "alerts.test.yml"
 ALERTS = {
     "NixosAutodeployDirty",
@@ -67,7 +66,7 @@ def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
     assert "NixosAutodeployDirty" in tested.stdout + tested.stderr
 
 
-def test_the_issue_s_alerts_are_there_with_severity_summary_and_description() -> None:
+def test_every_expected_alert_is_there_with_severity_summary_and_description() -> None:
     rules = alert_rules()
     assert {rule["alert"] for rule in rules} == ALERTS
     assert len(rules) == len(ALERTS)
@@ -78,7 +77,7 @@ def test_the_issue_s_alerts_are_there_with_severity_summary_and_description() ->
         assert "{{ $labels.instance }}" in rule["annotations"]["summary"], rule["alert"]
 
 
-def test_durations_match_the_issue() -> None:
+def test_alerts_wait_1h_dirty_1d_reboot_required_15min_stale_2d_reboot_waiting() -> None:
     by_name = {rule["alert"]: rule for rule in alert_rules()}
     assert by_name["NixosAutodeployDirty"]["for"] == "1h"
     assert by_name["NixosAutodeployRebootRequired"]["for"] == "1d"

@@ -1,5 +1,6 @@
 """The difference between two systems: Nix's name and version rules (checked against Nix
-itself), the kinds of change, and real closures built by the harness."""
+itself), the kinds of change, real closures built by the harness, and the collector
+keeping it (diff.json, the pending-changes metrics) only when a system moves."""
 
 from __future__ import annotations
 
@@ -11,12 +12,22 @@ import pytest
 from harness import (
     Host,
     Package,
-    SystemSpec,
+    metric,
+    no_traceback,
     register_closure,
     require_tool,
     run_checked,
     store_paths,
 )
+from harness.closures import (
+    EXPECTED,
+    OLD,
+    expected_counts,
+    expected_json_changes,
+    versioned_systems,
+    versioned_update,
+)
+from harness.resident import RARELY, resident
 
 from collector.closure import (
     Change,
@@ -185,61 +196,9 @@ def test_changes_between_closures_of_50000_paths() -> None:
 
 # ---- real systems -------------------------------------------------------------------------
 
-OLD = (
-    Package("up", "1.0"),
-    Package("down", "2.0"),
-    Package("gone", "1.0"),
-    Package("rebuilt", "3.0", build="a"),
-    Package("multi", "1.0"),
-    Package("multi", "2.0"),
-    Package("rc", "1.2.3-rc1"),
-    Package("dated", "2024-05-01"),
-    Package("tool", "unstable-2024-05-01"),
-    Package("etc-files", None, build="a"),
-    Package("odd+name_x?y=z", "1.0"),
-    Package("same", "1.0"),
-)
-NEW = (
-    Package("up", "1.1"),
-    Package("down", "1.9"),
-    Package("fresh", "0.1"),
-    Package("rebuilt", "3.0", build="b"),
-    Package("multi", "2.0"),
-    Package("multi", "3.0"),
-    Package("rc", "1.2.4"),
-    Package("dated", "2024-06-01"),
-    Package("tool", "unstable-2024-05-02"),
-    Package("etc-files", None, build="b"),
-    Package("odd+name_x?y=z", "1.0"),
-    Package("we?rd=", "0.1"),
-    Package("same", "1.0"),
-)
-EXPECTED = [
-    Change("dated", ("2024-05-01",), ("2024-06-01",), Kind.UPGRADED),
-    Change("down", ("2.0",), ("1.9",), Kind.DOWNGRADED),
-    Change("etc-files", ("",), ("",), Kind.CHANGED),
-    Change("fresh", (), ("0.1",), Kind.ADDED),
-    Change("gone", ("1.0",), (), Kind.REMOVED),
-    Change("initrd", ("6.6.41",), ("6.6.44",), Kind.UPGRADED),
-    Change("kernel-modules", ("6.6.41",), ("6.6.44",), Kind.UPGRADED),
-    Change("linux", ("6.6.41",), ("6.6.44",), Kind.UPGRADED),
-    Change("multi", ("1.0", "2.0"), ("2.0", "3.0"), Kind.UPGRADED),
-    Change("nixos-system-new", (), ("24.05.2",), Kind.ADDED),
-    Change("nixos-system-old", ("24.05.1",), (), Kind.REMOVED),
-    Change("rc", ("1.2.3-rc1",), ("1.2.4",), Kind.UPGRADED),
-    Change("rebuilt", ("3.0",), ("3.0",), Kind.CHANGED),
-    Change("tool-unstable", ("2024-05-01",), ("2024-05-02",), Kind.UPGRADED),
-    Change("up", ("1.0",), ("1.1",), Kind.UPGRADED),
-    Change("we?rd=", (), ("0.1",), Kind.ADDED),
-]
-
 
 def build_versioned(host: Host) -> tuple[StorePath, StorePath]:
-    systems = host.build(
-        SystemSpec("old", kernel="6.6.41", tag="24.05.1", packages=OLD),
-        SystemSpec("new", kernel="6.6.44", tag="24.05.2", packages=NEW),
-    )
-    old, new = (StorePath(host.realise(systems[n])) for n in ("old", "new"))
+    old, new = (StorePath(host.realise(system)) for system in versioned_systems(host))
     return old, new
 
 
@@ -284,3 +243,109 @@ def test_diff_of_50000_path_closures(host: Host, tmp_path: Path) -> None:
     }
     assert (shown["size_before"], shown["size_after"]) == (50_001 * 1000,) * 2
     assert os.path.exists(store / "nix/var/nix/db/db.sqlite")
+
+
+# ---- the collector keeps it: diff.json and the metrics ------------------------------
+
+NIX_TOOLS = ("nix-store", "nix-env", "nix")
+
+
+def test_collect_keeps_the_difference_and_exports_it(host: Host) -> None:
+    old, new = versioned_update(host)
+    kept = host.read_json("diff.json")
+    assert kept["version"] == 1
+    upstream = kept["upstream"]
+    assert (upstream["from"], upstream["to"], upstream["error"]) == (old.path, new.path, None)
+    assert upstream["changes"] == expected_json_changes()
+    assert upstream["counts"] == expected_counts()
+    assert upstream["boot_files"] == ["kernel", "initrd", "kernel-modules"]
+    assert kept["hand"] is None
+    text = host.metrics()
+    for kind, count in expected_counts().items():
+        assert metric(text, "nixos_autodeploy_pending_changes", kind=kind) == count
+    assert (
+        metric(text, "nixos_autodeploy_closure_size_bytes", system="current")
+        == upstream["size_before"]
+    )
+    assert (
+        metric(text, "nixos_autodeploy_closure_size_bytes", system="upstream")
+        == upstream["size_after"]
+    )
+    assert upstream["size_before"] > 0 and upstream["size_after"] > 0
+
+
+def test_no_change_collect_runs_no_nix_and_keeps_diff_json(host: Host) -> None:
+    versioned_update(host)
+    kept = (host.state_dir / "diff.json").read_bytes()
+    spawned = host.spawn_count(*NIX_TOOLS)
+    again = host.collect()
+    assert again.returncode == 0, again
+    assert host.spawn_count(*NIX_TOOLS) == spawned
+    assert (host.state_dir / "diff.json").read_bytes() == kept
+    assert metric(host.metrics(), "nixos_autodeploy_pending_changes", kind="upgraded") == 8
+
+
+def test_the_difference_follows_a_new_upstream(host: Host) -> None:
+    old, _ = versioned_update(host)
+    newer = host.build_one("newer", kernel="6.6.41", tag="24.05.3", packages=OLD[1:])
+    host.publish(newer)
+    assert host.collect().returncode == 0
+    upstream = host.read_json("diff.json")["upstream"]
+    assert (upstream["from"], upstream["to"]) == (old.path, newer.path)
+    # Only the top level and the package it dropped differ; the same kernel: no reboot.
+    assert [(c["name"], c["kind"]) for c in upstream["changes"]] == [
+        ("nixos-system-newer", "added"),
+        ("nixos-system-old", "removed"),
+        ("up", "removed"),
+    ]
+    assert upstream["boot_files"] == []
+
+
+def test_pending_changes_are_zero_when_current_is_upstream(host: Host) -> None:
+    system = host.build_one("a", packages=(Package("nginx", "1.27.0"),))
+    host.install(system)
+    host.write_deployed(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    text = host.metrics()
+    for kind in ("added", "removed", "upgraded", "downgraded", "changed"):
+        assert metric(text, "nixos_autodeploy_pending_changes", kind=kind) == 0
+    current = metric(text, "nixos_autodeploy_closure_size_bytes", system="current")
+    assert current == metric(text, "nixos_autodeploy_closure_size_bytes", system="upstream") > 0
+    status = host.status()
+    assert status.returncode == 0, status
+    assert "upstream changes" not in status.stdout
+
+
+def test_resident_polls_compute_the_difference_only_when_a_system_moves(host: Host) -> None:
+    old, _ = versioned_update(host)  # a one-shot collect wrote diff.json
+    kept = (host.state_dir / "diff.json").read_bytes()
+    spawned = host.spawn_count(*NIX_TOOLS)
+    with resident(host, RARELY) as agent:
+        agent.next_message()
+        agent.poll()
+        assert host.spawn_count(*NIX_TOOLS) == spawned, "no-change polls run no Nix"
+        assert (host.state_dir / "diff.json").read_bytes() == kept
+        # Rewritten behind its back (by a one-shot or the actuator): read again, not kept.
+        (host.state_dir / "diff.json").write_text("{not json")
+        agent.poll()
+        assert json.loads((host.state_dir / "diff.json").read_bytes()) == json.loads(kept)
+        newer = host.build_one("newer", kernel="6.6.41", tag="24.05.3", packages=OLD)
+        host.publish(newer)
+        agent.poll()
+        returncode, stderr = agent.stop()
+    assert returncode == 0, stderr
+    assert "diff.json is corrupt" in stderr
+    upstream = host.read_json("diff.json")["upstream"]
+    assert (upstream["from"], upstream["to"]) == (old.path, newer.path)
+    assert metric(host.metrics(), "nixos_autodeploy_pending_changes", kind="upgraded") == 0
+
+
+def test_a_corrupt_diff_json_is_computed_afresh(host: Host) -> None:
+    versioned_update(host)
+    (host.state_dir / "diff.json").write_text("{not json")
+    again = host.collect()
+    assert again.returncode == 0, again
+    assert "diff.json is corrupt" in again.stderr
+    assert host.read_json("diff.json")["upstream"]["counts"] == expected_counts()
+    no_traceback(again)

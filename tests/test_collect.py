@@ -1,24 +1,20 @@
-"""`collect` and `status` against real Nix, a real binary cache on loopback, a sandbox root."""
+"""`collect` against real Nix, a real binary cache on loopback, a sandbox root: realising
+upstream and classifying the host, conditional fetches, the metrics it writes, --track,
+and its settings from flags and the config file."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
-from harness import AgentResult, Host, Reply, System, SystemSpec, etag_for, metric, require_tool
+from harness import Host, Reply, SystemSpec, error_lines, etag_for, metric, require_tool
 
 pytestmark = pytest.mark.nix
 
 
-def store_path_is_valid(host: Host, path: str) -> bool:
-    checked = subprocess.run(
-        ["nix-store", "--check-validity", path], env=host.nix_env(), capture_output=True
-    )
-    return checked.returncode == 0
-
-
-# ---- realising and classifying ----------------------------------------------
+# ---- realising and classifying ------------------------------------------------------
 
 
 def test_collect_realises_upstream_and_reports_untracked(host: Host) -> None:
@@ -59,10 +55,10 @@ def test_update_available_realises_the_new_system_and_changes_nothing_else(host:
     host.install(old)
     host.write_deployed(old)
     host.publish(new)
-    assert not store_path_is_valid(host, new.path)
+    assert not host.store_path_is_valid(new.path)
     result = host.collect()
     assert result.returncode == 0, result
-    assert store_path_is_valid(host, new.path)
+    assert host.store_path_is_valid(new.path)
     assert host.upstream() == new.path
     assert (host.current(), host.booted(), host.profile()) == (old.path,) * 3
     assert host.activations() == []
@@ -140,7 +136,32 @@ def test_reboot_required_follows_the_kernel(host: Host, kernel: str, required: b
     assert metric(host.metrics(), "nixos_autodeploy_reboot_required") == float(required)
 
 
-# ---- conditional fetch, metrics, lock -------------------------------------------
+def test_collect_track_on_a_host_without_the_actuator(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    host.install(a)
+    host.publish(a)
+    first = host.collect("--track")
+    assert first.returncode == 0, first
+    record = host.read_json("deployed.json")
+    assert (record["path"], record["previous"]) == (a.path, a.path)
+    assert host.snapshot()["state"] == "up-to-date"
+
+    host.publish(b)  # CI moved on; here an operator deploys by hand
+    assert host.collect("--track").returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
+    host.deploy_by_hand(b)
+    assert host.collect("--track").returncode == 0
+    assert host.snapshot()["state"] == "up-to-date"
+    assert host.read_json("deployed.json")["path"] == b.path
+
+    host.deploy_by_hand(c)  # not what CI published: still dirty, tracking or not
+    assert host.collect("--track").returncode == 0
+    assert host.snapshot()["state"] == "dirty"
+    assert host.read_json("deployed.json")["path"] == b.path
+
+
+# ---- conditional fetches ------------------------------------------------------------
 
 
 def test_second_collect_gets_304_and_runs_no_nix(host: Host) -> None:
@@ -200,6 +221,23 @@ def test_upstream_change_is_realised_on_the_next_collect(host: Host) -> None:
     ) == pytest.approx(snapshot["upstream"]["changed_at"])
 
 
+def test_a_failed_fetch_keeps_the_time_of_the_last_good_one(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    assert host.collect().returncode == 0  # 304: upstream.json is not rewritten
+    last_good = host.snapshot()["upstream"]["fetched_at"]
+    assert last_good > host.read_json("upstream.json")["fetched_at"]
+    host.server.route("/upstream", Reply(status=404))
+    assert host.collect().returncode == 1
+    upstream = host.snapshot()["upstream"]
+    assert upstream["fetched_at"] == last_good and "404" in upstream["error"]
+
+
+# ---- the metrics it writes ----------------------------------------------------------
+
+
 def test_metrics_pass_promtool(host: Host) -> None:
     promtool = require_tool("promtool")
     systems = host.build(SystemSpec("a"), SystemSpec("b"))
@@ -221,251 +259,42 @@ def test_metrics_pass_promtool(host: Host) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_lock_held_collect_says_so_and_changes_nothing(host: Host) -> None:
-    system = host.build_one("a")
-    host.install(system)
-    host.publish(system)
-    before = host.links()
-    with host.lock_held():
-        result = host.collect()
-    assert result.returncode == 0, result
-    assert "lock" in result.stderr.lower()
-    assert host.server.count() == 0
-    assert host.links() == before
-    assert not (host.state_dir / "snapshot.json").exists()
-    assert not host.metrics_path.exists()
-
-
-# ---- status -----------------------------------------------------------------
-
-
-def collected_update(host: Host) -> tuple[System, System]:
-    """A tracked host running old, collected after CI published new."""
-    systems = host.build(SystemSpec("old"), SystemSpec("new"))
-    old, new = systems["old"], systems["new"]
-    host.install(old)
-    host.write_deployed(old)
-    host.publish(new)
-    assert host.collect().returncode == 0
-    return old, new
-
-
-def test_status_json_and_table(host: Host) -> None:
-    old, new = collected_update(host)
-    result = host.status("--json")
-    assert result.returncode == 0, result
-    shown = json.loads(result.stdout)
-    expected = {
-        "state": "update-available",
-        "dirty": False,
-        "reboot_required": False,
-        "current": old.path,
-        "booted": old.path,
-        "profile": old.path,
-        "deployed": old.path,
-        "upstream": new.path,
-        "upstream_error": None,
-        "last_deploy": None,
-    }
-    assert {k: shown[k] for k in expected} == expected
-    assert shown["collected_at"] == host.snapshot()["collected_at"]
-    table = host.run_agent("status", env={"COLUMNS": "250"})
-    assert table.returncode == 0, table
-    assert "update-available" in table.stdout
-    assert old.path in table.stdout and new.path in table.stdout
-
-
-def table_row(table: AgentResult, label: str) -> str:
-    """The line of the status table whose first cell is `label`."""
-    rows = [
-        line
-        for line in table.stdout.splitlines()
-        if line.startswith("│") and line.strip("│ ").startswith(label)
-    ]
-    assert len(rows) == 1, table
-    return rows[0]
-
-
-def status_table(host: Host) -> AgentResult:
-    # Captured stdout is not a terminal: no colour codes. Wide enough for full paths.
-    table = host.run_agent("status", env={"COLUMNS": "250"})
-    assert table.returncode == 0, table
-    assert "\x1b[" not in table.stdout, "colour codes on a stdout that is not a terminal"
-    return table
-
-
-def test_status_table_marks_what_differs_from_current(host: Host) -> None:
-    old, new = collected_update(host)
-    table = status_table(host)
-    for label in ("current", "booted", "profile", "deployed"):
-        row = table_row(table, label)
-        assert old.path in row and "≠ current" not in row, table
-    row = table_row(table, "upstream")
-    assert new.path in row and "≠ current" in row, table
-    assert "dirty: no" in table.stdout and "reboot required: no" in table.stdout, table
-    assert "upstream error" not in table.stdout, table
-
-
-def test_status_table_shows_dirty_and_reboot_required(host: Host) -> None:
-    systems = host.build(SystemSpec("ours"), SystemSpec("theirs", kernel="6.9.1"), SystemSpec("ci"))
-    ours, theirs, ci = systems["ours"], systems["theirs"], systems["ci"]
-    host.install(ours)
-    host.write_deployed(ours)
-    host.deploy_by_hand(theirs, "switch")  # a new kernel, switched to by hand
-    host.publish(ci)
-    assert host.collect().returncode == 0
-    assert (host.snapshot()["state"], host.snapshot()["reboot_required"]) == ("dirty", True)
-    table = status_table(host)
-    marked = {
-        "current": (theirs, False),
-        "booted": (ours, True),
-        "profile": (theirs, False),
-        "deployed": (ours, True),
-        "upstream": (ci, True),
-    }
-    for label, (system, differs) in marked.items():
-        row = table_row(table, label)
-        assert system.path in row, table
-        assert ("≠ current" in row) is differs, table
-    assert "dirty: yes" in table.stdout, table
-    assert "reboot required: yes" in table.stdout, table
-
-
-def test_status_table_shows_the_upstream_error(host: Host) -> None:
-    system = host.build_one("a")
-    host.install(system)
-    host.write_deployed(system)
-    host.publish(system)
-    assert host.collect().returncode == 0
-    host.server.publish_body(b"<html>maintenance</html>\n")
-    failed = host.collect()
-    assert failed.returncode == 1, failed
-    table = status_table(host)
-    (line,) = [line for line in table.stdout.splitlines() if "upstream error" in line]
-    assert "HTML" in line and host.url in line, table
-    assert host.snapshot()["upstream"]["error"] in " ".join(table.stdout.split()), table
-
-
-def test_status_shows_the_upstream_error(host: Host) -> None:
-    system = host.build_one("a")
-    host.install(system)
-    host.server.publish_body(b"")
-    assert host.collect().returncode == 1
-    shown = json.loads(host.status("--json").stdout)
-    assert "empty body" in shown["upstream_error"]
-    assert shown["state"] == "unknown"
-
-
-@pytest.mark.parametrize(
-    "content",
-    [b"{not json", b"[1, 2]", b'{"version": 99}', b'{"version": 1, "state": "bogus"}'],
-)
-def test_corrupt_snapshot_makes_status_fail_with_one_line(host: Host, content: bytes) -> None:
-    (host.state_dir / "snapshot.json").write_bytes(content)
-    for args in ((), ("--json",)):
-        result = host.status(*args)
-        assert result.returncode == 1, result
-        assert len(result.stderr_lines) == 1, result
-        assert result.stderr_lines[0].startswith("error:")
-        assert "snapshot" in result.stderr_lines[0] or "snapshot.json" in result.stderr_lines[0]
-        assert result.stdout == ""
-
-
-def test_status_without_snapshot_says_run_collect(host: Host) -> None:
-    result = host.status()
-    assert result.returncode == 1
-    assert len(result.stderr_lines) == 1 and "collect" in result.stderr_lines[0]
-
-
-def test_collect_track_on_a_host_without_the_actuator(host: Host) -> None:
-    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
-    a, b, c = systems["a"], systems["b"], systems["c"]
-    host.install(a)
-    host.publish(a)
-    first = host.collect("--track")
-    assert first.returncode == 0, first
-    record = host.read_json("deployed.json")
-    assert (record["path"], record["previous"]) == (a.path, a.path)
-    assert host.snapshot()["state"] == "up-to-date"
-
-    host.publish(b)  # CI moved on; here an operator deploys by hand
-    assert host.collect("--track").returncode == 0
-    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("update-available", False)
-    host.deploy_by_hand(b)
-    assert host.collect("--track").returncode == 0
-    assert host.snapshot()["state"] == "up-to-date"
-    assert host.read_json("deployed.json")["path"] == b.path
-
-    host.deploy_by_hand(c)  # not what CI published: still dirty, tracking or not
-    assert host.collect("--track").returncode == 0
-    assert host.snapshot()["state"] == "dirty"
-    assert host.read_json("deployed.json")["path"] == b.path
-
-
-def test_a_failed_fetch_keeps_the_time_of_the_last_good_one(host: Host) -> None:
-    system = host.build_one("a")
-    host.install(system)
-    host.publish(system)
-    assert host.collect().returncode == 0
-    assert host.collect().returncode == 0  # 304: upstream.json is not rewritten
-    last_good = host.snapshot()["upstream"]["fetched_at"]
-    assert last_good > host.read_json("upstream.json")["fetched_at"]
-    host.server.route("/upstream", Reply(status=404))
-    assert host.collect().returncode == 1
-    upstream = host.snapshot()["upstream"]
-    assert upstream["fetched_at"] == last_good and "404" in upstream["error"]
-
-
-@pytest.mark.parametrize("rolled_back", [True, False])
-def test_status_and_metrics_show_the_last_health_checks_and_rollback(
-    host: Host, rolled_back: bool
-) -> None:
-    """What the actuator records after failed health checks (docs/CONTRACT.md, deploys.json)
-    reaches the metrics, `status` and `status --json`."""
-    old, new = collected_update(host)
-    reason = "check 'http://127.0.0.1/health' failed: HTTP 503 Service Unavailable"
-    health = {
-        "at": 1_800_000_000.0,
-        "ok": False,
-        "attempts": 60,
-        "summary": reason,
-        "checks": [{"name": "http://127.0.0.1/health", "ok": False, "output": ["HTTP 503"]}],
-    }
-    rollback = {
-        "at": 1_800_000_010.0,
-        "from": new.path,
-        "to": old.path,
-        "ok": rolled_back,
-        "reason": reason,
-    }
-    deploys = {
-        "version": 1,
-        "last": None,
-        "totals": {"success": 0, "failure": 1},
-        "failed_path": new.path,
-        "health": health,
-        "rollbacks": 2,
-        "last_rollback": rollback,
-    }
-    (host.state_dir / "deploys.json").write_text(json.dumps(deploys))
-    assert host.collect().returncode == 0
-    metrics = host.metrics()
-    assert metric(metrics, "nixos_autodeploy_last_health_check_success") == 0
-    assert metric(metrics, "nixos_autodeploy_last_health_check_timestamp_seconds") == health["at"]
-    assert metric(metrics, "nixos_autodeploy_rollbacks_total") == 2
-    assert metric(metrics, "nixos_autodeploy_last_rollback_success") == rolled_back
-    shown = json.loads(host.status("--json").stdout)
-    assert (shown["last_health"], shown["last_rollback"]) == (health, rollback)
-    lines = status_table(host).stdout.splitlines()
-    assert any(x.startswith("last health check: failed") and x.endswith(reason) for x in lines)
-    (line,) = (x for x in lines if f"rolled back from {new.path} at 2027-01-15 08:00:10 UTC" in x)
-    assert line.startswith("rolled back" if rolled_back else "rolling back failed ("), line
-    assert line.endswith(f"ago): {reason}" if rolled_back else f"ago)): {reason}"), line
-
-
 def test_metrics_without_health_checks_yet_have_no_health_series(host: Host) -> None:
-    collected_update(host)
+    host.update_published()
     metrics = host.metrics()
     assert metric(metrics, "nixos_autodeploy_rollbacks_total") == 0
     assert "nixos_autodeploy_last_health_check_success" not in metrics
     assert "nixos_autodeploy_last_rollback_success" not in metrics
+
+
+# ---- settings: flags and the config file --------------------------------------------
+
+
+def test_flags_win_over_the_config_file_and_unknown_keys_are_refused(
+    host: Host, tmp_path: Path
+) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    config = tmp_path / "autodeploy.json"
+    config.write_text(
+        json.dumps({"url": host.server.url("/nowhere"), "timeout": 30, "headers": ["X-A: file"]})
+    )
+    result = host.run_agent("collect", "--config", str(config), "--url", host.url)
+    assert result.returncode == 0, result
+    (request,) = host.server.requests("/upstream")
+    assert request.headers["x-a"] == "file"
+    assert host.server.requests("/nowhere") == []
+
+    config.write_text(json.dumps({"url": host.url, "swtich_mode": "boot"}))
+    before = (host.state_dir / "snapshot.json").read_bytes()
+    refused = host.run_agent("deploy", "--config", str(config))
+    assert refused.returncode == 1
+    (error,) = error_lines(refused)
+    assert "unknown key 'swtich_mode'" in error
+    assert (host.state_dir / "snapshot.json").read_bytes() == before
+
+    config.write_text("url = [")
+    broken = host.run_agent("collect", "--config", str(config))
+    assert broken.returncode == 1
+    assert len(error_lines(broken)) == 1

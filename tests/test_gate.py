@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from harness import system_path
 
 from actuator.gate import Action, decide
 from collector.config import RebootMode, SwitchMode
-from collector.snapshot import Deploys, Snapshot, Upstream
+from collector.records import DeployResult, Deploys
+from collector.snapshot import Snapshot, Upstream
 from collector.state import Activation, Deployed, Links, State, classify
 from collector.store import StorePath
 
-
-def sp(name: str) -> StorePath:
-    return StorePath(f"/nix/store/{name * 32}-nixos-system-{name}")
-
-
-A, B, C = sp("a"), sp("b"), sp("c")
+A, B, C = system_path("a"), system_path("b"), system_path("c")
 
 
 def snapshot(
@@ -153,10 +150,7 @@ CASES = [
     # A failure of something else (C failed in Nix: not remembered) leaves B's alone.
     (
         snapshot(A, rec(A), B),
-        B_FAILED.with_result(
-            {"at": 5.0, "path": C.path, "mode": "switch", "result": "failure", "message": ""},
-            None,
-        ),
+        B_FAILED.with_result(DeployResult(5.0, C, Activation.SWITCH, False), None),
         False,
         None,
         Action.NOTHING,

@@ -8,31 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.grafana import GRAFANA, all_panels, load_dashboard
 
-GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
 DASHBOARDS = {"fleet.json": "nixos-autodeploy-fleet", "host.json": "nixos-autodeploy-host"}
 SHARED_TAGS = {"nixos-autodeploy"}
 # Grafana 10.4 / 11 write 39; older numbers get migrated on load and re-saved with a diff.
 MIN_SCHEMA_VERSION = 39
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
-
-
-def load(name: str) -> dict[str, Any]:
-    data = json.loads((GRAFANA / name).read_text())
-    assert isinstance(data, dict)
-    return data
-
-
-def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every panel, including those inside (collapsed) rows."""
-    for panel in dashboard.get("panels", []):
-        yield panel
-        yield from panel.get("panels", [])
 
 
 def variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -45,7 +30,7 @@ def test_the_dashboard_files_are_the_expected_ones() -> None:
 
 @pytest.mark.parametrize(("name", "uid"), DASHBOARDS.items())
 def test_dashboard_identity(name: str, uid: str) -> None:
-    dashboard = load(name)
+    dashboard = load_dashboard(name)
     # A stable uid keeps links and provisioned copies pointing at the same dashboard.
     assert dashboard["uid"] == uid
     assert len(uid) <= 40
@@ -57,7 +42,7 @@ def test_dashboard_identity(name: str, uid: str) -> None:
 
 
 def test_dashboards_share_their_tags_and_link_each_other() -> None:
-    fleet, host = load("fleet.json"), load("host.json")
+    fleet, host = load_dashboard("fleet.json"), load_dashboard("host.json")
     assert fleet["tags"] == host["tags"]
     for dashboard in (fleet, host):
         tag_links = [link for link in dashboard["links"] if link["type"] == "dashboards"]
@@ -80,7 +65,7 @@ def test_no_export_placeholders(name: str) -> None:
     ("name", "expected"), [("fleet.json", {"job"}), ("host.json", {"job", "instance"})]
 )
 def test_template_variables(name: str, expected: set[str]) -> None:
-    found = variables(load(name))
+    found = variables(load_dashboard(name))
     assert set(found) == {"datasource"} | expected
     datasource = found["datasource"]
     assert datasource["type"] == "datasource"
@@ -100,7 +85,7 @@ def test_template_variables(name: str, expected: set[str]) -> None:
 
 @pytest.mark.parametrize("name", DASHBOARDS)
 def test_every_panel_queries_the_datasource_variable(name: str) -> None:
-    dashboard = load(name)
+    dashboard = load_dashboard(name)
     panels = [p for p in all_panels(dashboard) if p["type"] != "row"]
     assert panels
     for panel in panels:
@@ -116,7 +101,7 @@ def test_every_panel_queries_the_datasource_variable(name: str) -> None:
 
 @pytest.mark.parametrize("name", DASHBOARDS)
 def test_panel_ids_are_unique_and_placed(name: str) -> None:
-    panels = list(all_panels(load(name)))
+    panels = list(all_panels(load_dashboard(name)))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
     occupied: set[tuple[int, int]] = set()
@@ -138,7 +123,7 @@ def test_panel_ids_are_unique_and_placed(name: str) -> None:
 )
 def test_every_selector_is_filtered_by_the_variables(name: str, selector: str) -> None:
     """A selector without `$job` would mix in other jobs' (or, on the host view, hosts') series."""
-    for panel in all_panels(load(name)):
+    for panel in all_panels(load_dashboard(name)):
         for target in panel.get("targets", []):
             selectors = re.findall(
                 r"\b(?:nixos_autodeploy|node_textfile)_\w+(\{[^}]*\})?", target["expr"]
@@ -148,10 +133,10 @@ def test_every_selector_is_filtered_by_the_variables(name: str, selector: str) -
                 assert selector in found, f"{panel['title']!r}: {target['expr']}"
 
 
-def test_fleet_counts_hosts_in_each_state_the_issue_names() -> None:
+def test_fleet_stats_count_hosts_by_state_dirty_reboot_fetch_failure_and_staleness() -> None:
     exprs = {
         p["title"]: p["targets"][0]["expr"]
-        for p in all_panels(load("fleet.json"))
+        for p in all_panels(load_dashboard("fleet.json"))
         if p["type"] == "stat"
     }
     joined = "\n".join(exprs.values())

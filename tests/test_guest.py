@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from actuator import deploy, fleetlock
+from actuator import commands, fleetlock
 
 pytestmark = pytest.mark.guest
 
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 CACHE = REPO / ".cache" / "guest"
 # The transient unit the actuator runs switch-to-configuration in.
-SWITCH_UNIT = f"{deploy.SWITCH_UNIT}.service"
+SWITCH_UNIT = f"{commands.SWITCH_UNIT}.service"
 AGENT_UNIT = "nixos-autodeploy-deploy.service"
 REPORT_PREFIX = "AUTODEPLOY-GUEST "
 SANDBOX_PATHS = "/bin /usr /lib /lib64"

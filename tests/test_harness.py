@@ -28,13 +28,6 @@ def get(
         connection.close()
 
 
-def store_path_is_valid(host: Host, path: str) -> bool:
-    checked = subprocess.run(
-        ["nix-store", "--check-validity", path], env=host.nix_env(), capture_output=True
-    )
-    return checked.returncode == 0
-
-
 # ---- systems ---------------------------------------------------------------
 
 
@@ -73,9 +66,9 @@ def test_systems_have_the_nixos_layout_and_share_kernels_by_version(host: Host) 
 
 def test_each_test_builds_paths_new_to_the_real_store(host: Host) -> None:
     system = host.build_one("fresh")
-    assert not store_path_is_valid(host, system.path)
+    assert not host.store_path_is_valid(system.path)
     host.realise(system)
-    assert store_path_is_valid(host, system.path)
+    assert host.store_path_is_valid(system.path)
 
 
 def test_install_points_everything_at_the_system(host: Host) -> None:
@@ -89,7 +82,7 @@ def test_install_points_everything_at_the_system(host: Host) -> None:
         "profile_generation": "system-1-link",
         "boot_default": system.path,
     }
-    assert store_path_is_valid(host, system.path)
+    assert host.store_path_is_valid(system.path)
     assert host.activations() == []
 
 
@@ -183,7 +176,7 @@ def test_unsigned_system_is_refused_by_nix(host: Host) -> None:
     )
     assert refused.returncode != 0
     assert "is not signed by any of the keys in 'trusted-public-keys'" in refused.stderr
-    assert not store_path_is_valid(host, unsigned.path)
+    assert not host.store_path_is_valid(unsigned.path)
     assert host.server.count(f"/{unsigned.basename.split('-')[0]}.narinfo") >= 1
 
 

@@ -22,6 +22,7 @@ from collector.cli import build_parser, main
 from collector.config import HealthSettings, Paths, Settings, settings_from
 from collector.errors import ConfigError, ProcessError
 from collector.process import OUTPUT_KEEP, run_bounded
+from collector.records import CheckResult, HealthResult
 
 STORE_PATH = "/nix/store/" + "a" * 32 + "-nixos-system-test"
 
@@ -41,7 +42,7 @@ class FakeClock:
         self.now += seconds
 
 
-def checked(settings: Settings) -> health.HealthResult:
+def checked(settings: Settings) -> HealthResult:
     """run_checks on a fake clock: failing checks retry until the deadline without waiting
     (a check's own process still gets the real remaining time as its limit)."""
     clock = FakeClock()
@@ -266,9 +267,7 @@ def test_upstream_still_reachable(root: Path, test_server: TestServer) -> None:
     settings = settings_for(root, url=test_server.url("/upstream"), timeout=1)
     result = checked(settings)
     assert result.ok
-    assert result.checks == (
-        health.CheckResult("upstream", True, (f"upstream answered {STORE_PATH}",)),
-    )
+    assert result.checks == (CheckResult("upstream", True, (f"upstream answered {STORE_PATH}",)),)
 
 
 def test_upstream_unreachable_fails(root: Path, test_server: TestServer) -> None:
@@ -316,7 +315,7 @@ def test_systemd_verdict(
     (root / "run/systemd/system").mkdir(parents=True)
     systemctl.write_text(reply)
     result = checked(settings_for(root, timeout=1, ignore_units=ignored))
-    assert result.checks == (health.CheckResult("systemd", ok, (said,)),)
+    assert result.checks == (CheckResult("systemd", ok, (said,)),)
 
 
 def test_systemd_verdict_only_where_systemd_runs(
@@ -339,7 +338,7 @@ def test_unit_check(
 ) -> None:
     systemctl.write_text(reply)
     result = checked(settings_for(root, timeout=1, units=("nginx.service",)))
-    assert result.checks == (health.CheckResult("nginx.service", ok, said),)
+    assert result.checks == (CheckResult("nginx.service", ok, said),)
     assert (tmp_path / "systemctl.log").read_text() == "is-active nginx.service\n"
 
 

@@ -522,7 +522,7 @@ def test_secrets_stay_out_of_failure_output(host: Host, tmp_path: Path, status: 
         assert TOKEN not in text and PASSWORD not in text, text
 
 
-# ---- validators belong to the exact URL that gave them (issue 14, 7) ------------------
+# ---- validators belong to the exact URL that gave them --------------------------------
 
 OLDER = "Mon, 01 Jan 2024 00:00:00 GMT"
 NEWER = "Tue, 02 Jan 2024 00:00:00 GMT"
@@ -578,7 +578,7 @@ def test_validators_are_not_sent_to_another_query(host: Host) -> None:
     assert "host=web" not in (host.state_dir / "snapshot.json").read_text()
 
 
-# ---- odd input is one error line, and the snapshot and metrics say so (issue 14, 9) ----
+# ---- odd input is one error line, and the snapshot and metrics say so ------------------
 
 
 @pytest.mark.parametrize(

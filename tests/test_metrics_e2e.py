@@ -26,12 +26,11 @@ from typing import Any
 import pytest
 import yaml
 from harness import Host, SystemSpec, require_tool
+from harness.grafana import RULES, all_panels, load_dashboard
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.nix]
 
-GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
 DASHBOARDS = ("fleet.json", "host.json")
-RULES = GRAFANA / "alerts.rules.yml"
 JOB = "nixos-autodeploy-e2e"
 # What Grafana would put in for a short time range over 1s scrapes.
 BUILTINS = {
@@ -184,12 +183,6 @@ def substitute(expr: str, values: dict[str, str]) -> tuple[str, list[str]]:
     return VARIABLE.sub(one, expr), unknown
 
 
-def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for panel in dashboard.get("panels", []):
-        yield panel
-        yield from panel.get("panels", [])
-
-
 def result_of(response: Any) -> list[Any]:
     assert response["status"] == "success", response.get("error")
     result: list[Any] = response["data"]["result"]
@@ -294,7 +287,7 @@ def check_against(prom: Prometheus, instance: str) -> None:
     failures: list[str] = []
     checked = 0
     for name in DASHBOARDS:
-        dashboard = json.loads((GRAFANA / name).read_text())
+        dashboard = load_dashboard(name)
         for variable in dashboard["templating"]["list"]:
             if variable["type"] == "query":
                 failures += check_variable(prom, name, variable, values)

@@ -29,14 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Host, RecordedRequest, Reply, TestServer, require_tool, run_checked
+from harness import REPO, Host, RecordedRequest, Reply, TestServer, require_tool, run_checked
+from harness.module_text import module_config_keys
 
 from actuator import window
 from collector.cli import build_parser
-from collector.config import HealthSettings, RebootMode, Settings, SwitchMode, settings_from
+from collector.config import (
+    OPTIONS,
+    HealthSettings,
+    RebootMode,
+    Settings,
+    SwitchMode,
+    settings_from,
+)
 from collector.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
 EVAL_FLAKE = REPO / "tests" / "nix" / "eval-flake.nix"
 SKIP_DIRS = {".git", ".venv", ".cache", "node_modules", "result"}
@@ -717,6 +724,34 @@ def test_k_exec_is_accepted_in_the_config_file_too(tmp_path: Path) -> None:
     config.write_text(json.dumps({"url": "http://a/x", "reboot_mode": "k-exec"}))
     args = build_parser().parse_args(["deploy", "--config", str(config)])
     assert settings_from(args).reboot_mode is RebootMode.KEXEC
+
+
+@pytest.mark.nix
+def test_the_generated_config_files_hold_only_options_of_the_table(evaluate: Evaluate) -> None:
+    """With every optional setting on, each key of the generated files is one the table lets
+    its subcommand take, and the keys are those tests/test_settings.py finds in module.nix's
+    text (where CI, without nixpkgs, checks them)."""
+    everything = BASE | {
+        "extraHeaders": {"X-Host": "web1"},
+        "caFile": "/etc/ssl/internal-ca.pem",
+        "bearerTokenFile": "/run/secrets/token",
+        "netrcFile": "/run/secrets/netrc",
+        "rebootMode": "kexec",
+        "maxSnapshotAge": 900,
+        "rebootWindows": ["02:00-04:00"],
+        "fleetLock": {"url": "http://airlock.example.org:3333"},
+    }
+    full, monitoring = evaluate(everything, everything | {"actuator": {"enable": False}})
+    generated = {}
+    for command, unit, record in (("deploy", ACTUATOR, full), ("collect", COLLECTOR, monitoring)):
+        argv = exec_argv(record["services"][unit]["serviceConfig"]["ExecStart"])
+        assert argv[1] == command
+        generated[command] = set(config_file(argv))
+        taken = {o.name for o in OPTIONS if o.file_type is not None and command in o.commands}
+        assert generated[command] <= taken, command
+    shown = module_config_keys((REPO / "module.nix").read_text())
+    assert generated["deploy"] == shown["upstreamSettings"] | shown["actuatorSettings"]
+    assert generated["collect"] == shown["upstreamSettings"] | shown["collectorSettings"]
 
 
 # --- learning of a switch -------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from harness import (
     FAULTS,
+    NEW_KERNEL,
     AgentResult,
     Fault,
     FleetLockServer,
@@ -29,13 +30,13 @@ from harness import (
     error_lines,
     metric,
 )
+from harness.deploys import deploy, events_named, history, start_deploy, tracking
 
 from actuator import fleetlock
 from collector.config import Paths
 
 pytestmark = pytest.mark.nix
 
-NEW_KERNEL = "6.6.1"
 REASONS = ("window", "fleet-lock", "operator")
 
 
@@ -79,45 +80,25 @@ def pending_reboot_host(host: Host, machine_id: str) -> tuple[System, System]:
     """A tracked host whose upstream brings a new kernel, so its deploy waits for a reboot."""
     systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
     old, new = systems["old"], systems["new"]
-    host.install(old)
-    host.write_deployed(old, previous=old)
-    host.publish(new)
+    tracking(host, old, new)
     (host.root / "etc").mkdir(exist_ok=True)
     (host.root / "etc/machine-id").write_text(machine_id + "\n")
     return old, new
 
 
-def deploy(host: Host, *args: str, tz: str = "UTC") -> AgentResult:
-    return host.run_agent(
-        "deploy",
-        "--url",
-        host.url,
-        "--prometheus-path",
-        str(host.metrics_path),
-        "--switch-mode",
-        "boot",
-        "--reboot-mode",
-        "reboot",
-        *args,
-        env={"TZ": tz},
-    )
+def rebooting_deploy(host: Host, *args: str, tz: str = "UTC") -> AgentResult:
+    """A boot-mode deploy that reboots into what it deployed, on a clock in time zone tz
+    (the agent's default fetch timeout)."""
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *args)
+    return deploy(host, *args, timeout=None, env={"TZ": tz})
 
 
 def locked_deploy(host: Host, server: FleetLockServer, *args: str, tz: str = "UTC") -> AgentResult:
-    return deploy(host, "--fleet-lock-url", server.url, *args, tz=tz)
+    return rebooting_deploy(host, "--fleet-lock-url", server.url, *args, tz=tz)
 
 
 def ident(host: Host) -> str:
     return fleetlock.host_id(Paths(str(host.root), str(host.state_dir)))
-
-
-def history(host: Host) -> list[dict[str, Any]]:
-    path = host.state_dir / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def events(host: Host, *names: str) -> list[dict[str, Any]]:
-    return [e for e in history(host) if e["event"] in names]
 
 
 def reasons(host: Host) -> dict[str, float]:
@@ -153,7 +134,7 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(
 ) -> None:
     old, new = pending_reboot_host(host, "1" * 32)
     before = {p.name for p in host.state_dir.iterdir()}
-    bad = deploy(host, "--reboot-window", "Fri..Mon 02:00-04:00")
+    bad = rebooting_deploy(host, "--reboot-window", "Fri..Mon 02:00-04:00")
     assert bad.returncode == 1, bad
     assert error_lines(bad) == [
         "error: reboot window 'Fri..Mon 02:00-04:00': the range 'Fri..Mon' runs backwards "
@@ -162,10 +143,7 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(
     assert {p.name for p in host.state_dir.iterdir()} == before and host.activations() == []
 
     # Without --reboot-mode the deploy leaves the reboot to the operator, and says so.
-    no_mode = host.run_agent(
-        "deploy", "--url", host.url, "--prometheus-path", str(host.metrics_path),
-        "--switch-mode", "boot",
-    )  # fmt: skip
+    no_mode = deploy(host, "--switch-mode", "boot", timeout=None)
     assert no_mode.returncode == 0, no_mode
     assert host.activations() == [("boot", new.path)]
     assert host.snapshot()["state"] == "pending-reboot"
@@ -190,7 +168,7 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(
     since = metric(host.metrics(), "nixos_autodeploy_reboot_waiting_since_timestamp_seconds")
     assert since == waiting(host)["since"]
     assert status_line(host, "reboot waits: ").startswith(f"reboot waits: {line}")
-    assert [e["reason"] for e in events(host, "reboot-wait")] == ["window"]
+    assert [e["reason"] for e in events_named(host, "reboot-wait")] == ["window"]
 
     # Crossing midnight, on the day it is there: inside.
     night, day = local_tz("23:30")
@@ -248,8 +226,8 @@ def test_two_hosts_one_slot(host: Host, second_host: Host, lock_server: FleetLoc
     assert (a.snapshot()["state"], a.current()) == ("up-to-date", new_a.path)
     assert lock_server.held() == []
     assert metric(a.metrics(), "nixos_autodeploy_fleet_lock_held") == 0
-    assert events(a, "fleet-unlock") == [
-        {**events(a, "fleet-unlock")[0], "group": "default", "id": ident(a)}
+    assert events_named(a, "fleet-unlock") == [
+        {**events_named(a, "fleet-unlock")[0], "group": "default", "id": ident(a)}
     ]
 
     # B's next run takes the free slot and reboots.
@@ -280,7 +258,7 @@ def test_no_slot_means_no_reboot_and_says_why(host: Host, lock_server: FleetLock
     for case, (fault, expected) in FAILURES.items():
         lock_server.fault = fault
         url = down_url if fault is None else lock_server.url
-        result = deploy(host, "--fleet-lock-url", url, "--timeout", "3")
+        result = rebooting_deploy(host, "--fleet-lock-url", url, "--timeout", "3")
         lock_server.resume()  # a slow answer's handler may go
         assert result.returncode == 0, (case, result)
         assert reboots(host) == 0, case
@@ -293,7 +271,7 @@ def test_no_slot_means_no_reboot_and_says_why(host: Host, lock_server: FleetLock
         since = since or waiting(host)["since"]
         assert waiting(host)["since"] == since, "the wait began at the first refusal"
     lock_server.fault = None
-    assert deploy(host, "--fleet-lock-url", lock_server.url).returncode == 0
+    assert rebooting_deploy(host, "--fleet-lock-url", lock_server.url).returncode == 0
     assert reboots(host) == 1 and lock_server.held() == [ident(host)]
     assert waiting(host) is None and reasons(host)["fleet-lock"] == 0
 
@@ -304,10 +282,8 @@ def test_a_crash_between_taking_the_slot_and_rebooting_converges(
 ) -> None:
     old, _ = pending_reboot_host(host, "d" * 32)
     lock_server.pause_after_grant = True
-    run = host.start_agent(
-        "deploy", "--url", host.url, "--prometheus-path", str(host.metrics_path),
-        "--switch-mode", "boot", "--reboot-mode", "reboot", "--fleet-lock-url", lock_server.url,
-    )  # fmt: skip
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", "--fleet-lock-url", lock_server.url)
+    run = start_deploy(host, *args, timeout=None)
     try:
         assert lock_server.granted.wait(300), "the agent never asked for a slot"
     finally:

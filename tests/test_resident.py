@@ -1,8 +1,8 @@
 """The resident collector (`collect --every SECONDS`) against real Nix and a real server.
 
-A test follows the loop through what it tells systemd: a test notify socket receives
-READY=1, WATCHDOG=1 and STATUS= after every poll, so the test knows when a poll has
-finished without sleeping. Signals are sent the way systemd sends them."""
+A test follows the loop through what it tells systemd (harness.resident): a test notify
+socket receives READY=1, WATCHDOG=1 and STATUS= after every poll, so the test knows when
+a poll has finished without sleeping. Signals are sent the way systemd sends them."""
 
 from __future__ import annotations
 
@@ -15,76 +15,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from harness import Host, RecordedRequest, Reply, System, SystemSpec, metric, require_tool
+from harness import REPO, Host, RecordedRequest, Reply, metric, require_tool
+from harness.deploys import deploy
+from harness.resident import OFTEN, RARELY, SAFETY_SECONDS, resident
 
 from collector import notify
 from collector.cli import build_parser
 from collector.config import settings_from
-
-REPO = Path(__file__).resolve().parent.parent
-
-# A safety net against a hung agent, not an assertion on its speed.
-SAFETY_SECONDS = 120
-# Polls on its own, often: for the tests that follow several polls.
-OFTEN = "0.2"
-# Polls only when told to (SIGHUP) after the first one.
-RARELY = "3600"
-
-
-@dataclass
-class Resident:
-    """A running `collect --every` and the notify socket it reports to."""
-
-    host: Host
-    process: subprocess.Popen[str]
-    sock: socket.socket
-    messages: list[dict[str, str]] = field(default_factory=list)
-
-    def next_message(self) -> dict[str, str]:
-        data = self.sock.recv(4096).decode()
-        fields = dict(line.split("=", 1) for line in data.splitlines())
-        self.messages.append(fields)
-        return fields
-
-    def poll(self) -> dict[str, str]:
-        """Ask for a poll now (SIGHUP, as `systemctl reload`) and wait for its report."""
-        self.process.send_signal(signal.SIGHUP)
-        return self.next_message()
-
-    def polls(self) -> list[dict[str, str]]:
-        return [m for m in self.messages if "STATUS" in m]
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM, as systemd stops the unit; the exit code and stderr."""
-        self.process.send_signal(signal.SIGTERM)
-        _, stderr = self.process.communicate(timeout=SAFETY_SECONDS)
-        self.sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):  # what it sent that was not read yet
-            while True:
-                self.next_message()
-        return self.process.returncode, stderr
-
-
-@contextlib.contextmanager
-def resident(host: Host, every: str, *args: str) -> Iterator[Resident]:
-    path = host.tmp / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(SAFETY_SECONDS)
-    argv = ["collect", "--url", host.url, "--prometheus-path", str(host.metrics_path)]
-    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000"}
-    process = host.start_agent(*argv, "--timeout", "30", "--every", every, *args, env=env)
-    try:
-        yield Resident(host, process, sock)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-        sock.close()
 
 
 def upstream_requests(host: Host) -> list[RecordedRequest]:
@@ -194,18 +134,8 @@ def failing(host: Host, failure: str, unsigned: str) -> Iterator[None]:
         host.server.route("/upstream", body)
 
 
-def update_available(host: Host) -> tuple[System, System]:
-    """The agent deployed a, which runs; CI published b."""
-    systems = host.build(SystemSpec("a"), SystemSpec("b"))
-    a, b = systems["a"], systems["b"]
-    host.install(a)
-    host.write_deployed(a)
-    host.publish(b)
-    return a, b
-
-
 def test_never_holds_the_lock_between_polls(host: Host) -> None:
-    _, b = update_available(host)
+    _, b = host.update_published("a", "b", collect=False)
     flock = require_tool("flock")
     with resident(host, RARELY) as agent:
         ready = agent.next_message()
@@ -214,9 +144,7 @@ def test_never_holds_the_lock_between_polls(host: Host) -> None:
                 for fd in os.listdir(f"/proc/{agent.process.pid}/fd")]  # fmt: skip
         free = subprocess.run([flock, "--nonblock", str(host.state_dir / "lock"), "true"])
         # The actuator in parallel: it takes the lock at once and deploys.
-        deployed = host.run_agent(
-            "deploy", "--url", host.url, "--prometheus-path", str(host.metrics_path)
-        )
+        deployed = deploy(host, timeout=None)
         returncode, stderr = agent.stop()
     assert returncode == 0, stderr
     # Nothing but the standard streams, pipes and sockets (the kept-alive connection).
@@ -229,7 +157,7 @@ def test_never_holds_the_lock_between_polls(host: Host) -> None:
 
 
 def test_sighup_collects_now_and_sees_a_switch(host: Host) -> None:
-    a, b = update_available(host)
+    a, b = host.update_published("a", "b", collect=False)
     with resident(host, RARELY) as agent:
         ready = agent.next_message()
         host.deploy_by_hand(b, "switch")  # what nixos-rebuild (or the actuator) does

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from harness import system_path
 
 from collector.config import Paths
-from collector.snapshot import FAILED_MAX, Deploys, load_deploys
+from collector.records import FAILED_MAX, DeployResult, Deploys, load_deploys
 from collector.state import (
     Activation,
     Deployed,
@@ -21,12 +22,7 @@ from collector.state import (
 )
 from collector.store import StorePath
 
-
-def sp(name: str) -> StorePath:
-    return StorePath(f"/nix/store/{name * 32}-nixos-system-{name}")
-
-
-A, B, C = sp("a"), sp("b"), sp("c")
+A, B, C = system_path("a"), system_path("b"), system_path("c")
 
 
 def switched(path: StorePath) -> Deployed:
@@ -183,8 +179,8 @@ def test_a_system_left_running_by_a_failed_activation_is_not_dirty() -> None:
     assert classify(moved_on, switched(A), failed=()) is State.DIRTY
 
 
-def result(path: StorePath, outcome: str, at: float) -> dict[str, object]:
-    return {"at": at, "path": path.path, "mode": "switch", "result": outcome, "message": ""}
+def result(path: StorePath, outcome: str, at: float) -> DeployResult:
+    return DeployResult(at, path, Activation.SWITCH, outcome == "success")
 
 
 # results in order (path, outcome, the system itself failed) -> the remembered failures
@@ -226,7 +222,7 @@ def test_failed_memory_is_bounded_and_blocks_until_upstream_changes() -> None:
 def test_deploy_results_from_before_the_per_path_memory_are_read(tmp_path: Path) -> None:
     legacy = {
         "version": 1,
-        "last": result(B, "failure", 5.0),
+        "last": result(B, "failure", 5.0).to_json(),
         "totals": {"success": 0, "failure": 1},
         "failed_path": B.path,
     }

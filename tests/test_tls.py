@@ -13,7 +13,7 @@ import pytest
 from harness import Host, Reply, TestServer, error_lines, require_tool, run_checked
 
 from collector.config import Paths, Settings
-from collector.upstream import ca_bundle
+from collector.http import ca_bundle
 
 # Debian's bundle and NixOS's (security/ca.nix links it there).
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

@@ -9,67 +9,46 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from typing import Any
 
 import pytest
-from harness import AgentResult, Host, System, SystemSpec, error_lines, metric, read_link
+from harness import (
+    NEW_KERNEL,
+    AgentResult,
+    Host,
+    System,
+    SystemSpec,
+    error_lines,
+    metric,
+    read_link,
+)
+from harness.deploys import STOP_AT, deploy, event_names, journal, not_running, tracking
 
-from actuator import trial
-from actuator.deploy import ActuatorError
-from actuator.journal import STOP_AT
+from actuator.reboot import listed_entries
+from collector.errors import ActuatorError
 
 pytestmark = pytest.mark.nix
 
-NEW_KERNEL = "6.6.1"
 
-
-def deploy(host: Host, *args: str, env: dict[str, str] | None = None) -> AgentResult:
-    return host.run_agent(
-        "deploy",
-        "--url",
-        host.url,
-        "--timeout",
-        "5",
-        "--prometheus-path",
-        str(host.metrics_path),
-        "--switch-mode",
-        "boot",
-        "--health-timeout",
-        "1",
-        *args,
-        env=env,
-    )
+def trial_deploy(host: Host, *args: str, env: dict[str, str] | None = None) -> AgentResult:
+    """A boot-mode deploy whose health checks get one round (a failing check fails at
+    once): with a reboot mode, a trial boot."""
+    return deploy(host, "--switch-mode", "boot", "--health-timeout", "1", *args, timeout=5, env=env)
 
 
 def kexec(host: Host, *args: str, env: dict[str, str] | None = None) -> AgentResult:
-    return deploy(host, "--reboot-mode", "kexec", *args, env=env)
+    return trial_deploy(host, "--reboot-mode", "kexec", *args, env=env)
 
 
 def reboot(host: Host, *args: str, env: dict[str, str] | None = None) -> AgentResult:
-    return deploy(host, "--reboot-mode", "reboot", *args, env=env)
-
-
-def not_running(host: Host, system: System) -> str:
-    return f'[ "$(readlink {host.current_link})" != {system.path} ]'
+    return trial_deploy(host, "--reboot-mode", "reboot", *args, env=env)
 
 
 def systems(host: Host) -> tuple[System, System]:
+    """A tracked host running old; CI published new, with a new kernel; collected."""
     built = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
     old, new = built["old"], built["new"]
-    host.install(old)
-    host.write_deployed(old, previous=old)
-    host.publish(new)
-    assert host.collect().returncode == 0
+    tracking(host, old, new, collect=True)
     return old, new
-
-
-def events(host: Host) -> list[str]:
-    path = host.state_dir / "history.jsonl"
-    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
-
-
-def journal(host: Host) -> Any:
-    return host.read_json("journal.json")
 
 
 def boots(host: Host) -> list[list[str]]:
@@ -113,7 +92,7 @@ def test_kexec_trial_leaves_the_boot_loader_until_the_new_system_passes(host: Ho
     deploys = host.read_json("deploys.json")
     assert deploys["totals"] == {"success": 1, "failure": 0}
     assert deploys["health"]["ok"] is True and deploys["rollbacks"] == 0
-    assert events(host)[-4:] == ["health", "deploy", "trial-confirmed", "decision"]
+    assert event_names(host)[-4:] == ["health", "deploy", "trial-confirmed", "decision"]
     assert boots(host) == [["kexec"]]
     assert host.snapshot()["reboot_required"] is False
 
@@ -153,7 +132,7 @@ def test_kexec_trial_failing_its_checks_reboots_back_once(host: Host) -> None:
     assert host.activations() == []
     assert (host.profile(), host.boot_default()) == (old.path, old.path)
     assert journal(host)["phase"] == "rolled-back"
-    assert events(host)[-2:] == ["rolled-back", "rollback-reboot"]
+    assert event_names(host)[-2:] == ["rolled-back", "rollback-reboot"]
 
     host.reboot()
     after = kexec(host, *check)
@@ -287,7 +266,7 @@ def test_oneshot_trial_boots_the_new_system_once_and_confirms_it(host: Host) -> 
     assert host.oneshot_path.read_text() == "nixos-generation-2.conf\n"
     assert (journal(host)["trial"], journal(host)["phase"]) == ("oneshot", "booting")
     assert boots(host) == [["reboot"]]
-    assert "trial-oneshot" in events(host)
+    assert "trial-oneshot" in event_names(host)
 
     host.reboot()
     assert host.current() == new.path and not host.oneshot_path.exists()
@@ -431,12 +410,12 @@ def test_power_lost_before_the_trial_boot_is_undone_not_failed(host: Host, mode:
     ],
 )
 def test_bootctl_list_in_either_json_form(printed: str, listed: list[object]) -> None:
-    assert trial._listed(printed) == listed
+    assert listed_entries(printed) == listed
 
 
 def test_bootctl_list_that_is_not_json_is_an_error() -> None:
     with pytest.raises(ActuatorError, match="printed no JSON"):
-        trial._listed("Boot Loader Entries:\n  title: NixOS\n")
+        listed_entries("Boot Loader Entries:\n  title: NixOS\n")
 
 
 def test_oneshot_that_would_drop_the_old_entry_is_refused_and_undone(host: Host) -> None:

@@ -1,17 +1,24 @@
-"""Test harness: real Nix, a signed binary cache over HTTP, a sandbox host."""
+"""Test harness: real Nix, a signed binary cache over HTTP, a sandbox host.
+
+The topical modules are imported by name: `harness.deploys` (the actuator run and
+inspected), `harness.resident` (the resident collector), `harness.closures` (systems
+whose closures differ), `harness.grafana` (the dashboards and rules)."""
 
 from .fleetlock import FAULTS, Fault, FleetLockServer, LockRequest
 from .host import (
+    REPO,
     AgentResult,
     Host,
     error_lines,
     metric,
+    no_traceback,
     point_link,
     read_link,
     resolve_link,
     standalone_host,
 )
 from .nix import (
+    NEW_KERNEL,
     NixBuilder,
     Package,
     SigningKey,
@@ -22,11 +29,14 @@ from .nix import (
     require_tool,
     run_checked,
     store_paths,
+    system_path,
 )
 from .server import RecordedRequest, Reply, TestServer, etag_for
 
 __all__ = [
     "FAULTS",
+    "NEW_KERNEL",
+    "REPO",
     "AgentResult",
     "Fault",
     "FleetLockServer",
@@ -43,6 +53,7 @@ __all__ = [
     "error_lines",
     "etag_for",
     "metric",
+    "no_traceback",
     "point_link",
     "read_link",
     "register_closure",
@@ -52,4 +63,5 @@ __all__ = [
     "run_checked",
     "standalone_host",
     "store_paths",
+    "system_path",
 ]

@@ -86,6 +86,11 @@ def error_lines(result: AgentResult) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
+def no_traceback(result: AgentResult) -> None:
+    """The agent failed, if it did, with its own words, not a Python traceback."""
+    assert "Traceback" not in result.stderr, result
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one series, parsed with Prometheus' own text parser."""
     for family in text_string_to_metric_families(text):
@@ -232,6 +237,13 @@ class Host:
     def build_one(self, name: str = "a", signed: bool = True, **spec: Any) -> System:
         return self.builder.build(SystemSpec(name=name, **spec), signed=signed)[name]
 
+    def store_path_is_valid(self, path: str) -> bool:
+        """Whether the real store holds `path` (`nix-store --check-validity`)."""
+        checked = subprocess.run(
+            ["nix-store", "--check-validity", path], env=self.nix_env(), capture_output=True
+        )
+        return checked.returncode == 0
+
     def realise(self, system: System | str) -> str:
         """Substitute `system` from the binary cache into the real store, with a GC root."""
         path = str(system)
@@ -268,6 +280,26 @@ class Host:
         if action != "test":
             self.set_profile(path)
         run_checked([f"{path}/bin/switch-to-configuration", action], env=self.agent_env())
+
+    def switch_by_hand(self, system: System | str) -> None:
+        """`switch-to-configuration switch` alone, without touching the profile (as colmena's
+        `apply-local` or a hand-run activation does)."""
+        path = self.realise(system)
+        run_checked([f"{path}/bin/switch-to-configuration", "switch"], env=self.agent_env())
+
+    def update_published(
+        self, old: str = "old", new: str = "new", *, collect: bool = True
+    ) -> tuple[System, System]:
+        """Builds `old` and `new`: the host runs old, which the agent deployed; CI
+        published new; and, with collect, the collector has seen it."""
+        systems = self.build(SystemSpec(old), SystemSpec(new))
+        installed, published = systems[old], systems[new]
+        self.install(installed)
+        self.write_deployed(installed)
+        self.publish(published)
+        if collect:
+            assert self.collect().returncode == 0
+        return installed, published
 
     def use_systemd_boot(self) -> None:
         """From now on systemd-boot boots this host: its EFI variable, `bootctl`."""

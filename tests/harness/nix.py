@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from collector.store import StorePath
+
 SYSTEM_NIX = Path(__file__).with_name("system.nix")
 # Builders in the chroot store see only these host paths (for /bin/sh & coreutils).
 SANDBOX_PATHS = "/bin /usr /lib /lib64"
@@ -78,6 +80,10 @@ class Package:
         if not _STORE_NAME_RE.match(self.store_name):
             raise ValueError(f"not usable as a store path name: {self.store_name!r}")
         return {"name": self.store_name, "build": self.build}
+
+
+# A kernel other than SystemSpec's default: a system with it needs a reboot to run.
+NEW_KERNEL = "6.6.1"
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,11 @@ def store_paths(*names: str) -> list[str]:
         hash_part = "".join(BASE32[b % 32] for b in digest)
         out.append(f"/nix/store/{hash_part}-{name.partition('#')[0]}")
     return out
+
+
+def system_path(name: str) -> StorePath:
+    """A made-up system's store path: `name` repeated as its hash, `nixos-system-NAME`."""
+    return StorePath(f"/nix/store/{name * 32}-nixos-system-{name}")
 
 
 def register_closure(store: Path, top: str, paths: Sequence[str], size: int = 1000) -> None:

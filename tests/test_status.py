@@ -1,157 +1,196 @@
-"""What will change and what happened: the collector's diff.json and metrics, the status
-summary, `diff` and `log`, against real Nix, real closures and the real actuator."""
+"""What operators read: `status` (as JSON and as a table: the links, what upstream would
+change, what a hand deploy changed, the last deploy, health checks and rollback), `diff`
+and `log`, against real Nix, real closures and the real actuator."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import pty
 import re
-from typing import Any
+import subprocess
+import sys
 
 import pytest
-from harness import AgentResult, Host, Package, System, SystemSpec, error_lines, metric
-from test_closure import EXPECTED, NEW, OLD
-from test_resident import RARELY, resident
+from harness import (
+    AgentResult,
+    Host,
+    Package,
+    System,
+    SystemSpec,
+    error_lines,
+    metric,
+    no_traceback,
+)
+from harness.closures import EXPECTED, expected_counts, expected_json_changes, versioned_update
+from harness.deploys import deploy
 
 pytestmark = pytest.mark.nix
 
-NIX_TOOLS = ("nix-store", "nix-env", "nix")
 WIDE = {"COLUMNS": "250"}
 
 
-def versioned_update(host: Host) -> tuple[System, System]:
-    """A tracked host running old (kernel 6.6.41), collected after CI published new."""
-    systems = host.build(
-        SystemSpec("old", kernel="6.6.41", tag="24.05.1", packages=OLD),
-        SystemSpec("new", kernel="6.6.44", tag="24.05.2", packages=NEW),
-    )
-    old, new = systems["old"], systems["new"]
-    host.install(old)
-    host.write_deployed(old)
-    host.publish(new)
-    collected = host.collect()
-    assert collected.returncode == 0, collected
-    return old, new
+# ---- status -------------------------------------------------------------------------
 
 
-def expected_counts() -> dict[str, int]:
-    kinds = [c.kind.value for c in EXPECTED]
-    return {k: kinds.count(k) for k in ("added", "removed", "upgraded", "downgraded", "changed")}
-
-
-def expected_json_changes() -> list[dict[str, Any]]:
-    return [c.to_json() for c in EXPECTED]
-
-
-def no_traceback(result: AgentResult) -> None:
-    assert "Traceback" not in result.stderr, result
-
-
-# ---- the collector ------------------------------------------------------------------------
-
-
-def test_collect_keeps_the_difference_and_exports_it(host: Host) -> None:
-    old, new = versioned_update(host)
-    kept = host.read_json("diff.json")
-    assert kept["version"] == 1
-    upstream = kept["upstream"]
-    assert (upstream["from"], upstream["to"], upstream["error"]) == (old.path, new.path, None)
-    assert upstream["changes"] == expected_json_changes()
-    assert upstream["counts"] == expected_counts()
-    assert upstream["boot_files"] == ["kernel", "initrd", "kernel-modules"]
-    assert kept["hand"] is None
-    text = host.metrics()
-    for kind, count in expected_counts().items():
-        assert metric(text, "nixos_autodeploy_pending_changes", kind=kind) == count
-    assert (
-        metric(text, "nixos_autodeploy_closure_size_bytes", system="current")
-        == upstream["size_before"]
-    )
-    assert (
-        metric(text, "nixos_autodeploy_closure_size_bytes", system="upstream")
-        == upstream["size_after"]
-    )
-    assert upstream["size_before"] > 0 and upstream["size_after"] > 0
-
-
-def test_no_change_collect_runs_no_nix_and_keeps_diff_json(host: Host) -> None:
-    versioned_update(host)
-    kept = (host.state_dir / "diff.json").read_bytes()
-    spawned = host.spawn_count(*NIX_TOOLS)
-    again = host.collect()
-    assert again.returncode == 0, again
-    assert host.spawn_count(*NIX_TOOLS) == spawned
-    assert (host.state_dir / "diff.json").read_bytes() == kept
-    assert metric(host.metrics(), "nixos_autodeploy_pending_changes", kind="upgraded") == 8
-
-
-def test_the_difference_follows_a_new_upstream(host: Host) -> None:
-    old, _ = versioned_update(host)
-    newer = host.build_one("newer", kernel="6.6.41", tag="24.05.3", packages=OLD[1:])
-    host.publish(newer)
-    assert host.collect().returncode == 0
-    upstream = host.read_json("diff.json")["upstream"]
-    assert (upstream["from"], upstream["to"]) == (old.path, newer.path)
-    # Only the top level and the package it dropped differ; the same kernel: no reboot.
-    assert [(c["name"], c["kind"]) for c in upstream["changes"]] == [
-        ("nixos-system-newer", "added"),
-        ("nixos-system-old", "removed"),
-        ("up", "removed"),
+def table_row(table: AgentResult, label: str) -> str:
+    """The line of the status table whose first cell is `label`."""
+    rows = [
+        line
+        for line in table.stdout.splitlines()
+        if line.startswith("│") and line.strip("│ ").startswith(label)
     ]
-    assert upstream["boot_files"] == []
+    assert len(rows) == 1, table
+    return rows[0]
 
 
-def test_pending_changes_are_zero_when_current_is_upstream(host: Host) -> None:
-    system = host.build_one("a", packages=(Package("nginx", "1.27.0"),))
+def status_table(host: Host) -> AgentResult:
+    # Captured stdout is not a terminal: no colour codes. Wide enough for full paths.
+    table = host.run_agent("status", env={"COLUMNS": "250"})
+    assert table.returncode == 0, table
+    assert "\x1b[" not in table.stdout, "colour codes on a stdout that is not a terminal"
+    return table
+
+
+def test_status_json_and_table(host: Host) -> None:
+    old, new = host.update_published()
+    result = host.status("--json")
+    assert result.returncode == 0, result
+    shown = json.loads(result.stdout)
+    expected = {
+        "state": "update-available",
+        "dirty": False,
+        "reboot_required": False,
+        "current": old.path,
+        "booted": old.path,
+        "profile": old.path,
+        "deployed": old.path,
+        "upstream": new.path,
+        "upstream_error": None,
+        "last_deploy": None,
+    }
+    assert {k: shown[k] for k in expected} == expected
+    assert shown["collected_at"] == host.snapshot()["collected_at"]
+    table = host.run_agent("status", env={"COLUMNS": "250"})
+    assert table.returncode == 0, table
+    assert "update-available" in table.stdout
+    assert old.path in table.stdout and new.path in table.stdout
+
+
+def test_status_table_marks_what_differs_from_current(host: Host) -> None:
+    old, new = host.update_published()
+    table = status_table(host)
+    for label in ("current", "booted", "profile", "deployed"):
+        row = table_row(table, label)
+        assert old.path in row and "≠ current" not in row, table
+    row = table_row(table, "upstream")
+    assert new.path in row and "≠ current" in row, table
+    assert "dirty: no" in table.stdout and "reboot required: no" in table.stdout, table
+    assert "upstream error" not in table.stdout, table
+
+
+def test_status_table_shows_dirty_and_reboot_required(host: Host) -> None:
+    systems = host.build(SystemSpec("ours"), SystemSpec("theirs", kernel="6.9.1"), SystemSpec("ci"))
+    ours, theirs, ci = systems["ours"], systems["theirs"], systems["ci"]
+    host.install(ours)
+    host.write_deployed(ours)
+    host.deploy_by_hand(theirs, "switch")  # a new kernel, switched to by hand
+    host.publish(ci)
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["reboot_required"]) == ("dirty", True)
+    table = status_table(host)
+    marked = {
+        "current": (theirs, False),
+        "booted": (ours, True),
+        "profile": (theirs, False),
+        "deployed": (ours, True),
+        "upstream": (ci, True),
+    }
+    for label, (system, differs) in marked.items():
+        row = table_row(table, label)
+        assert system.path in row, table
+        assert ("≠ current" in row) is differs, table
+    assert "dirty: yes" in table.stdout, table
+    assert "reboot required: yes" in table.stdout, table
+
+
+def test_status_table_shows_the_upstream_error(host: Host) -> None:
+    system = host.build_one("a")
     host.install(system)
     host.write_deployed(system)
     host.publish(system)
     assert host.collect().returncode == 0
-    text = host.metrics()
-    for kind in ("added", "removed", "upgraded", "downgraded", "changed"):
-        assert metric(text, "nixos_autodeploy_pending_changes", kind=kind) == 0
-    current = metric(text, "nixos_autodeploy_closure_size_bytes", system="current")
-    assert current == metric(text, "nixos_autodeploy_closure_size_bytes", system="upstream") > 0
-    status = host.status()
-    assert status.returncode == 0, status
-    assert "upstream changes" not in status.stdout
+    host.server.publish_body(b"<html>maintenance</html>\n")
+    failed = host.collect()
+    assert failed.returncode == 1, failed
+    table = status_table(host)
+    (line,) = [line for line in table.stdout.splitlines() if "upstream error" in line]
+    assert "HTML" in line and host.url in line, table
+    assert host.snapshot()["upstream"]["error"] in " ".join(table.stdout.split()), table
 
 
-def test_resident_polls_compute_the_difference_only_when_a_system_moves(host: Host) -> None:
-    old, _ = versioned_update(host)  # a one-shot collect wrote diff.json
-    kept = (host.state_dir / "diff.json").read_bytes()
-    spawned = host.spawn_count(*NIX_TOOLS)
-    with resident(host, RARELY) as agent:
-        agent.next_message()
-        agent.poll()
-        assert host.spawn_count(*NIX_TOOLS) == spawned, "no-change polls run no Nix"
-        assert (host.state_dir / "diff.json").read_bytes() == kept
-        # Rewritten behind its back (by a one-shot or the actuator): read again, not kept.
-        (host.state_dir / "diff.json").write_text("{not json")
-        agent.poll()
-        assert json.loads((host.state_dir / "diff.json").read_bytes()) == json.loads(kept)
-        newer = host.build_one("newer", kernel="6.6.41", tag="24.05.3", packages=OLD)
-        host.publish(newer)
-        agent.poll()
-        returncode, stderr = agent.stop()
-    assert returncode == 0, stderr
-    assert "diff.json is corrupt" in stderr
-    upstream = host.read_json("diff.json")["upstream"]
-    assert (upstream["from"], upstream["to"]) == (old.path, newer.path)
-    assert metric(host.metrics(), "nixos_autodeploy_pending_changes", kind="upgraded") == 0
+def test_status_shows_the_upstream_error(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.server.publish_body(b"")
+    assert host.collect().returncode == 1
+    shown = json.loads(host.status("--json").stdout)
+    assert "empty body" in shown["upstream_error"]
+    assert shown["state"] == "unknown"
 
 
-def test_a_corrupt_diff_json_is_computed_afresh(host: Host) -> None:
-    versioned_update(host)
-    (host.state_dir / "diff.json").write_text("{not json")
-    again = host.collect()
-    assert again.returncode == 0, again
-    assert "diff.json is corrupt" in again.stderr
-    assert host.read_json("diff.json")["upstream"]["counts"] == expected_counts()
-    no_traceback(again)
+def test_status_without_snapshot_says_run_collect(host: Host) -> None:
+    result = host.status()
+    assert result.returncode == 1
+    assert len(result.stderr_lines) == 1 and "collect" in result.stderr_lines[0]
 
 
-# ---- status -------------------------------------------------------------------------------
+@pytest.mark.parametrize("rolled_back", [True, False])
+def test_status_and_metrics_show_the_last_health_checks_and_rollback(
+    host: Host, rolled_back: bool
+) -> None:
+    """What the actuator records after failed health checks (docs/CONTRACT.md, deploys.json)
+    reaches the metrics, `status` and `status --json`."""
+    old, new = host.update_published()
+    reason = "check 'http://127.0.0.1/health' failed: HTTP 503 Service Unavailable"
+    health = {
+        "at": 1_800_000_000.0,
+        "ok": False,
+        "attempts": 60,
+        "summary": reason,
+        "checks": [{"name": "http://127.0.0.1/health", "ok": False, "output": ["HTTP 503"]}],
+    }
+    rollback = {
+        "at": 1_800_000_010.0,
+        "from": new.path,
+        "to": old.path,
+        "ok": rolled_back,
+        "reason": reason,
+    }
+    deploys = {
+        "version": 1,
+        "last": None,
+        "totals": {"success": 0, "failure": 1},
+        "failed_path": new.path,
+        "health": health,
+        "rollbacks": 2,
+        "last_rollback": rollback,
+    }
+    (host.state_dir / "deploys.json").write_text(json.dumps(deploys))
+    assert host.collect().returncode == 0
+    metrics = host.metrics()
+    assert metric(metrics, "nixos_autodeploy_last_health_check_success") == 0
+    assert metric(metrics, "nixos_autodeploy_last_health_check_timestamp_seconds") == health["at"]
+    assert metric(metrics, "nixos_autodeploy_rollbacks_total") == 2
+    assert metric(metrics, "nixos_autodeploy_last_rollback_success") == rolled_back
+    shown = json.loads(host.status("--json").stdout)
+    assert (shown["last_health"], shown["last_rollback"]) == (health, rollback)
+    lines = status_table(host).stdout.splitlines()
+    assert any(x.startswith("last health check: failed") and x.endswith(reason) for x in lines)
+    (line,) = (x for x in lines if f"rolled back from {new.path} at 2027-01-15 08:00:10 UTC" in x)
+    assert line.startswith("rolled back" if rolled_back else "rolling back failed ("), line
+    assert line.endswith(f"ago): {reason}" if rolled_back else f"ago)): {reason}"), line
 
 
 def test_status_summarises_what_upstream_changes(host: Host) -> None:
@@ -201,7 +240,43 @@ def test_status_on_a_dirty_host_says_what_the_hand_deploy_changed(host: Host) ->
     assert json.loads(host.status("--json").stdout)["hand_changes"] is None
 
 
-# ---- diff ---------------------------------------------------------------------------------
+def status_argv(host: Host) -> list[str]:
+    return [sys.executable, "-m", "collector.cli", "status", "--root", str(host.root)]
+
+
+def test_status_colours_only_on_a_terminal(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+
+    piped = subprocess.run(status_argv(host), env=host.agent_env(), capture_output=True)
+    assert piped.returncode == 0
+    assert b"untracked" in piped.stdout
+    assert b"\x1b[" not in piped.stdout
+
+    main, secondary = pty.openpty()
+    env = {**host.agent_env(), "TERM": "xterm-256color", "COLUMNS": "120"}
+    env.pop("NO_COLOR", None)
+    with subprocess.Popen(status_argv(host), env=env, stdout=secondary, stderr=secondary) as proc:
+        os.close(secondary)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+    os.close(main)
+    assert proc.returncode == 0
+    assert b"untracked" in output
+    assert b"\x1b[" in output
+
+
+# ---- diff ---------------------------------------------------------------------------
+
 
 NAMES = ("current", "booted", "deployed", "upstream", "profile")
 
@@ -311,14 +386,13 @@ def test_diff_on_a_host_without_upstream(host: Host) -> None:
     assert error_lines(result) == ["error: this host has no upstream system (yet)"]
 
 
-# ---- log ----------------------------------------------------------------------------------
+# ---- log ----------------------------------------------------------------------------
 
 
-def deploy(host: Host, *args: str) -> AgentResult:
+def collect_then_deploy(host: Host, *args: str) -> AgentResult:
     """Collect (what CI published), then deploy."""
     assert host.collect().returncode == 0
-    url_args = ("--url", host.url, "--timeout", "30", "--prometheus-path", str(host.metrics_path))
-    return host.run_agent("deploy", *url_args, *args)
+    return deploy(host, *args)
 
 
 def test_log_after_deploys_a_failed_deploy_and_a_reboot(host: Host) -> None:
@@ -328,12 +402,12 @@ def test_log_after_deploys_a_failed_deploy_and_a_reboot(host: Host) -> None:
     host.install(systems["a"])
     host.write_deployed(systems["a"])
     host.publish(systems["b"])
-    assert deploy(host).returncode == 0
+    assert collect_then_deploy(host).returncode == 0
     host.publish(systems["bad"])
     host.fail_activation(systems["bad"], "a unit failed")
-    assert deploy(host).returncode == 1
+    assert collect_then_deploy(host).returncode == 1
     host.publish(systems["c"])
-    rebooting = deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot")
+    rebooting = collect_then_deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot")
     assert rebooting.returncode == 0, rebooting
 
     as_json = host.run_agent("log", "--json")
