@@ -12,12 +12,13 @@ from collector.store import StorePath
 
 SWITCH_UNIT = "nixos-autodeploy-switch-to-configuration"
 PANIC_SECONDS = 30  # the kernel's own reset after a panic (kexec)
+TEST = "test"  # activate without touching the boot loader: a rollback under a hand `boot`
 
 
-def switch(paths: Paths, system: StorePath, activation: Activation) -> list[str]:
+def switch(paths: Paths, system: StorePath, activation: Activation | str) -> list[str]:
     """system's switch-to-configuration; under systemd in a unit of its own, so that a
     restart of our unit (by this very activation) cannot kill it."""
-    argv = [os.path.join(system.path, "bin/switch-to-configuration"), activation.value]
+    argv = [os.path.join(system.path, "bin/switch-to-configuration"), str(activation)]
     if not paths.systemd_running:
         return argv
     return [

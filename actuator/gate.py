@@ -71,8 +71,9 @@ def decide(
         deployed = snapshot.deployed.path if snapshot.deployed else None
         return Decision(
             Action.NOTHING,
-            f"dirty: current {name_of(links.current, 'unknown')} is neither the deployed "
-            f"{name_of(deployed, 'unknown')} nor upstream {upstream.name}; someone deployed "
+            f"dirty ({snapshot.dirty_reason}): current {name_of(links.current, 'unknown')}, "
+            f"profile {name_of(links.profile, 'unknown')}, deployed "
+            f"{name_of(deployed, 'unknown')}, upstream {upstream.name}; someone deployed "
             "by hand, leaving it alone (--force overrides)",
         )
     if state is State.UNTRACKED:

@@ -22,7 +22,14 @@ from collector.reboot import RebootState
 from collector.records import FILE as DEPLOYS_FILE
 from collector.records import DeployResult, Deploys, HealthResult, Rollback, load_deploys
 from collector.snapshot import Snapshot
-from collector.state import DEPLOYED, Activation, Deployed, State, mirror_deployed
+from collector.state import (
+    DEPLOYED,
+    Activation,
+    Deployed,
+    State,
+    mirror_deployed,
+    profile_generation,
+)
 from collector.store import StorePath
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,9 @@ def forget_deployed(paths: Paths) -> None:
 
 def track(paths: Paths, current: StorePath) -> None:
     """Accept what runs as deployed (it is upstream; someone else deployed it)."""
-    save_deployed(paths, Deployed(current, Activation.SWITCH, current, time.time()))
+    now = time.time()
+    generation = profile_generation(paths)
+    save_deployed(paths, Deployed(current, Activation.SWITCH, current, now, generation=generation))
 
 
 def adopt_untracked(settings: Settings, snapshot: Snapshot) -> Snapshot:

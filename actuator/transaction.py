@@ -71,6 +71,7 @@ class Phase(StrEnum):
     FAILED = "failed"
     ROLLING_BACK = "rolling-back"
     ROLLED_BACK = "rolled-back"
+    ABANDONED = "abandoned"
 
 
 # What each phase is written before (the step that may have happened when it is found).
@@ -86,8 +87,9 @@ BEFORE_STEP = {
     Phase.FAILED: "the failure's result, then the rollback",
     Phase.ROLLING_BACK: "the record, the profile and the activation going back",
     Phase.ROLLED_BACK: "nothing: finished",
+    Phase.ABANDONED: "nothing: finished (someone else changed the system while it was open)",
 }
-FINISHED = frozenset({Phase.DONE, Phase.ROLLED_BACK})
+FINISHED = frozenset({Phase.DONE, Phase.ROLLED_BACK, Phase.ABANDONED})
 # Phases whose step never took effect: the next run's own deploy takes their place.
 CUT_SHORT = frozenset({Phase.PLANNED, Phase.PROFILE_SET, Phase.ACTIVATING})
 # Open phases of a trial that the run after its boot takes over (not an interruption).
@@ -289,7 +291,15 @@ def start(
         activation_started=superseded is not None and superseded.activation_started,
     )
     # The in-flight record, for the collector: a deploy is under way (never dirty).
-    save_deployed(paths, Deployed(system, activation, before.current, time.time(), complete=False))
+    in_flight = Deployed(
+        system,
+        activation,
+        before.current,
+        time.time(),
+        complete=False,
+        generation=links.profile_generation,
+    )
+    save_deployed(paths, in_flight)
     if tried is not None and tried.one_time:
         _boot(settings, entry)  # profile and boot default change after its checks
         return
@@ -298,6 +308,8 @@ def start(
         profile.set_to(paths, system)
     except AutodeployError as e:
         fail(settings, entry, f"{what} failed: {e}", blocks_retry=False)
+    # The generation the agent made: the profile on any other is someone else's doing.
+    save_deployed(paths, dataclasses.replace(in_flight, generation=profile.generation(paths)))
     entry = advance(paths, entry, Phase.ACTIVATING, activation_started=True)
     try:
         run(commands.switch(paths, system, activation), stream_stderr=True)
@@ -376,11 +388,16 @@ def complete(paths: Paths, entry: Journal) -> Journal:
     """The deploy succeeded: the record says so, the result is counted, done. A reboot
     already issued for it stays recorded: it is the one reboot of this deploy."""
     record = load_deployed(paths)
-    rebooted = record.reboot_issued_at if record and record.path == entry.path else None
+    ours = record if record and record.path == entry.path else None
+    rebooted = ours.reboot_issued_at if ours else None
+    links = read_links(paths)
+    if links.profile == entry.path:
+        generation = links.profile_generation
+    else:
+        generation = ours.generation if ours else None
     now = time.time()
-    save_deployed(
-        paths, Deployed(entry.path, entry.activation, entry.before.current, now, rebooted)
-    )
+    deployed = Deployed(entry.path, entry.activation, entry.before.current, now, rebooted)
+    save_deployed(paths, dataclasses.replace(deployed, generation=generation))
     record_result(paths, DeployResult(now, entry.path, entry.activation, True, id=entry.id))
     return advance(paths, entry, Phase.DONE)
 
@@ -435,9 +452,14 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
         save_deployed(paths, before.deployed)
     target = entry.fallback
     links = read_links(paths)
-    # Only a profile this deploy set goes back (one someone set since is theirs).
+    # Only a profile this deploy set goes back; one someone else moved since (a hand
+    # switch or boot while the deploy was half done) is theirs, and so is the boot default.
+    by_hand = links.profile not in (entry.path, before.profile, target)
     if target is not None and links.profile == entry.path:
         profile.set_to(paths, target)
+        if before.deployed is not None:  # the generation just made is the agent's
+            back = dataclasses.replace(before.deployed, generation=profile.generation(paths))
+            save_deployed(paths, back)
     if entry.trial is TrialKind.ONESHOT:
         trial.forget(paths, entry.path)
     booted_target = False
@@ -449,9 +471,11 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
         and running not in (None, entry.path)
     ):
         assert running is not None
-        run(commands.switch(paths, running, Activation.SWITCH), stream_stderr=True)
+        # `test` under a hand-moved profile: the boot default stays the operator's.
+        how = commands.TEST if by_hand else Activation.SWITCH.value
+        run(commands.switch(paths, running, how), stream_stderr=True)
         booted_target = running == target
-    if entry.activation_started and target is not None and not booted_target:
+    if entry.activation_started and target is not None and not booted_target and not by_hand:
         run(commands.switch(paths, target, Activation.BOOT), stream_stderr=True)
     stays_up = links.current == entry.path or trial.marked(paths, entry.id)
     reboots_back = entry.trial is not None and entry.blocks_retry and stays_up
@@ -495,7 +519,11 @@ def _activating(settings: Settings, entry: Journal) -> Journal | None:
 
 def _activated(settings: Settings, entry: Journal) -> Journal | None:
     """Rolled forward: checked (a switch), recorded, done. A reboot trial cut short before
-    its reboot boots now when the window and slot allow, else is undone."""
+    its reboot boots now when the window and slot allow, else is undone. Another system
+    running (someone switched by hand meanwhile) is a hand deploy: abandoned, not checked."""
+    current = read_links(settings.paths).current
+    if entry.trial is None and current != entry.path:
+        return _abandon(settings, entry, current)
     if entry.trial is not None:
         snapshot = load_snapshot(settings.paths)
         if snapshot is None or reboot.clear_to_reboot(settings, snapshot):
@@ -506,6 +534,23 @@ def _activated(settings: Settings, entry: Journal) -> Journal | None:
     note(settings.paths, Event(Kind.COMPLETED_INTERRUPTED_DEPLOY, path=entry.path.path))
     log.info("the deploy of %s took effect; recorded it", entry.path.name)
     return entry
+
+
+def _abandon(settings: Settings, entry: Journal, current: StorePath | None) -> Journal:
+    """Someone else changed the system while the deploy was open: theirs now. Checking
+    what runs would vouch for a system never checked; the record keeps entry's system
+    (complete), so the host reads dirty until the operator or --force decides."""
+    paths = settings.paths
+    log.warning(
+        "%s no longer runs (%s does): a hand deploy; abandoning the deploy",
+        entry.path.name,
+        current.name if current else "an unknown system",
+    )
+    record = load_deployed(paths)
+    if record is not None and record.path == entry.path:
+        save_deployed(paths, dataclasses.replace(record, complete=True))
+    note(paths, Event(Kind.HAND_DEPLOY, path=entry.path.path, to=path_of(current)))
+    return advance(paths, entry, Phase.ABANDONED)
 
 
 def _checking(settings: Settings, entry: Journal) -> Journal | None:

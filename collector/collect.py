@@ -14,7 +14,15 @@ from .lock import locked
 from .reboot import load_reboot_state
 from .records import Deploys, load_deploys
 from .snapshot import Snapshot, Upstream, load_snapshot, load_upstream, save_snapshot, save_upstream
-from .state import classify, load_deployed, mirror_deployed, pinned, read_links, reboot_required
+from .state import (
+    classify,
+    dirty_reason,
+    load_deployed,
+    mirror_deployed,
+    pinned,
+    read_links,
+    reboot_required,
+)
 from .store import name_of
 
 log = logging.getLogger(__name__)
@@ -107,7 +115,7 @@ def assess(
         links=links,
         deployed=deployed,
         state=state,
-        reboot_required=reboot_required(links, state),
+        reboot_required=reboot_required(links, state, dirty_reason(links, deployed, state)),
         last_deploy=deploys.last,
         last_health=deploys.health,
         last_rollback=deploys.last_rollback,

@@ -22,6 +22,7 @@ class Kind(StrEnum):
     ROLLBACK_FAILED = "rollback-failed"  # message
     INTERRUPTED_DEPLOY = "interrupted-deploy"  # path, phase
     COMPLETED_INTERRUPTED_DEPLOY = "completed-interrupted-deploy"  # path
+    HAND_DEPLOY = "hand-deploy"  # path (the open deploy abandoned), to (what runs)
     REBOOT = "reboot"  # path
     KEXEC = "kexec"  # path
     TRIAL_KEXEC = "trial-kexec"  # path

@@ -13,7 +13,7 @@ from .closure import Changes
 from .reboot import WaitReason, pending_reason
 from .records import Deploys
 from .snapshot import Snapshot
-from .state import State
+from .state import HandChange, State
 from .store import name_of
 
 P = "nixos_autodeploy_"
@@ -38,6 +38,12 @@ class _SnapshotCollector(Collector):
             "1 when booted and current differ in kernel, initrd or modules, or a boot waits",
             s.reboot_required,
         )
+        hand = GaugeMetricFamily(
+            P + "dirty_reason", "1 for what someone did by hand (while dirty)", labels=["reason"]
+        )
+        for change in HandChange:
+            hand.add_metric([change.value], change is s.dirty_reason)
+        yield hand
         info = GaugeMetricFamily(
             P + "info",
             "The systems this host knows, by store path basename",

@@ -11,7 +11,7 @@ from .errors import StateError
 from .fsutil import atomic_write_json, read_json
 from .reboot import RebootState
 from .records import DeployResult, HealthResult, Rollback
-from .state import Deployed, Links, State
+from .state import Deployed, HandChange, Links, State, dirty_reason
 from .store import StorePath, path_of
 
 VERSION = 1
@@ -86,6 +86,10 @@ class Snapshot:
     def dirty(self) -> bool:
         return self.state is State.DIRTY
 
+    @property
+    def dirty_reason(self) -> HandChange | None:
+        return dirty_reason(self.links, self.deployed, self.state)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": VERSION,
@@ -95,10 +99,12 @@ class Snapshot:
             "current": path_of(self.links.current),
             "booted": path_of(self.links.booted),
             "profile": path_of(self.links.profile),
+            "profile_generation": self.links.profile_generation,
             "upstream_link": path_of(self.links.upstream),
             "deployed": self.deployed.to_json() if self.deployed else None,
             "state": self.state.value,
             "dirty": self.dirty,
+            "dirty_reason": None if self.dirty_reason is None else self.dirty_reason.value,
             "reboot_required": self.reboot_required,
             "last_deploy": self.last_deploy.to_json() if self.last_deploy else None,
             "last_health": self.last_health.to_json() if self.last_health else None,
@@ -153,6 +159,7 @@ def load_snapshot(paths: Paths) -> Snapshot | None:
                 booted=_path(data["booted"]),
                 profile=_path(data["profile"]),
                 upstream=_path(data["upstream_link"]),
+                profile_generation=data.get("profile_generation"),
             ),
             deployed=None if deployed is None else Deployed.from_json(deployed, source),
             state=State(data["state"]),

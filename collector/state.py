@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
@@ -47,6 +48,9 @@ class Deployed:
     at: float
     reboot_issued_at: float | None = None
     complete: bool = True
+    # The profile generation the agent left (None: not known, a record of an older
+    # version): a profile on another generation was moved by someone else.
+    generation: int | None = None
 
     @property
     def tracked(self) -> bool:
@@ -62,6 +66,7 @@ class Deployed:
             "at": self.at,
             "reboot_issued_at": self.reboot_issued_at,
             "complete": self.complete,
+            "generation": self.generation,
         }
 
     @classmethod
@@ -70,6 +75,7 @@ class Deployed:
             if data["version"] != 1:
                 raise StateError(f"{source} has unknown version {data['version']!r}")
             reboot_issued_at = data.get("reboot_issued_at")
+            generation = data.get("generation")
             return cls(
                 path=StorePath.parse(data["path"]),
                 mode=Activation(data["mode"]),
@@ -77,6 +83,7 @@ class Deployed:
                 at=float(data["at"]),
                 reboot_issued_at=None if reboot_issued_at is None else float(reboot_issued_at),
                 complete=bool(data.get("complete", True)),
+                generation=None if generation is None else int(generation),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
@@ -111,13 +118,63 @@ class Links:
     booted: StorePath | None
     profile: StorePath | None
     upstream: StorePath | None  # the GC root: what was last realised
+    profile_generation: int | None = None  # the generation the profile points at
+
+
+def profile_generation(paths: Paths) -> int | None:
+    """The number of the generation the system profile points at (system-N-link)."""
+    try:
+        link = os.path.basename(os.readlink(paths.profile))
+    except OSError:
+        return None
+    name = re.escape(os.path.basename(paths.profile))
+    match = re.fullmatch(name + r"-(\d+)-link", link)
+    return int(match.group(1)) if match else None
 
 
 def read_links(paths: Paths) -> Links:
     def at(link: str) -> StorePath | None:
         return resolve_link(link, paths.root)
 
-    return Links(at(paths.current), at(paths.booted), at(paths.profile), at(paths.upstream))
+    return Links(
+        at(paths.current),
+        at(paths.booted),
+        at(paths.profile),
+        at(paths.upstream),
+        profile_generation(paths),
+    )
+
+
+class HandChange(StrEnum):
+    """Why a host is dirty: what someone else did."""
+
+    SWITCH = "hand-switch"  # the profile moved to what now runs (nixos-rebuild switch)
+    BOOT = "hand-boot"  # the profile moved, the running system did not (nixos-rebuild boot)
+    ROLLBACK = "hand-rollback"  # the profile went back to an older generation
+    RUNNING = "hand-activation"  # another system runs, the profile unchanged (test, or no record)
+
+
+def profile_moved(links: Links, deployed: Deployed | None) -> HandChange | None:
+    """Whether someone else moved the system profile away from the generation the agent
+    left it on: a hand deploy, whatever runs. The agent's own `nix-env --set` not yet
+    recorded (a run killed right after it) names the record's system: not a change."""
+    if deployed is None or deployed.generation is None or links.profile_generation is None:
+        return None
+    if links.profile_generation == deployed.generation or links.profile == deployed.path:
+        return None
+    if links.profile_generation < deployed.generation:
+        return HandChange.ROLLBACK
+    return HandChange.SWITCH if links.current == links.profile else HandChange.BOOT
+
+
+def dirty_reason(links: Links, deployed: Deployed | None, state: State) -> HandChange | None:
+    """Why state is dirty (None when it is not)."""
+    if state is not State.DIRTY:
+        return None
+    moved = profile_moved(links, deployed)
+    if moved is not None:
+        return moved
+    return HandChange.SWITCH if links.current == links.profile else HandChange.RUNNING
 
 
 def pinned(paths: Paths, path: StorePath) -> bool:
@@ -131,6 +188,8 @@ def classify(links: Links, deployed: Deployed | None, failed: Collection[StorePa
     current, upstream = links.current, links.upstream
     if upstream is None or current is None:
         return State.UNKNOWN
+    if profile_moved(links, deployed) is not None:
+        return State.DIRTY
     if deployed is not None and current == deployed.path:
         return State.UP_TO_DATE if current == upstream else State.UPDATE_AVAILABLE
     if deployed is not None and current == deployed.previous:
@@ -165,5 +224,9 @@ def boot_differs(a: StorePath | None, b: StorePath | None) -> bool:
     )
 
 
-def reboot_required(links: Links, state: State) -> bool:
-    return state is State.PENDING_REBOOT or boot_differs(links.booted, links.current)
+def reboot_required(links: Links, state: State, reason: HandChange | None = None) -> bool:
+    """A hand `boot` waits for its reboot as the agent's own boot-mode deploy does."""
+    waits = state is State.PENDING_REBOOT or (
+        reason in (HandChange.BOOT, HandChange.ROLLBACK) and links.profile != links.current
+    )
+    return waits or boot_differs(links.booted, links.current)

@@ -68,6 +68,7 @@ def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
         "hand_changes": changes.hand.to_json() if changes.hand else None,
         "state": s.state.value,
         "dirty": s.dirty,
+        "dirty_reason": s.dirty_reason.value if s.dirty_reason else None,
         "reboot_required": s.reboot_required,
         "current": path_of(s.links.current),
         "booted": path_of(s.links.booted),
@@ -214,7 +215,7 @@ def render(s: Snapshot, console: Console, changes: Changes | None = None) -> Non
     style = STATE_STYLE[s.state]
     facts = [
         f"state: [{style}]{s.state.value}[/{style}]",
-        f"dirty: {'[bold red]yes[/bold red]' if s.dirty else 'no'}",
+        f"dirty: [bold red]yes ({s.dirty_reason})[/bold red]" if s.dirty else "dirty: no",
         f"reboot required: {'[magenta]yes[/magenta]' if s.reboot_required else 'no'}",
         f"last collect: {_age(time.time() - s.collected_at)} ago",
     ]
