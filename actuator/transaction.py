@@ -36,7 +36,14 @@ from collector.history import Event, Kind
 from collector.process import run
 from collector.records import DeployResult, Rollback
 from collector.snapshot import Snapshot, load_snapshot
-from collector.state import Activation, Deployed, load_deployed, pinned, read_links
+from collector.state import (
+    Activation,
+    Deployed,
+    load_deployed,
+    pinned,
+    profile_moved,
+    read_links,
+)
 from collector.store import StorePath, path_of
 
 from . import commands, health, profile, reboot, trial
@@ -445,17 +452,24 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
     if entry.phase is not Phase.ROLLING_BACK:
         entry = advance(paths, entry, Phase.ROLLING_BACK)
     before = entry.before
-    # The record first: it decides the next run, whatever else fails here.
-    if before.deployed is None:
+    target = entry.fallback
+    links = read_links(paths)
+    record = load_deployed(paths)
+    ours = record if record is not None and record.path == entry.path else None
+    # Only a profile this deploy set goes back; one someone else moved since (a hand
+    # switch or boot while the deploy was half done) is theirs, and so is the boot default.
+    by_hand = (ours is not None and profile_moved(links, ours) is not None) or (
+        links.profile not in (entry.path, before.profile, target)
+    )
+    # The record first: it decides the next run, whatever else fails here. Under a hand
+    # deploy it keeps this deploy's generation, so the host reads dirty, not as before.
+    if by_hand and ours is not None:
+        save_deployed(paths, dataclasses.replace(ours, complete=True))
+    elif before.deployed is None:
         forget_deployed(paths)
     else:
         save_deployed(paths, before.deployed)
-    target = entry.fallback
-    links = read_links(paths)
-    # Only a profile this deploy set goes back; one someone else moved since (a hand
-    # switch or boot while the deploy was half done) is theirs, and so is the boot default.
-    by_hand = links.profile not in (entry.path, before.profile, target)
-    if target is not None and links.profile == entry.path:
+    if target is not None and links.profile == entry.path and not by_hand:
         profile.set_to(paths, target)
         if before.deployed is not None:  # the generation just made is the agent's
             back = dataclasses.replace(before.deployed, generation=profile.generation(paths))
@@ -522,7 +536,8 @@ def _activated(settings: Settings, entry: Journal) -> Journal | None:
     its reboot boots now when the window and slot allow, else is undone. Another system
     running (someone switched by hand meanwhile) is a hand deploy: abandoned, not checked."""
     current = read_links(settings.paths).current
-    if entry.trial is None and current != entry.path:
+    switched = entry.trial is None and entry.activation is Activation.SWITCH
+    if switched and current != entry.path:
         return _abandon(settings, entry, current)
     if entry.trial is not None:
         snapshot = load_snapshot(settings.paths)

@@ -1,0 +1,166 @@
+"""Hand deploys seen through the system profile: a `nixos-rebuild switch`, `boot` or
+rollback that moves the profile away from the generation the agent left is a hand deploy
+(dirty, with its reason), never overridden without --force, also when it happens while a
+deploy of the agent is half done.
+
+Real Nix, a signed binary cache on loopback, a sandbox root; kills through the actuator's
+STOP_AT hook.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from harness import Host, System, SystemSpec, metric
+from harness.deploys import (
+    assert_links,
+    deploy,
+    deploy_killed_at,
+    events_named,
+    journal,
+    record,
+    tracking,
+)
+
+pytestmark = pytest.mark.nix
+
+
+def deployed_by_agent(host: Host, *names: str) -> dict[str, System]:
+    """Builds names; the host ran the first, the agent deployed the second (its record
+    names the profile generation it made); the second is what CI publishes."""
+    systems = host.build(*(SystemSpec(n) for n in names))
+    first, second = systems[names[0]], systems[names[1]]
+    tracking(host, first, second)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_links(host, current=second, profile=second)
+    return systems
+
+
+def dirty_because(host: Host, reason: str) -> None:
+    assert host.collect().returncode == 0
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["dirty_reason"]) == ("dirty", reason)
+    metrics = host.metrics()
+    assert metric(metrics, "nixos_autodeploy_dirty") == 1
+    assert metric(metrics, "nixos_autodeploy_dirty_reason", reason=reason) == 1
+
+
+# ---- defect 6: a hand `nixos-rebuild boot` --------------------------------------------
+
+
+def test_hand_boot_is_dirty_waits_for_its_reboot_and_is_never_deployed_over(host: Host) -> None:
+    systems = deployed_by_agent(host, "a", "b", "x", "c")
+    b, x, c = systems["b"], systems["x"], systems["c"]
+    host.deploy_by_hand(x, "boot")
+    dirty_because(host, "hand-boot")
+    assert host.snapshot()["reboot_required"] is True
+    assert metric(host.metrics(), "nixos_autodeploy_reboot_required") == 1
+    status = host.status("--json")
+    assert status.returncode == 0, status
+    host.publish(c)  # upstream moves on: still the operator's x waits for its boot
+    assert host.collect().returncode == 0
+    activations = host.activations()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert "hand-boot" in result.stdout + result.stderr
+    assert host.activations() == activations, "nothing activated over the hand boot"
+    assert_links(host, current=b, profile=x)
+    assert host.boot_default() == x.path
+    forced = deploy(host, "--force")
+    assert forced.returncode == 0, forced
+    assert_links(host, current=c, profile=c)
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty_reason"]) == ("up-to-date", None)
+
+
+def test_hand_rollback_of_the_profile_is_dirty(host: Host) -> None:
+    systems = deployed_by_agent(host, "a", "b")
+    generations = host.profile_link.parent
+    older = sorted(int(p.name.split("-")[1]) for p in generations.glob("system-*-link"))[0]
+    subprocess.run(
+        ["nix-env", "--profile", str(host.profile_link), "--switch-generation", str(older)],
+        env=host.nix_env(),
+        check=True,
+    )
+    dirty_because(host, "hand-rollback")
+    assert host.snapshot()["reboot_required"] is True
+    assert host.profile() == systems["a"].path
+
+
+# ---- defect 11: a hand switch back after a deploy killed in its activation -------------
+
+
+def test_hand_switch_back_after_a_killed_activation_is_left_alone(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b, collect=True)
+    deploy_killed_at(host, "activating")
+    host.switch_by_hand(b)  # the killed run's activation had taken effect
+    assert_links(host, current=b, profile=b)
+    host.deploy_by_hand(a, "switch")  # the operator goes back
+    dirty_because(host, "hand-switch")
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_links(host, current=a, profile=a)
+    assert ("switch", b.path) not in host.activations()[-1:], "b not switched in again"
+    assert host.boot_default() == a.path
+    assert not journal(host) or journal(host)["phase"] in ("rolled-back", "done", "abandoned")
+    assert host.snapshot()["dirty_reason"] == "hand-switch"
+
+
+# ---- defect 4: a rollback under a hand deploy -------------------------------------------
+
+
+def failing_check(host: Host, system: System) -> str:
+    return f'[ "$(readlink {host.current_link})" != {system.path} ]'
+
+
+def test_rollback_after_a_hand_switch_leaves_the_boot_default(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b, collect=True)
+    check = failing_check(host, b)
+    deploy_killed_at(host, "failed", "--health-check", check, "--health-timeout", "1")
+    host.deploy_by_hand(c, "switch")
+    result = deploy(host, "--health-check", check, "--health-timeout", "1")
+    assert_links(host, current=c, profile=c)
+    assert host.boot_default() == c.path, "the old system's `boot` ran over the hand switch"
+    assert ("boot", a.path) not in host.activations()
+    assert result.returncode == 0, result
+
+
+def test_rollback_after_a_hand_boot_switches_back_with_test(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b, collect=True)
+    check = failing_check(host, b)
+    deploy_killed_at(host, "failed", "--health-check", check, "--health-timeout", "1")
+    assert_links(host, current=b, profile=b)
+    host.deploy_by_hand(c, "boot")  # the operator's next boot, while b still runs
+    result = deploy(host, "--health-check", check, "--health-timeout", "1")
+    assert result.returncode == 0, result
+    assert_links(host, current=a, profile=c)
+    assert host.boot_default() == c.path, "the switch back made a the boot default"
+    assert host.activations()[-1] == ("test", a.path)
+    dirty_because(host, "hand-boot")
+
+
+# ---- defect 9: resumed checks confirm what runs -----------------------------------------
+
+
+def test_resumed_checks_after_a_hand_switch_abandon_the_deploy(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b, collect=True)
+    deploy_killed_at(host, "checking", "--health-check", "true")
+    host.deploy_by_hand(a, "switch")  # rolled back by hand during b's checks
+    result = deploy(host, "--health-check", "true")
+    assert result.returncode == 0, result
+    assert journal(host)["phase"] == "abandoned"
+    assert [e["to"] for e in events_named(host, "hand-deploy")] == [a.path]
+    assert not (host.state_dir / "deploys.json").exists(), "b counted as deployed"
+    assert record(host)["path"] != b.path or host.current() != b.path
+    assert_links(host, current=a, profile=a)
+    dirty_because(host, "hand-switch")
