@@ -191,12 +191,15 @@ def _health_facts(s: Snapshot) -> list[str]:
 
 def render(s: Snapshot, console: Console, changes: Changes | None = None) -> None:
     table = Table(title="nixos-autodeploy", show_lines=False)
-    table.add_column("system")
-    table.add_column("generation")
-    # Folded where it must, but never inside the hash: its first line holds the store
-    # directory and the whole hash whenever the terminal is that wide.
+    # A long path folds, but not inside its hash: the generation gives way first, so that
+    # the store directory and the whole hash fit on one line whenever the terminal is that
+    # wide (the room left after the label column, 8, and the table's lines, 10).
     hash_end = len(store_dir()) + len("/") + 32 + len("-")
-    table.add_column("store path", overflow="fold", min_width=hash_end)
+    table.add_column("system")
+    table.add_column(
+        "generation", overflow="fold", max_width=max(console.width - 18 - hash_end, 10)
+    )
+    table.add_column("store path", overflow="fold")
     current = s.links.current
     rows = [
         ("current", current),
