@@ -1,6 +1,7 @@
-"""What an operator at a terminal sees while a system is realised: a progress display driven
-through a pseudo-terminal against a real realise from the test cache; without a terminal
-(systemd, CI) the plain lines of before, none of the display's control sequences."""
+"""What an operator at a terminal sees while a system is realised and while health checks
+run: the displays driven through a pseudo-terminal against a real realise from the test
+cache and a real deploy; without a terminal (systemd, CI) the plain lines of before, none
+of the displays' control sequences."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import re
 import subprocess
 
 import pytest
-from harness import Host, Package
+from harness import Host, Package, SystemSpec
+from harness.deploys import deploy, deploy_args, tracking
 
 pytestmark = pytest.mark.nix
 
@@ -102,3 +104,29 @@ def test_no_color_keeps_the_display_without_colours(host: Host) -> None:
     assert code == 0, output
     assert HIDE_CURSOR in output and b"realised " in output, output
     assert not COLOUR.search(output), output
+
+
+def test_health_checks_on_a_terminal_show_the_round_and_the_pending_check(host: Host) -> None:
+    packages = (Package("p", "1.0"), Package("q", "1.0"))
+    systems = host.build(SystemSpec("old"), SystemSpec("new", packages=packages))
+    tracking(host, systems["old"], systems["new"])
+    args = deploy_args(host, "--health-check", "true")
+    code, output = on_a_terminal(host, "deploy", *args)
+    assert code == 0, output
+    assert host.current() == systems["new"].path
+    text = output.decode()
+    assert re.search(r"health: round 1, checking true \(\d+m \d\ds left\)", text), text
+    # The last check of the round is drawn when the display ends, above it the log line.
+    assert "health: all 2 checks passed (after 1 rounds)" in text  # upstream, then true
+    assert "realised " in text, "the deploy's collect realised upstream with its display"
+    assert output.rindex(SHOW_CURSOR) > output.rindex(HIDE_CURSOR), text
+
+
+def test_health_checks_without_a_terminal_say_their_lines_only(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new"))
+    tracking(host, systems["old"], systems["new"])
+    result = deploy(host, "--health-check", "true")
+    assert result.returncode == 0, result
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr, result
+    assert "health: all 2 checks passed (after 1 rounds)" in result.stderr_lines(), result
+    assert "round 1" not in result.stderr, result
