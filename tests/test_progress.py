@@ -128,5 +128,5 @@ def test_health_checks_without_a_terminal_say_their_lines_only(host: Host) -> No
     result = deploy(host, "--health-check", "true")
     assert result.returncode == 0, result
     assert "\x1b" not in result.stderr and "\r" not in result.stderr, result
-    assert "health: all 2 checks passed (after 1 rounds)" in result.stderr_lines(), result
+    assert "health: all 2 checks passed (after 1 rounds)" in result.stderr_lines, result
     assert "round 1" not in result.stderr, result
