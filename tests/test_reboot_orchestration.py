@@ -224,6 +224,18 @@ def test_a_dry_run_says_what_its_reboot_would_wait_for_and_takes_no_slot(
     after = {p.name: p.read_bytes() for p in host.state_dir.iterdir() if p.is_file()}
     assert after == before and host.current() == old.path != new.path
 
+    # A real run the server refused: the next dry run says so, and still asks nothing.
+    lock_server.holders["default"] = ["another host"]
+    refused = locked_deploy(host, lock_server)
+    assert refused.returncode == 0 and reboots(host) == 0, refused
+    asked = len(lock_server.calls())
+    again = locked_deploy(host, lock_server, "--dry-run")
+    assert again.returncode == 0, again
+    last = [line for line in again.stdout.splitlines() if line.startswith("last time: ")]
+    assert last == [f"last time: {waiting(host)['message']}"], again
+    assert "reboot slot refused by fleet lock" in last[0]
+    assert len(lock_server.calls()) == asked and reboots(host) == 0
+
 
 def test_two_hosts_one_slot(host: Host, second_host: Host, lock_server: FleetLockServer) -> None:
     a, b = host, second_host
