@@ -17,17 +17,20 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.status import Status
 
 QUIET = False  # --quiet: set once by the command line
 
 # Nix 2.8's words: "these 3 paths will be fetched (1.20 MiB download, 5.43 MiB unpacked):"
-# ("this path" for one), the paths one per line below it, then "copying path '/nix/store/…' from 'https://…'...".
+# ("this path" for one), the paths one per line below it, then for each "copying path
+# '/nix/store/…' from 'https://…'...", and at the end the GC root on its stdout.
 _ANNOUNCED = re.compile(
     r"(?:these (?P<n>\d+) paths|this path) will be fetched "
     r"\((?P<down>[\d.]+) MiB download, (?P<unpacked>[\d.]+) MiB unpacked\)"
 )
 _LISTED = re.compile(r"\s+(?P<path>/\S+)$")
 _COPYING = re.compile(r"copying path '(?P<path>[^']+)'")
+_RESULT = re.compile(r"/\S+")
 MIB = 1024 * 1024
 
 
@@ -67,7 +70,7 @@ class Realising:
         if _COPYING.search(line):
             self.started += 1
             return True
-        return False
+        return _RESULT.fullmatch(line) is not None
 
     @property
     def done(self) -> int:
@@ -143,8 +146,8 @@ def realising(what: str) -> Iterator[Callable[[str], None] | None]:
 class Checks:
     """The health checks' display; every method does nothing when there is none."""
 
-    def __init__(self, console: Console | None) -> None:
-        self._status = None if console is None else console.status("")
+    def __init__(self, status: Status | None) -> None:
+        self._status = status
 
     def checking(self, name: str, attempt: int, left: float) -> None:
         self._say(f"health: round {attempt}, checking {name} ({_left(left)} left)")
@@ -170,10 +173,9 @@ def checks() -> Iterator[Checks]:
     if not wanted():
         yield Checks(None)
         return
-    shown = Checks(_console())
-    assert shown._status is not None
-    with shown._status, _logs_above():
-        yield shown
+    status = _console().status("")
+    with status, _logs_above():
+        yield Checks(status)
 
 
 @contextmanager
