@@ -158,6 +158,7 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
     that build them."""
     paths, upstream = settings.paths, snapshot.links.upstream
     commands_run: list[list[str]] = []
+    waits: list[str] = []  # what its reboot would wait for
     if decision.action is Action.DEPLOY and upstream is not None and decision.activation:
         tried = trial.kind(settings, decision.activation)
         old = read_links(paths).profile
@@ -173,8 +174,14 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         if mode and leaves_reboot_required(decision.activation, snapshot.links.booted, upstream):
             how = tried.how if tried is not None else reboot.How(mode.value)
             commands_run += reboot.argvs(reboot.Reboot(how, upstream, Kind.REBOOT))
+            waits = reboot.would_wait(settings, snapshot)
+        elif tried is not None:  # a trial boot waits for the same window and slot
+            waits = reboot.would_wait(settings, snapshot)
     elif decision.action is Action.REBOOT and snapshot.deployed is not None:
         commands_run = reboot.argvs(_reboot_plan(settings, snapshot))
+        waits = reboot.would_wait(settings, snapshot)
     print(f"decision: {decision.action.value}: {decision.reason}")
+    for line in waits:
+        print(line)
     for argv in commands_run:
         print("would run: " + shlex.join(argv))

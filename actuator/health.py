@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from collector import http, upstream
+from collector import http, progress, upstream
 from collector.config import Settings
 from collector.errors import AutodeployError
 from collector.process import Result, run_bounded
@@ -167,14 +167,17 @@ def run_checks(
     checks = checks_for(settings)
     deadline = clock() + settings.health.timeout
     attempt = 0
-    while True:
-        attempt += 1
-        results = tuple(
-            run_check(settings, c, max(deadline - clock(), MIN_CHECK_TIME)) for c in checks
-        )
-        health = HealthResult.of(results, attempt, time.time())
-        if health.ok or clock() + RETRY_INTERVAL >= deadline:
-            log.info("health: %s (after %d rounds)", health.summary, attempt)
-            return health
-        log.info("health: %s; retrying in %.0fs", health.summary, RETRY_INTERVAL)
-        sleep(RETRY_INTERVAL)
+    with progress.checks() as shown:
+        while True:
+            attempt += 1
+            results = []
+            for c in checks:
+                shown.checking(c.name, attempt, deadline - clock())
+                results.append(run_check(settings, c, max(deadline - clock(), MIN_CHECK_TIME)))
+            health = HealthResult.of(tuple(results), attempt, time.time())
+            if health.ok or clock() + RETRY_INTERVAL >= deadline:
+                log.info("health: %s (after %d rounds)", health.summary, attempt)
+                return health
+            log.info("health: %s; retrying in %.0fs", health.summary, RETRY_INTERVAL)
+            shown.waiting(RETRY_INTERVAL, attempt, deadline - clock())
+            sleep(RETRY_INTERVAL)

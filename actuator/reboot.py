@@ -171,12 +171,8 @@ def clear_to_reboot(
     host stays pending, says why in one line, status and metrics, and the next run retries."""
     at = at or window.now()
     state = snapshot.reboot
-    windows = window.parse_all(settings.reboot_windows)
-    if windows and window.open_window(windows, at) is None:
-        specs = " or ".join(w.spec for w in windows)
-        opens = window.next_opening(windows, at)
-        later = f" (next opens {opens:%a %H:%M})" if opens else ""
-        message = f"reboot waits for window {specs}{later}"
+    message = _window_wait(settings, at)
+    if message is not None:
         if settings.fleet_lock_url:  # a slot is taken only inside a window: this one is stale
             state = _release(settings, state)
         _wait(settings, dataclasses.replace(snapshot, reboot=state), WaitReason.WINDOW, message)
@@ -198,6 +194,41 @@ def clear_to_reboot(
     state = dataclasses.replace(state, waiting=None)
     save_reboot_state(settings.paths, state)
     return dataclasses.replace(snapshot, reboot=state)
+
+
+def _window_wait(settings: Settings, at: datetime) -> str | None:
+    """Why a reboot at `at` must wait for a maintenance window, or None when it need not."""
+    windows = window.parse_all(settings.reboot_windows)
+    if not windows or window.open_window(windows, at) is not None:
+        return None
+    specs = " or ".join(w.spec for w in windows)
+    opens = window.next_opening(windows, at)
+    later = f" (next opens {opens:%a %H:%M})" if opens else ""
+    return f"reboot waits for window {specs}{later}"
+
+
+def would_wait(settings: Settings, snapshot: Snapshot, at: datetime | None = None) -> list[str]:
+    """For --dry-run: what a reboot now would meet before it goes down, said without taking
+    anything (the FleetLock protocol has no question that does not take a slot)."""
+    at = at or window.now()
+    said = []
+    waits = _window_wait(settings, at)
+    if waits is not None:
+        said.append(f"would wait: {waits}")
+    elif settings.reboot_windows:
+        opened = window.open_window(window.parse_all(settings.reboot_windows), at)
+        assert opened is not None
+        said.append(f"would not wait: window {opened.spec} is open")
+    if settings.fleet_lock_url:
+        url, group = shown(settings.fleet_lock_url), settings.fleet_lock_group
+        said.append(
+            f"would ask {url} for a reboot slot in group {group} first, and wait while it "
+            "refuses (a dry run takes none)"
+        )
+        last = snapshot.reboot.waiting
+        if last is not None and last.reason is WaitReason.FLEET_LOCK:
+            said.append(f"last time: {last.message}")
+    return said
 
 
 def _wait(settings: Settings, snapshot: Snapshot, reason: WaitReason, message: str) -> None:

@@ -192,6 +192,51 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(
 # ---- FleetLock -------------------------------------------------------------------------
 
 
+def test_a_dry_run_says_what_its_reboot_would_wait_for_and_takes_no_slot(
+    host: Host, lock_server: FleetLockServer
+) -> None:
+    old, new = pending_reboot_host(host, "3" * 32)
+    assert host.collect().returncode == 0  # a dry run fetches nothing itself
+    before = {p.name: p.read_bytes() for p in host.state_dir.iterdir() if p.is_file()}
+    noon, _ = local_tz("12:00")
+    args = ("--dry-run", "--reboot-window", "02:00-04:00")
+    outside = locked_deploy(host, lock_server, *args, tz=noon)
+    assert outside.returncode == 0, outside
+    lines = outside.stdout.splitlines()
+    assert lines[0].startswith("decision: deploy"), outside
+    assert lines[1].startswith("would wait: reboot waits for window 02:00-04:00 (next opens "), (
+        lines
+    )
+    assert lines[2] == (
+        f"would ask {lock_server.url} for a reboot slot in group default first, and wait "
+        "while it refuses (a dry run takes none)"
+    ), lines
+    assert lines[-1] == "would run: systemctl reboot", lines
+
+    inside = locked_deploy(
+        host, lock_server, "--dry-run", "--reboot-window", "11:00-13:00", tz=noon
+    )
+    assert inside.returncode == 0, inside
+    assert "would not wait: window 11:00-13:00 is open" in inside.stdout.splitlines(), inside
+
+    # Nothing asked of the server, nothing rebooted, nothing written.
+    assert lock_server.calls() == [] and reboots(host) == 0 and host.activations() == []
+    after = {p.name: p.read_bytes() for p in host.state_dir.iterdir() if p.is_file()}
+    assert after == before and host.current() == old.path != new.path
+
+    # A real run the server refused: the next dry run says so, and still asks nothing.
+    lock_server.holders["default"] = ["another host"]
+    refused = locked_deploy(host, lock_server)
+    assert refused.returncode == 0 and reboots(host) == 0, refused
+    asked = len(lock_server.calls())
+    again = locked_deploy(host, lock_server, "--dry-run")
+    assert again.returncode == 0, again
+    last = [line for line in again.stdout.splitlines() if line.startswith("last time: ")]
+    assert last == [f"last time: {waiting(host)['message']}"], again
+    assert "reboot slot refused by fleet lock" in last[0]
+    assert len(lock_server.calls()) == asked and reboots(host) == 0
+
+
 def test_two_hosts_one_slot(host: Host, second_host: Host, lock_server: FleetLockServer) -> None:
     a, b = host, second_host
     _, new_a = pending_reboot_host(a, "a" * 32)
