@@ -28,6 +28,8 @@ RETRY_INTERVAL = 5.0  # seconds between rounds
 OUTPUT_LINES = 10  # kept per check
 LINE_MAX = 300  # characters kept per line
 MIN_CHECK_TIME = 1.0  # even past the deadline, the last round's checks get this long
+# Absolute: a NixOS unit's PATH has no shell (package.nix puts its closure's shell here).
+SHELL = "/bin/sh"
 
 
 class Kind(StrEnum):
@@ -137,7 +139,8 @@ def _unit(settings: Settings, check: Check, timeout: float) -> CheckResult:
 
 
 def _command(settings: Settings, check: Check, timeout: float) -> CheckResult:
-    return _command_result(check, run_bounded(["sh", "-c", check.target], timeout=timeout), timeout)
+    result = run_bounded([SHELL, "-c", check.target], timeout=timeout)
+    return _command_result(check, result, timeout)
 
 
 _RUN: dict[Kind, Callable[[Settings, Check, float], CheckResult]] = {
