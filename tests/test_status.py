@@ -115,6 +115,20 @@ def test_status_table_shows_dirty_and_reboot_required(host: Host) -> None:
     assert "reboot required: yes" in table.stdout, table
 
 
+def test_status_table_folds_a_long_store_path_after_its_hash(host: Host) -> None:
+    system = host.build_one("with-a-rather-long-name-that-does-not-fit-narrow-terminals")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    table = host.run_agent("status", env={"COLUMNS": "72"})
+    assert table.returncode == 0, table
+    head = system.path[: system.path.index("-") + 1]  # the store directory and the hash
+    # Each system's row (deployed: none, the host is untracked) holds its whole hash.
+    labels = [line.split("│")[1].strip() for line in table.stdout.splitlines() if head in line]
+    assert labels == ["current", "booted", "profile", "upstream"], table
+    assert system.path not in table.stdout, "too narrow for the whole path on one line"
+
+
 def test_status_table_shows_the_upstream_error(host: Host) -> None:
     system = host.build_one("a")
     host.install(system)
@@ -353,6 +367,16 @@ def test_diff_table(host: Host) -> None:
     expected = [[c.name, versions(c.before), versions(c.after), c.kind.value] for c in EXPECTED]
     assert rows == expected
     assert "changes 16 packages" in result.stdout
+
+
+def test_diff_with_nothing_to_show_says_no_changes(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    result = host.run_agent("diff", env=WIDE)
+    assert result.returncode == 0, result
+    assert result.stdout == f"no changes: {system.basename} → {system.basename}\n", result
 
 
 @pytest.mark.parametrize(
