@@ -68,7 +68,7 @@ def deploy(settings: Settings) -> int:
                 transaction.undo(settings, cut_short)  # not deployed anew: what ran comes back
             if decision.action is Action.TRACK:
                 assert snapshot.links.current is not None
-                records.track(paths, snapshot.links.current)
+                records.track_profile(paths, snapshot.links.current)
             elif decision.action is Action.DEPLOY:
                 assert decision.activation is not None
                 try:

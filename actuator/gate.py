@@ -8,7 +8,7 @@ from enum import StrEnum
 from collector.config import RebootMode, SwitchMode
 from collector.records import Deploys
 from collector.snapshot import Snapshot
-from collector.state import Activation, State, boot_differs
+from collector.state import Activation, State, boot_differs, profile_moved
 from collector.store import StorePath, name_of
 
 
@@ -75,13 +75,21 @@ def decide(
     state = snapshot.state
     failed = deploys.blocks(upstream, snapshot.upstream.changed_at) and not force
     if state is State.DIRTY and not force:
-        deployed = snapshot.deployed.path if snapshot.deployed else None
+        deployed = name_of(snapshot.deployed.path if snapshot.deployed else None, "unknown")
+        current, profile = name_of(links.current, "unknown"), name_of(links.profile, "unknown")
+        if profile_moved(links, snapshot.deployed) is None:
+            what = (
+                f"current {current} is neither the deployed {deployed} nor upstream {upstream.name}"
+            )
+        else:  # what runs may still be the deployed system (a hand `boot`)
+            what = (
+                f"the profile moved to {profile} (current {current}, deployed {deployed}, "
+                f"upstream {upstream.name})"
+            )
         return Decision(
             Action.NOTHING,
-            f"dirty ({snapshot.dirty_reason}): current {name_of(links.current, 'unknown')}, "
-            f"profile {name_of(links.profile, 'unknown')}, deployed "
-            f"{name_of(deployed, 'unknown')}, upstream {upstream.name}; someone deployed "
-            "by hand, leaving it alone (--force overrides)",
+            f"dirty: {what}; someone deployed by hand ({snapshot.dirty_reason}), leaving it "
+            "alone (--force overrides)",
         )
     if state is State.UNTRACKED:
         if failed:

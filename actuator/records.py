@@ -28,7 +28,7 @@ from collector.state import (
     Deployed,
     State,
     mirror_deployed,
-    profile_generation,
+    read_links,
 )
 from collector.store import StorePath
 
@@ -49,11 +49,18 @@ def forget_deployed(paths: Paths) -> None:
             os.unlink(path)
 
 
-def track(paths: Paths, current: StorePath) -> None:
-    """Accept what runs as deployed (it is upstream; someone else deployed it)."""
+def track(paths: Paths, current: StorePath, generation: int | None) -> None:
+    """Accept what runs as deployed (it is upstream; someone else deployed it). generation:
+    the profile generation from which on a moved profile is a hand deploy (None: none is)."""
     now = time.time()
-    generation = profile_generation(paths)
     save_deployed(paths, Deployed(current, Activation.SWITCH, current, now, generation=generation))
+
+
+def track_profile(paths: Paths, current: StorePath) -> None:
+    """The actuator's tracking: the profile's generation when it names current, so that
+    someone moving it later is seen (a profile elsewhere was never the agent's)."""
+    links = read_links(paths)
+    track(paths, current, links.profile_generation if links.profile == current else None)
 
 
 def adopt_untracked(settings: Settings, snapshot: Snapshot) -> Snapshot:
@@ -62,7 +69,9 @@ def adopt_untracked(settings: Settings, snapshot: Snapshot) -> Snapshot:
     current = snapshot.links.current
     if snapshot.state is not State.UNTRACKED or current is None:
         return snapshot
-    track(settings.paths, current)
+    # No generation: here every deploy is by hand, and the next one of upstream is
+    # tracked in its turn, not dirty.
+    track(settings.paths, current, None)
     log.info("tracking %s", current.name)
     return observe(settings, snapshot.upstream, snapshot.duration_seconds, snapshot.collected_at)
 

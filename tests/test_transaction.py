@@ -12,7 +12,7 @@ import pytest
 from harness.machine import Machine, machine
 
 from actuator import health, transaction
-from actuator.records import save_deployed, track
+from actuator.records import save_deployed, track_profile
 from actuator.transaction import Before, Journal, Phase
 from actuator.trial import TrialKind
 from collector.collect import assess
@@ -76,7 +76,7 @@ def host(machine: Machine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Run]:
 
     monkeypatch.setattr(transaction, "_write", journaled)
     monkeypatch.setattr(health, "run_checks", checks)
-    track(paths, StorePath(a))
+    track_profile(paths, StorePath(a))
     yield host
 
 
