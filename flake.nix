@@ -51,6 +51,7 @@
             (pkgs.python3.withPackages (ps: [
               ps.mypy
               ps.pytest
+              ps.hypothesis
               ps.pyyaml
               ps.types-requests
               ps.types-pyyaml
@@ -69,6 +70,7 @@
             ps.prometheus-client
             ps.rich
             ps.pytest
+            ps.hypothesis
             ps.pyyaml
             ps.mypy
             ps.types-requests

@@ -66,6 +66,7 @@ python3Packages.buildPythonApplication {
     pytestCheckHook
     # Imported by test modules that are collected, then deselected by their marks.
     pyyaml
+    hypothesis
   ];
 
   # Tests with these markers (pyproject.toml's [tool.pytest.ini_options] markers; a

@@ -638,13 +638,13 @@ def test_a_finished_journal_of_a_newer_version_is_read(host: Host) -> None:
     written = json.loads(path.read_text())
     assert written["finished"] is True
     # A downgrade: a trial kind, then a finished phase, this version does not know.
-    for changes in ({"trial": "pxe"}, {"phase": "abandoned", "trial": "pxe"}):
+    for changes in ({"trial": "pxe"}, {"phase": "quarantined", "trial": "pxe"}):
         path.write_text(json.dumps({**written, **changes}))
         result = kexec(host)
         assert result.returncode == 0, (changes, result)
         assert host.snapshot()["state"] == "up-to-date"
     # An open phase it does not know is still refused: what it left half done is unknown.
-    path.write_text(json.dumps({**written, "phase": "abandoned", "finished": False}))
+    path.write_text(json.dumps({**written, "phase": "quarantined", "finished": False}))
     refused = kexec(host)
     assert refused.returncode == 1, refused
     assert "is corrupt" in error_lines(refused)[0]

@@ -29,6 +29,7 @@ let
       "rich"
       "pytestCheckHook"
       "pyyaml"
+      "hypothesis"
     ] stubPackage
     // {
       buildPythonApplication =

@@ -1,0 +1,377 @@
+"""The safety layer as an operator relies on it, as a stateful property test: hypothesis
+drives a sandbox host through random sequences of what happens to a fleet host (CI
+publishes, the collector runs, the agent deploys, is killed at a journal phase or at a Nix
+call, someone deploys by hand, the machine reboots, an operator forces a deploy) and after
+every step checks the invariants below against the host itself.
+
+Real Nix, a signed binary cache on loopback, a sandbox root; one small pool of systems is
+built once for the module and each example starts from a freshly installed root. Bounded
+by the environment: MODEL_EXAMPLES (sequences) and MODEL_STEPS (steps per sequence).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from harness import AgentResult, Host, NixBuilder, SigningKey, System, SystemSpec, TestServer
+from harness.deploys import deploy, journal, record
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from actuator.transaction import FINISHED, STOP_AT, Phase
+
+pytestmark = pytest.mark.nix
+
+NAMES = ("a", "b", "c", "d")
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "6"))
+STEPS = int(os.environ.get("MODEL_STEPS", "25"))
+# The phases a switch deploy journals (a trial's own are not modelled: no reboot mode).
+KILL_PHASES = (
+    Phase.PLANNED,
+    Phase.PROFILE_SET,
+    Phase.ACTIVATING,
+    Phase.ACTIVATED,
+    Phase.CHECKING,
+    Phase.DONE,
+    Phase.FAILED,
+    Phase.ROLLING_BACK,
+    Phase.ROLLED_BACK,
+)
+FINISHED_PHASES = {p.value for p in FINISHED}
+RUNS: list[tuple[int, int]] = []  # per example: rules run, agent runs
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The systems every example shares, built for one sandbox root path."""
+
+    tmp: Path
+    builder: NixBuilder
+    server: TestServer
+    systems: dict[str, System]
+
+
+@pytest.fixture(scope="module")
+def pool(
+    tmp_path_factory: pytest.TempPathFactory, nix_build_store: Path, signing_key: SigningKey
+) -> Iterator[Pool]:
+    tmp = tmp_path_factory.mktemp("model")
+    (tmp / "cache").mkdir()
+    server = TestServer(cache_dir=tmp / "cache")
+    server.start()
+    try:
+        builder = NixBuilder(
+            build_store=nix_build_store,
+            cache_dir=tmp / "cache",
+            key=signing_key,
+            root=tmp / "root",  # baked into each system's switch-to-configuration
+            salt=uuid.uuid4().hex[:12],
+            cache_home=tmp / "xdg-cache",
+        )
+        systems = builder.build(*(SystemSpec(name) for name in NAMES))
+        yield Pool(tmp, builder, server, systems)
+    finally:
+        server.stop()
+
+
+def fresh_host(pool: Pool) -> Host:
+    """A host freshly installed with the pool's first system (the root path stays: the
+    systems' activations write to it)."""
+    for sub in ("root", "recorded", "home", "textfile"):
+        shutil.rmtree(pool.tmp / sub, ignore_errors=True)
+    for stale in ("bad-systems", "nix-calls"):
+        (pool.tmp / stale).unlink(missing_ok=True)
+    return Host(tmp=pool.tmp, builder=pool.builder, server=pool.server)
+
+
+def profile_link_target(host: Host) -> str | None:
+    link = host.profile_link
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def read_state(host: Host, name: str) -> Any:
+    path = host.state_dir / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@contextmanager
+def killed_at_nix_call(host: Host, n: int, after: bool) -> Iterator[None]:
+    """The agent killed (kill -9) at its n-th nix-store or nix-env call that changes
+    something, before it acts or once it has; the wrappers are put back afterwards."""
+    counter = host.tmp / "nix-calls"
+    counter.unlink(missing_ok=True)
+    kept = {}
+    for tool in ("nix-store", "nix-env"):
+        wrapper = host.bin_dir / tool
+        kept[tool] = wrapper.read_text()
+        shebang, _, rest = kept[tool].partition("\n")
+        act = f"'{host.real_tools[tool]}' \"$@\"; " if after else ""
+        trap = (
+            'if [ "$1" != --query ]; then\n'
+            f"count=$(( $(cat '{counter}' 2>/dev/null || echo 0) + 1 )); "
+            f"echo \"$count\" > '{counter}'\n"
+            f'if [ "$count" = {n} ]; then {act}kill -9 "$PPID"; exit 137; fi\n'
+            "fi\n"
+        )
+        wrapper.write_text(f"{shebang}\n{trap}{rest}")
+    try:
+        yield
+    finally:
+        for tool, text in kept.items():
+            (host.bin_dir / tool).write_text(text)
+
+
+class HostModel(RuleBasedStateMachine):
+    """The model: what the operator did by hand (the links they own), which systems are
+    bad (their checks fail), what the agent has seen of upstream."""
+
+    pool: ClassVar[Pool]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = fresh_host(self.pool)
+        self.systems = self.pool.systems
+        self.bad: set[str] = set()  # store paths whose health checks fail
+        # Links the operator set by hand and that nobody but --force may change: name ->
+        # value ("profile": the generation link, naming path and generation).
+        self.hand: dict[str, str] = {}
+        # A hand deploy may still be in place (dirty allowed) though no link is protected
+        # any more: a --force run that did not finish.
+        self.hand_left = False
+        self.epoch = 0  # upstream changes the agent has seen
+        self.seen_upstream: str | None = None
+        # failed path -> (when, by deploys.json, and the upstream epoch of its failure)
+        self.failed_at: dict[str, tuple[float, int]] = {}
+        self.steps = 0  # agent runs
+        self.rules = 0
+        host = self.host
+        first = self.systems[NAMES[0]]
+        host.install(first)
+        host.publish(first)
+        self.check_file = host.tmp / "bad-systems"
+        self.check_file.write_text("")
+        result = self.run_deploy()  # tracks what runs: the agent's record and generation
+        assert result.returncode == 0, result
+        assert record(host)["path"] == first.path
+
+    # ---- the agent --------------------------------------------------------------------
+
+    def deploy_args(self, fresh: bool) -> list[str]:
+        check = f'! grep -qxF "$(readlink {self.host.current_link})" {self.check_file}'
+        args = ["--health-check", check, "--health-timeout", "1"]
+        return args + (["--max-snapshot-age", "0"] if fresh else [])
+
+    def run_deploy(
+        self, *extra: str, fresh: bool = False, env: dict[str, str] | None = None
+    ) -> AgentResult:
+        return deploy(self.host, *self.deploy_args(fresh), *extra, env=env)
+
+    def links(self) -> dict[str, str | None]:
+        host = self.host
+        return {
+            "current": host.current(),
+            "profile": profile_link_target(host),
+            "default": host.boot_default(),
+        }
+
+    def after_agent(
+        self, result: AgentResult, *, force: bool = False, killed_ok: bool = False
+    ) -> None:
+        """What every agent run must leave, and what the model learns from it."""
+        self.steps += 1
+        host = self.host
+        assert "Traceback" not in result.stderr, result
+        killed = result.returncode == -signal.SIGKILL
+        assert killed_ok or not killed, result
+        if not killed:
+            assert result.returncode in (0, 1), result
+            if result.returncode == 1:
+                errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+                assert len(errors) == 1, result
+        self.learn_upstream()
+        if force:
+            if result.returncode == 0:
+                self.hand.clear()
+                self.hand_left = False
+            elif self.hand:
+                self.hand.clear()
+                self.hand_left = True  # whatever the forced run left, the next ones judge
+        self.hand_not_overridden(result)
+        self.learn_failures()
+        if killed:
+            return
+        entry = journal(host)
+        assert entry is None or entry["phase"] in FINISHED_PHASES, (entry, result)
+        failed = set(self.failed_at)
+        current, default = host.current(), host.boot_default()
+        if current in failed:
+            assert self.hand.get("current") == current, ("a failed system runs", result)
+        if default in failed:
+            assert self.hand.get("default") == default, ("a failed system boots next", result)
+        if "profile" not in self.hand and "default" not in self.hand:
+            assert default == host.profile(), ("boot default is not the profile", result)
+
+    def learn_upstream(self) -> None:
+        snapshot = read_state(self.host, "snapshot.json")
+        seen = snapshot["upstream"]["path"] if snapshot else None
+        if seen is not None and seen != self.seen_upstream:
+            self.seen_upstream = seen
+            self.epoch += 1
+
+    def learn_failures(self) -> None:
+        failed = (read_state(self.host, "deploys.json") or {}).get("failed", {})
+        known = self.failed_at
+        self.failed_at = {
+            path: known[path] if path in known and known[path][0] == at else (at, self.epoch)
+            for path, at in failed.items()
+        }
+
+    def hand_not_overridden(self, result: AgentResult) -> None:
+        now = self.links()
+        for name, value in self.hand.items():
+            assert now[name] == value, (f"the hand deploy's {name} was changed", result)
+
+    def deploying(self, *extra: str, fresh: bool, force: bool = False) -> AgentResult:
+        """A deploy run to its end, with the retry and success checks around it."""
+        host = self.host
+        before = len(host.activations())
+        epoch = self.epoch
+        blocked = {p for p, (_, failed) in self.failed_at.items() if failed == epoch}
+        totals = (read_state(host, "deploys.json") or {}).get("totals", {})
+        result = self.run_deploy(*extra, fresh=fresh)
+        self.after_agent(result, force=force)
+        if not force and self.epoch == epoch:  # its own collect saw no upstream change
+            retried = [p for _, p in host.activations()[before:] if p in blocked]
+            assert not retried, ("a failed system retried before upstream changed", result)
+        deploys = read_state(host, "deploys.json") or {}
+        if deploys.get("totals", {}).get("success", 0) > totals.get("success", 0):
+            last = deploys["last"]
+            assert last["result"] == "success" and last["path"] == host.current(), result
+            assert last["path"] not in self.bad, ("a bad system recorded healthy", result)
+        return result
+
+    # ---- rules ------------------------------------------------------------------------
+
+    @initialize(bad=st.sets(st.sampled_from(NAMES[1:]), max_size=2))
+    def choose_bad(self, bad: set[str]) -> None:
+        self.bad = {self.systems[name].path for name in bad}
+        self.check_file.write_text("".join(f"{path}\n" for path in sorted(self.bad)))
+
+    @rule(name=st.sampled_from(NAMES))
+    def publish(self, name: str) -> None:
+        self.host.publish(self.systems[name])
+
+    @rule()
+    def collect(self) -> None:
+        before = self.links()
+        result = self.host.collect()
+        self.after_agent(result)
+        assert self.links() == before, "collect changed the system"
+        snapshot = self.host.snapshot()
+        if snapshot["state"] == "dirty":
+            assert self.hand or self.hand_left, ("dirty without a hand deploy", snapshot)
+
+    @rule(fresh=st.booleans())
+    def deploy_to_its_end(self, fresh: bool) -> None:
+        result = self.deploying(fresh=fresh)
+        state = self.host.snapshot()["state"]
+        if state == "dirty":
+            assert self.hand or self.hand_left, ("dirty without a hand deploy", result)
+
+    @rule(fresh=st.booleans())
+    def force(self, fresh: bool) -> None:
+        self.deploying("--force", fresh=fresh, force=True)
+
+    @rule(phase=st.sampled_from(KILL_PHASES), fresh=st.booleans(), forced=st.booleans())
+    def deploy_killed_at_phase(self, phase: Phase, fresh: bool, forced: bool) -> None:
+        extra = ["--force"] if forced else []
+        result = self.run_deploy(*extra, fresh=fresh, env={STOP_AT: phase.value})
+        self.after_agent(result, force=forced, killed_ok=True)
+
+    @rule(fresh=st.booleans())
+    def deploy_killed_after_its_activation(self, fresh: bool) -> None:
+        """Killed while its activation runs in a unit of its own, which goes on and
+        switches the system in (as under systemd-run)."""
+        result = self.run_deploy(fresh=fresh, env={STOP_AT: Phase.ACTIVATING.value})
+        if result.returncode == -signal.SIGKILL:
+            path = journal(self.host)["path"]
+            self.host.switch_by_hand(path)  # the agent's own activation, not a hand's
+        self.after_agent(result, killed_ok=True)
+
+    @rule(n=st.integers(1, 4), after=st.booleans(), fresh=st.booleans())
+    def deploy_killed_at_nix_call(self, n: int, after: bool, fresh: bool) -> None:
+        with killed_at_nix_call(self.host, n, after):
+            result = self.run_deploy(fresh=fresh)
+        self.after_agent(result, killed_ok=True)
+
+    @rule(name=st.sampled_from(NAMES), action=st.sampled_from(("switch", "boot", "test")))
+    def by_hand(self, name: str, action: str) -> None:
+        """nixos-rebuild ACTION: the links it moved are the operator's."""
+        before = self.links()
+        deployed = record(self.host)
+        self.host.deploy_by_hand(self.systems[name], action)
+        now = self.links()
+        ours = deployed["path"] if deployed else None
+        for link, value in now.items():
+            if value == before[link]:
+                continue
+            target = self.host.profile() if link == "profile" else value
+            if target == ours:
+                self.hand.pop(link, None)  # back on what the agent deployed
+            else:
+                assert value is not None
+                self.hand[link] = value
+
+    @rule()
+    def reboot(self) -> None:
+        """The machine reboots into the boot loader's default."""
+        self.host.reboot()
+        if "default" in self.hand:
+            self.hand["current"] = self.hand["default"]
+        else:
+            self.hand.pop("current", None)  # a hand `test` does not survive a reboot
+
+    def teardown(self) -> None:
+        RUNS.append((self.rules, self.steps))
+        if os.environ.get("MODEL_DEBUG"):
+            print(self.host.activations(), record(self.host), self.failed_at, self.hand)
+
+    @invariant()
+    def hand_links_hold(self) -> None:
+        self.rules += 1
+        now = self.links()
+        for name, value in self.hand.items():
+            assert now[name] == value, f"the hand deploy's {name} was changed"
+
+
+def test_the_safety_layer_keeps_its_promises(pool: Pool) -> None:
+    HostModel.pool = pool
+    run_state_machine_as_test(
+        HostModel,
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+    rules, runs = sum(r for r, _ in RUNS), sum(n for _, n in RUNS)
+    print(f"model: {len(RUNS)} sequences, {rules} steps, {runs} agent runs")
