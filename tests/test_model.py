@@ -23,9 +23,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from harness import AgentResult, Host, NixBuilder, SigningKey, System, SystemSpec, TestServer
+from harness import (
+    AgentResult,
+    Host,
+    NixBuilder,
+    SigningKey,
+    System,
+    SystemSpec,
+    TestServer,
+    resolve_link,
+)
 from harness.deploys import deploy, journal, record
 from hypothesis import HealthCheck, settings
+from hypothesis import Phase as Phase_
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -42,6 +52,8 @@ pytestmark = pytest.mark.nix
 NAMES = ("a", "b", "c", "d")
 EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "6"))
 STEPS = int(os.environ.get("MODEL_STEPS", "25"))
+# MODEL_SHRINK=0: report the first failing sequence as found (shrinking re-runs real Nix).
+SHRINK = os.environ.get("MODEL_SHRINK", "1") != "0"
 # The phases a switch deploy journals (a trial's own are not modelled: no reboot mode).
 KILL_PHASES = (
     Phase.PLANNED,
@@ -159,8 +171,8 @@ class HostModel(RuleBasedStateMachine):
         self.seen_upstream: str | None = None
         # failed path -> (when, by deploys.json, and the upstream epoch of its failure)
         self.failed_at: dict[str, tuple[float, int]] = {}
-        self.steps = 0  # agent runs
-        self.rules = 0
+        self.agent_runs = 0  # agent runs
+        self.step_count = 0
         host = self.host
         first = self.systems[NAMES[0]]
         host.install(first)
@@ -195,38 +207,52 @@ class HostModel(RuleBasedStateMachine):
         self, result: AgentResult, *, force: bool = False, killed_ok: bool = False
     ) -> None:
         """What every agent run must leave, and what the model learns from it."""
-        self.steps += 1
+        self.agent_runs += 1
         host = self.host
-        assert "Traceback" not in result.stderr, result
+        assert "Traceback" not in result.stderr, f"a traceback\n{result}"
         killed = result.returncode == -signal.SIGKILL
-        assert killed_ok or not killed, result
+        assert killed_ok or not killed, f"killed\n{result}"
         if not killed:
-            assert result.returncode in (0, 1), result
+            assert result.returncode in (0, 1), f"exit code\n{result}"
             if result.returncode == 1:
                 errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-                assert len(errors) == 1, result
+                assert len(errors) == 1, f"not one error line\n{result}"
         self.learn_upstream()
-        if force:
-            if result.returncode == 0:
-                self.hand.clear()
-                self.hand_left = False
-            elif self.hand:
-                self.hand.clear()
-                self.hand_left = True  # whatever the forced run left, the next ones judge
+        if force and result.returncode == 0:
+            self.hand.clear()
+            self.hand_left = False
+        elif force:
+            self.keep_what_the_forced_run_left()
         self.hand_not_overridden(result)
         self.learn_failures()
         if killed:
             return
         entry = journal(host)
-        assert entry is None or entry["phase"] in FINISHED_PHASES, (entry, result)
+        assert entry is None or entry["phase"] in FINISHED_PHASES, f"open: {entry}\n{result}"
         failed = set(self.failed_at)
         current, default = host.current(), host.boot_default()
         if current in failed:
-            assert self.hand.get("current") == current, ("a failed system runs", result)
+            assert self.hand.get("current") == current, f"a failed system runs\n{result}"
         if default in failed:
-            assert self.hand.get("default") == default, ("a failed system boots next", result)
+            assert self.hand.get("default") == default, f"a failed system boots next\n{result}"
         if "profile" not in self.hand and "default" not in self.hand:
-            assert default == host.profile(), ("boot default is not the profile", result)
+            assert default == host.profile(), f"boot default is not the profile\n{result}"
+
+    def keep_what_the_forced_run_left(self) -> None:
+        """A --force run that failed (and went back) or was killed: the hand's links it
+        left as they were (the profile: on the same system) stay the operator's."""
+        now = self.links()
+        for name, value in list(self.hand.items()):
+            if self.resolved(name, now[name]) == self.resolved(name, value):
+                self.hand[name] = now[name] or value
+            else:
+                del self.hand[name]
+                self.hand_left = True
+
+    def resolved(self, name: str, value: str | None) -> str | None:
+        if name != "profile" or value is None:
+            return value
+        return resolve_link(self.host.profile_link.parent / value)
 
     def learn_upstream(self) -> None:
         snapshot = read_state(self.host, "snapshot.json")
@@ -246,7 +272,7 @@ class HostModel(RuleBasedStateMachine):
     def hand_not_overridden(self, result: AgentResult) -> None:
         now = self.links()
         for name, value in self.hand.items():
-            assert now[name] == value, (f"the hand deploy's {name} was changed", result)
+            assert now[name] == value, f"the hand deploy's {name} was changed\n{result}"
 
     def deploying(self, *extra: str, fresh: bool, force: bool = False) -> AgentResult:
         """A deploy run to its end, with the retry and success checks around it."""
@@ -259,12 +285,13 @@ class HostModel(RuleBasedStateMachine):
         self.after_agent(result, force=force)
         if not force and self.epoch == epoch:  # its own collect saw no upstream change
             retried = [p for _, p in host.activations()[before:] if p in blocked]
-            assert not retried, ("a failed system retried before upstream changed", result)
+            assert not retried, f"a failed system retried before upstream changed\n{result}"
         deploys = read_state(host, "deploys.json") or {}
-        if deploys.get("totals", {}).get("success", 0) > totals.get("success", 0):
-            last = deploys["last"]
-            assert last["result"] == "success" and last["path"] == host.current(), result
-            assert last["path"] not in self.bad, ("a bad system recorded healthy", result)
+        last = deploys.get("last") or {}
+        succeeded = deploys.get("totals", {}).get("success", 0) > totals.get("success", 0)
+        if succeeded and last["result"] == "success":  # this run's last word a success
+            assert last["path"] == host.current(), f"a success not running\n{result}"
+            assert last["path"] not in self.bad, f"a bad system recorded healthy\n{result}"
         return result
 
     # ---- rules ------------------------------------------------------------------------
@@ -286,14 +313,14 @@ class HostModel(RuleBasedStateMachine):
         assert self.links() == before, "collect changed the system"
         snapshot = self.host.snapshot()
         if snapshot["state"] == "dirty":
-            assert self.hand or self.hand_left, ("dirty without a hand deploy", snapshot)
+            assert self.hand or self.hand_left, f"dirty without a hand deploy\n{snapshot}"
 
     @rule(fresh=st.booleans())
     def deploy_to_its_end(self, fresh: bool) -> None:
         result = self.deploying(fresh=fresh)
         state = self.host.snapshot()["state"]
         if state == "dirty":
-            assert self.hand or self.hand_left, ("dirty without a hand deploy", result)
+            assert self.hand or self.hand_left, f"dirty without a hand deploy\n{result}"
 
     @rule(fresh=st.booleans())
     def force(self, fresh: bool) -> None:
@@ -349,13 +376,13 @@ class HostModel(RuleBasedStateMachine):
             self.hand.pop("current", None)  # a hand `test` does not survive a reboot
 
     def teardown(self) -> None:
-        RUNS.append((self.rules, self.steps))
+        RUNS.append((self.step_count, self.agent_runs))
         if os.environ.get("MODEL_DEBUG"):
             print(self.host.activations(), record(self.host), self.failed_at, self.hand)
 
     @invariant()
     def hand_links_hold(self) -> None:
-        self.rules += 1
+        self.step_count += 1
         now = self.links()
         for name, value in self.hand.items():
             assert now[name] == value, f"the hand deploy's {name} was changed"
@@ -371,6 +398,7 @@ def test_the_safety_layer_keeps_its_promises(pool: Pool) -> None:
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
+            phases=list(Phase_) if SHRINK else [Phase_.generate],
         ),
     )
     rules, runs = sum(r for r, _ in RUNS), sum(n for _, n in RUNS)
