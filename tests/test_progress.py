@@ -5,10 +5,7 @@ of the displays' control sequences."""
 
 from __future__ import annotations
 
-import os
-import pty
 import re
-import subprocess
 
 import pytest
 from harness import Host, Package, SystemSpec
@@ -18,31 +15,6 @@ pytestmark = pytest.mark.nix
 
 HIDE_CURSOR, SHOW_CURSOR = b"\x1b[?25l", b"\x1b[?25h"
 COLOUR = re.compile(rb"\x1b\[[0-9;]*3[0-9][;m]")  # a foreground colour (SGR 30..39, 38;...)
-
-
-def on_a_terminal(host: Host, *args: str, env: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """The agent with stdout and stderr on a pseudo-terminal: its exit status and all it
-    wrote there."""
-    main, secondary = pty.openpty()
-    full_env = {**host.agent_env(env), "TERM": "xterm-256color", "COLUMNS": "160"}
-    if env is None or "NO_COLOR" not in env:
-        full_env.pop("NO_COLOR", None)
-    argv = host.agent_argv(*args)
-    with subprocess.Popen(
-        argv, env=full_env, stdout=secondary, stderr=secondary, cwd=host.tmp
-    ) as proc:
-        os.close(secondary)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the other side is closed
-                break
-            if not chunk:
-                break
-            output += chunk
-    os.close(main)
-    return proc.returncode, output
 
 
 def collect_args(host: Host, *extra: str) -> tuple[str, ...]:
@@ -61,7 +33,7 @@ def published(host: Host) -> str:
 
 def test_realise_on_a_terminal_shows_progress_and_ends_cleanly(host: Host) -> None:
     path = published(host)
-    code, output = on_a_terminal(host, *collect_args(host))
+    code, output = host.on_a_terminal(*collect_args(host))
     assert code == 0, output
     assert host.upstream() == path
     text = output.decode()
@@ -91,7 +63,7 @@ def test_realise_without_a_terminal_writes_the_plain_lines(host: Host) -> None:
 
 def test_quiet_on_a_terminal_shows_no_display_and_no_nix_chatter(host: Host) -> None:
     path = published(host)
-    code, output = on_a_terminal(host, *collect_args(host, "--quiet"))
+    code, output = host.on_a_terminal(*collect_args(host, "--quiet"))
     assert code == 0, output
     assert host.upstream() == path
     assert output == b"", "a collect that goes well says nothing with --quiet"
@@ -99,7 +71,7 @@ def test_quiet_on_a_terminal_shows_no_display_and_no_nix_chatter(host: Host) -> 
 
 def test_no_color_keeps_the_display_without_colours(host: Host) -> None:
     published(host)
-    code, output = on_a_terminal(host, *collect_args(host), env={"NO_COLOR": "1"})
+    code, output = host.on_a_terminal(*collect_args(host), env={"NO_COLOR": "1"})
     assert code == 0, output
     assert HIDE_CURSOR in output and b"realised " in output, output
     assert not COLOUR.search(output), output
@@ -110,7 +82,7 @@ def test_health_checks_on_a_terminal_show_the_round_and_the_pending_check(host: 
     systems = host.build(SystemSpec("old"), SystemSpec("new", packages=packages))
     tracking(host, systems["old"], systems["new"])
     args = deploy_args(host, "--health-check", "true")
-    code, output = on_a_terminal(host, "deploy", *args)
+    code, output = host.on_a_terminal("deploy", *args)
     assert code == 0, output
     assert host.current() == systems["new"].path
     text = output.decode()

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import pty
 import re
-import subprocess
-import sys
 
 import pytest
 from harness import (
@@ -254,37 +250,19 @@ def test_status_on_a_dirty_host_says_what_the_hand_deploy_changed(host: Host) ->
     assert json.loads(host.status("--json").stdout)["hand_changes"] is None
 
 
-def status_argv(host: Host) -> list[str]:
-    return [sys.executable, "-m", "collector.cli", "status", "--root", str(host.root)]
-
-
 def test_status_colours_only_on_a_terminal(host: Host) -> None:
     system = host.build_one("a")
     host.install(system)
     host.publish(system)
     assert host.collect().returncode == 0
 
-    piped = subprocess.run(status_argv(host), env=host.agent_env(), capture_output=True)
-    assert piped.returncode == 0
-    assert b"untracked" in piped.stdout
-    assert b"\x1b[" not in piped.stdout
+    piped = host.status()
+    assert piped.returncode == 0, piped
+    assert "untracked" in piped.stdout
+    assert "\x1b[" not in piped.stdout
 
-    main, secondary = pty.openpty()
-    env = {**host.agent_env(), "TERM": "xterm-256color", "COLUMNS": "120"}
-    env.pop("NO_COLOR", None)
-    with subprocess.Popen(status_argv(host), env=env, stdout=secondary, stderr=secondary) as proc:
-        os.close(secondary)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the other side is closed
-                break
-            if not chunk:
-                break
-            output += chunk
-    os.close(main)
-    assert proc.returncode == 0
+    code, output = host.on_a_terminal("status", columns=120)
+    assert code == 0
     assert b"untracked" in output
     assert b"\x1b[" in output
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -473,6 +474,31 @@ class Host:
                 argv += ["--root", str(self.root)]
             argv += args[1:]
         return argv
+
+    def on_a_terminal(
+        self, *args: str, env: Mapping[str, str] | None = None, columns: int = 160
+    ) -> tuple[int, bytes]:
+        """The agent with stdout and stderr on a pseudo-terminal: its exit status and all it
+        wrote there. NO_COLOR is dropped unless `env` sets it."""
+        main, secondary = pty.openpty()
+        full_env = {**self.agent_env(env), "TERM": "xterm-256color", "COLUMNS": str(columns)}
+        if env is None or "NO_COLOR" not in env:
+            full_env.pop("NO_COLOR", None)
+        with subprocess.Popen(
+            self.agent_argv(*args), env=full_env, stdout=secondary, stderr=secondary, cwd=self.tmp
+        ) as proc:
+            os.close(secondary)
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # EIO: the other side is closed
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        os.close(main)
+        return proc.returncode, output
 
     def start_agent(
         self, *args: str, env: Mapping[str, str] | None = None
