@@ -50,8 +50,8 @@ from actuator.transaction import FINISHED, STOP_AT, Phase
 pytestmark = pytest.mark.nix
 
 NAMES = ("a", "b", "c", "d")
-EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "6"))
-STEPS = int(os.environ.get("MODEL_STEPS", "25"))
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "20"))
+STEPS = int(os.environ.get("MODEL_STEPS", "30"))
 # MODEL_SHRINK=0: report the first failing sequence as found (shrinking re-runs real Nix).
 SHRINK = os.environ.get("MODEL_SHRINK", "1") != "0"
 # The phases a switch deploy journals (a trial's own are not modelled: no reboot mode).
@@ -67,6 +67,8 @@ KILL_PHASES = (
     Phase.ROLLED_BACK,
 )
 FINISHED_PHASES = {p.value for p in FINISHED}
+# switch: checked; boot (no reboot mode): the next boot runs it, unchecked.
+MODES = st.sampled_from(("switch", "boot"))
 RUNS: list[tuple[int, int]] = []  # per example: rules run, agent runs
 
 
@@ -204,9 +206,15 @@ class HostModel(RuleBasedStateMachine):
         }
 
     def after_agent(
-        self, result: AgentResult, *, force: bool = False, killed_ok: bool = False
+        self,
+        result: AgentResult,
+        *,
+        force: bool = False,
+        killed_ok: bool = False,
+        deploys: bool = True,
     ) -> None:
-        """What every agent run must leave, and what the model learns from it."""
+        """What every agent run must leave, and what the model learns from it; a deploy
+        run not killed also finishes what it found (a collect leaves that to the next)."""
         self.agent_runs += 1
         host = self.host
         assert "Traceback" not in result.stderr, f"a traceback\n{result}"
@@ -225,7 +233,7 @@ class HostModel(RuleBasedStateMachine):
             self.keep_what_the_forced_run_left()
         self.hand_not_overridden(result)
         self.learn_failures()
-        if killed:
+        if killed or not deploys:
             return
         entry = journal(host)
         assert entry is None or entry["phase"] in FINISHED_PHASES, f"open: {entry}\n{result}"
@@ -289,7 +297,9 @@ class HostModel(RuleBasedStateMachine):
         deploys = read_state(host, "deploys.json") or {}
         last = deploys.get("last") or {}
         succeeded = deploys.get("totals", {}).get("success", 0) > totals.get("success", 0)
-        if succeeded and last["result"] == "success":  # this run's last word a success
+        # This run's last word a success, of a checked deploy (a boot-mode one without a
+        # reboot mode is not checked, and runs only after the next boot).
+        if succeeded and last["result"] == "success" and last["mode"] == "switch":
             assert last["path"] == host.current(), f"a success not running\n{result}"
             assert last["path"] not in self.bad, f"a bad system recorded healthy\n{result}"
         return result
@@ -309,26 +319,26 @@ class HostModel(RuleBasedStateMachine):
     def collect(self) -> None:
         before = self.links()
         result = self.host.collect()
-        self.after_agent(result)
+        self.after_agent(result, deploys=False)
         assert self.links() == before, "collect changed the system"
         snapshot = self.host.snapshot()
         if snapshot["state"] == "dirty":
             assert self.hand or self.hand_left, f"dirty without a hand deploy\n{snapshot}"
 
-    @rule(fresh=st.booleans())
-    def deploy_to_its_end(self, fresh: bool) -> None:
-        result = self.deploying(fresh=fresh)
+    @rule(fresh=st.booleans(), mode=MODES)
+    def deploy_to_its_end(self, fresh: bool, mode: str) -> None:
+        result = self.deploying("--switch-mode", mode, fresh=fresh)
         state = self.host.snapshot()["state"]
         if state == "dirty":
             assert self.hand or self.hand_left, f"dirty without a hand deploy\n{result}"
 
-    @rule(fresh=st.booleans())
-    def force(self, fresh: bool) -> None:
-        self.deploying("--force", fresh=fresh, force=True)
+    @rule(fresh=st.booleans(), mode=MODES)
+    def force(self, fresh: bool, mode: str) -> None:
+        self.deploying("--force", "--switch-mode", mode, fresh=fresh, force=True)
 
-    @rule(phase=st.sampled_from(KILL_PHASES), fresh=st.booleans(), forced=st.booleans())
-    def deploy_killed_at_phase(self, phase: Phase, fresh: bool, forced: bool) -> None:
-        extra = ["--force"] if forced else []
+    @rule(phase=st.sampled_from(KILL_PHASES), fresh=st.booleans(), forced=st.booleans(), mode=MODES)
+    def deploy_killed_at_phase(self, phase: Phase, fresh: bool, forced: bool, mode: str) -> None:
+        extra = ["--switch-mode", mode, *(["--force"] if forced else [])]
         result = self.run_deploy(*extra, fresh=fresh, env={STOP_AT: phase.value})
         self.after_agent(result, force=forced, killed_ok=True)
 
@@ -377,8 +387,6 @@ class HostModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         RUNS.append((self.step_count, self.agent_runs))
-        if os.environ.get("MODEL_DEBUG"):
-            print(self.host.activations(), record(self.host), self.failed_at, self.hand)
 
     @invariant()
     def hand_links_hold(self) -> None:
