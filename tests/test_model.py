@@ -32,6 +32,7 @@ from harness import (
     SystemSpec,
     TestServer,
     resolve_link,
+    run_checked,
 )
 from harness.deploys import deploy, journal, record
 from hypothesis import HealthCheck, settings
@@ -69,6 +70,15 @@ KILL_PHASES = (
 FINISHED_PHASES = {p.value for p in FINISHED}
 # switch: checked; boot (no reboot mode): the next boot runs it, unchecked.
 MODES = st.sampled_from(("switch", "boot"))
+UPSTREAM = st.none() | st.sampled_from(NAMES)  # what CI publishes first, if anything
+FORCED = st.sampled_from((False, False, False, True))  # --force now and then
+AFTER_ACTIVATION = "after its activation"
+Kill = Phase | tuple[int, bool] | str
+KILLS: st.SearchStrategy[Kill] = st.one_of(
+    st.sampled_from(KILL_PHASES),
+    st.tuples(st.integers(1, 4), st.booleans()),  # the n-th Nix call, before/after it acts
+    st.just(AFTER_ACTIVATION),
+)
 RUNS: list[tuple[int, int]] = []  # per example: rules run, agent runs
 
 
@@ -325,38 +335,43 @@ class HostModel(RuleBasedStateMachine):
         if snapshot["state"] == "dirty":
             assert self.hand or self.hand_left, f"dirty without a hand deploy\n{snapshot}"
 
-    @rule(fresh=st.booleans(), mode=MODES)
-    def deploy_to_its_end(self, fresh: bool, mode: str) -> None:
-        result = self.deploying("--switch-mode", mode, fresh=fresh)
+    def publish_first(self, upstream: str | None) -> None:
+        if upstream is not None:
+            self.host.publish(self.systems[upstream])
+
+    @rule(upstream=UPSTREAM, fresh=st.booleans(), mode=MODES, forced=FORCED)
+    def deploy(self, upstream: str | None, fresh: bool, mode: str, forced: bool) -> None:
+        """CI may publish first; then a deploy runs to its end."""
+        self.publish_first(upstream)
+        extra = ["--switch-mode", mode, *(["--force"] if forced else [])]
+        result = self.deploying(*extra, fresh=fresh, force=forced)
         state = self.host.snapshot()["state"]
         if state == "dirty":
             assert self.hand or self.hand_left, f"dirty without a hand deploy\n{result}"
 
-    @rule(fresh=st.booleans(), mode=MODES)
-    def force(self, fresh: bool, mode: str) -> None:
-        self.deploying("--force", "--switch-mode", mode, fresh=fresh, force=True)
-
-    @rule(phase=st.sampled_from(KILL_PHASES), fresh=st.booleans(), forced=st.booleans(), mode=MODES)
-    def deploy_killed_at_phase(self, phase: Phase, fresh: bool, forced: bool, mode: str) -> None:
+    @rule(upstream=UPSTREAM, kill=KILLS, fresh=st.booleans(), mode=MODES, forced=FORCED)
+    def deploy_killed(
+        self, upstream: str | None, kill: Kill, fresh: bool, mode: str, forced: bool
+    ) -> None:
+        """CI may publish first; then a deploy is killed (kill -9): right after it journals
+        a phase; at its n-th Nix call, before or after the call acts; or while its
+        activation runs in a unit of its own, which goes on and switches the system in
+        (as under systemd-run)."""
+        self.publish_first(upstream)
         extra = ["--switch-mode", mode, *(["--force"] if forced else [])]
-        result = self.run_deploy(*extra, fresh=fresh, env={STOP_AT: phase.value})
+        if isinstance(kill, Phase):
+            result = self.run_deploy(*extra, fresh=fresh, env={STOP_AT: kill.value})
+        elif isinstance(kill, tuple):
+            n, after = kill
+            with killed_at_nix_call(self.host, n, after):
+                result = self.run_deploy(*extra, fresh=fresh)
+        else:
+            result = self.run_deploy(*extra, fresh=fresh, env={STOP_AT: Phase.ACTIVATING.value})
+            if result.returncode == -signal.SIGKILL:
+                entry = journal(self.host)  # its activation goes on: the agent's, not a hand's
+                activation = f"{entry['path']}/bin/switch-to-configuration"
+                run_checked([activation, entry["activation"]], env=self.host.agent_env())
         self.after_agent(result, force=forced, killed_ok=True)
-
-    @rule(fresh=st.booleans())
-    def deploy_killed_after_its_activation(self, fresh: bool) -> None:
-        """Killed while its activation runs in a unit of its own, which goes on and
-        switches the system in (as under systemd-run)."""
-        result = self.run_deploy(fresh=fresh, env={STOP_AT: Phase.ACTIVATING.value})
-        if result.returncode == -signal.SIGKILL:
-            path = journal(self.host)["path"]
-            self.host.switch_by_hand(path)  # the agent's own activation, not a hand's
-        self.after_agent(result, killed_ok=True)
-
-    @rule(n=st.integers(1, 4), after=st.booleans(), fresh=st.booleans())
-    def deploy_killed_at_nix_call(self, n: int, after: bool, fresh: bool) -> None:
-        with killed_at_nix_call(self.host, n, after):
-            result = self.run_deploy(fresh=fresh)
-        self.after_agent(result, killed_ok=True)
 
     @rule(name=st.sampled_from(NAMES), action=st.sampled_from(("switch", "boot", "test")))
     def by_hand(self, name: str, action: str) -> None:
