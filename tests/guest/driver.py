@@ -889,7 +889,8 @@ def phase_after_boot_timer() -> None:
     report(
         "boot-timer",
         actuator=actuator,
-        timer=show(ACTUATOR_TIMER, "LastTriggerUSecMonotonic"),
+        # The run's first step, the collection its service wants: when the timer fired.
+        collector=show(COLLECTOR_UNIT, "ExecMainStartTimestampMonotonic"),
         slow=show(SLOW_BOOT_UNIT, "ExecMainExitTimestampMonotonic"),
         # After the boot has finished (it waits), when it did.
         **systemd_state(),
