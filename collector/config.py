@@ -111,6 +111,10 @@ class Settings:
     reboot_windows: tuple[str, ...] = ()  # checked by the actuator (actuator/window.py)
     fleet_lock_url: str | None = None
     fleet_lock_group: str = "default"
+    prometheus_url: str | None = None  # the fleet's Prometheus (collector/prometheus.py)
+    prometheus_bearer_token_file: str | None = None
+    prometheus_netrc_file: str | None = None
+    prometheus_ca_file: str | None = None
     track: bool = False
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
@@ -124,6 +128,7 @@ COMMANDS = ("collect", "status", "diff", "log", "deploy")
 FETCHING = ("collect", "deploy")  # they fetch upstream
 REPORTS = ("status", "diff", "log")
 DEPLOY = ("deploy",)
+PROMETHEUS = ("deploy",)  # the commands that ask the fleet's Prometheus
 
 SYSTEM_NAMES = ("current", "booted", "deployed", "upstream", "profile")  # as `diff` takes them
 
@@ -233,6 +238,12 @@ def _health_urls(values: Sequence[object]) -> tuple[str, ...]:
 def _fleet_lock_url(value: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
         raise ConfigError("the fleet lock URL must be an http:// or https:// URL")
+    return value
+
+
+def _prometheus_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s?#]*", value):
+        raise ConfigError("the Prometheus URL must be an http:// or https:// URL without a query")
     return value
 
 
@@ -473,6 +484,37 @@ OPTIONS: tuple[Option, ...] = (
         metavar="NAME",
         default="default",
         check=_fleet_lock_group,
+    ),
+    # The fleet's Prometheus: its HTTP API answers the halt query (the same API as Thanos,
+    # Mimir, VictoriaMetrics). Its credentials and CA are its own, not upstream's.
+    Option(
+        "prometheus_url",
+        ("--prometheus-url",),
+        "the fleet's Prometheus HTTP API (its base URL)",
+        PROMETHEUS,
+        metavar="URL",
+        check=_prometheus_url,
+    ),
+    Option(
+        "prometheus_bearer_token_file",
+        ("--prometheus-bearer-token-file",),
+        "send this bearer token to Prometheus",
+        PROMETHEUS,
+        metavar="FILE",
+    ),
+    Option(
+        "prometheus_netrc_file",
+        ("--prometheus-netrc-file",),
+        "credentials for Prometheus's host",
+        PROMETHEUS,
+        metavar="FILE",
+    ),
+    Option(
+        "prometheus_ca_file",
+        ("--prometheus-ca-file",),
+        "CA bundle for Prometheus over https (--ca-file)",
+        PROMETHEUS,
+        metavar="FILE",
     ),
     # Orders for one run, not settings: the config file has no key for them.
     Option(

@@ -269,6 +269,17 @@ SAMPLES = {
         "https://airlock.example.org",
     ),
     "fleet_lock_group": Sample(("--fleet-lock-group", "db"), "db", "eu-1.web", "eu-1.web"),
+    "prometheus_url": Sample(
+        ("--prometheus-url", "http://prom:9090"),
+        "http://prom:9090",
+        "https://thanos.example.org/q",
+        "https://thanos.example.org/q",
+    ),
+    "prometheus_bearer_token_file": Sample(
+        ("--prometheus-bearer-token-file", "/a/pt"), "/a/pt", "/b/pt", "/b/pt"
+    ),
+    "prometheus_netrc_file": Sample(("--prometheus-netrc-file", "/a/n"), "/a/n", "/b/n", "/b/n"),
+    "prometheus_ca_file": Sample(("--prometheus-ca-file", "/a/c"), "/a/c", "/b/c", "/b/c"),
     "force": Sample(("-f",), True),
     "dry_run": Sample(("--dry-run",), True),
     "max_snapshot_age": Sample(("--max-snapshot-age", "0"), 0.0, 900, 900.0),
@@ -472,7 +483,7 @@ def contract_section(title: str) -> str:
 @outside_the_package
 def test_the_contract_lists_each_subcommands_flags() -> None:
     block = contract_section("Command line").split("```")[1]
-    texts: dict[str, str] = {}  # a subcommand's line, COMMON's and UPSTREAM's definition
+    texts: dict[str, str] = {}  # a subcommand's line, COMMON's, UPSTREAM's, PROMETHEUS's
     current = ""
     for line in block.splitlines():
         if start := re.match(r"nixos-autodeploy (\w+)|([A-Z]+) +=", line):
@@ -480,10 +491,12 @@ def test_the_contract_lists_each_subcommands_flags() -> None:
             line = line[start.end() :]
         if current:
             texts[current] = texts.get(current, "") + " " + line
-    assert set(texts) == {*COMMANDS, "[COMMON]", "[UPSTREAM]"}
+    groups = ("[COMMON]", "[UPSTREAM]", "[PROMETHEUS]")
+    assert set(texts) == {*COMMANDS, *groups}
     for command in COMMANDS:
-        text = texts[command].replace("[COMMON]", texts["[COMMON]"])
-        text = text.replace("[UPSTREAM]", texts["[UPSTREAM]"])
+        text = texts[command]
+        for group in groups:
+            text = text.replace(group, texts[group])
         documented = set(re.findall(r"(?<![\w-])--?[a-z][a-z-]*", text))
         offered = {flag for o in OPTIONS if command in o.commands for flag in o.flags}
         assert documented == offered, command
