@@ -19,7 +19,7 @@ from collector.snapshot import Snapshot, load_snapshot
 from collector.state import read_links
 from collector.upstream import digest
 
-from . import commands, profile, reboot, records, transaction, trial
+from . import commands, halt, profile, reboot, records, transaction, trial
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def deploy(settings: Settings) -> int:
         decision = decide(
             snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
         )
+        if decision.action is Action.DEPLOY and cut_short is None:
+            decision = _held_back(settings, decision)  # an interrupted deploy is finished
         if settings.dry_run:
             _dry_run(settings, snapshot, decision)
             return 0
@@ -82,6 +84,18 @@ def deploy(settings: Settings) -> int:
             if cleared is not None:
                 reboot.reboot(settings, _reboot_plan(settings, cleared), cleared)
     return 0
+
+
+def _held_back(settings: Settings, decision: Decision) -> Decision:
+    """The deploy of a new release, or nothing when the fleet's health halts it."""
+    verdict = halt.check(settings)
+    if verdict is None:
+        return decision
+    if not settings.dry_run:
+        records.save_rollout(settings.paths, verdict)
+    if verdict.halted:
+        return Decision(Action.NOTHING, f"rollout halted: {verdict.reason}")
+    return decision
 
 
 def _reboot_plan(settings: Settings, snapshot: Snapshot) -> reboot.Reboot:

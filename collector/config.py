@@ -115,6 +115,7 @@ class Settings:
     prometheus_bearer_token_file: str | None = None
     prometheus_netrc_file: str | None = None
     prometheus_ca_file: str | None = None
+    halt_query: str | None = None  # PromQL; a non-zero sample halts a new deploy
     track: bool = False
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
@@ -244,6 +245,12 @@ def _fleet_lock_url(value: str) -> str:
 def _prometheus_url(value: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+[^\s?#]*", value):
         raise ConfigError("the Prometheus URL must be an http:// or https:// URL without a query")
+    return value
+
+
+def _halt_query(value: str) -> str:
+    if not value.strip():
+        raise ConfigError("the halt query must not be empty")
     return value
 
 
@@ -515,6 +522,14 @@ OPTIONS: tuple[Option, ...] = (
         "CA bundle for Prometheus over https (--ca-file)",
         PROMETHEUS,
         metavar="FILE",
+    ),
+    Option(
+        "halt_query",
+        ("--halt-query",),
+        "before a new deploy, ask Prometheus this; any non-zero sample (or no answer) halts it",
+        DEPLOY,
+        metavar="PROMQL",
+        check=_halt_query,
     ),
     # Orders for one run, not settings: the config file has no key for them.
     Option(

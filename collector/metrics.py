@@ -59,6 +59,11 @@ class _SnapshotCollector(Collector):
         )
         yield info
         yield _gauge(
+            "rollout_halted",
+            "1 when the halt query (or no answer to it) held this host's last new deploy back",
+            bool(s.rollout and s.rollout.halted),
+        )
+        yield _gauge(
             "update_available",
             "1 when upstream differs from what this agent deployed",
             s.state is State.UPDATE_AVAILABLE,

@@ -84,7 +84,15 @@ def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
         "last_rollback": s.last_rollback.to_json() if s.last_rollback else None,
         "reboot_wait": _reboot_wait(s),
         "fleet_lock_held": s.reboot.slot is not None,
+        "rollout": _rollout(s),
     }
+
+
+def _rollout(s: Snapshot) -> dict[str, Any] | None:
+    r = s.rollout
+    if r is None:
+        return None
+    return {"halted": r.halted, "reason": r.reason, "checked_at": r.checked_at}
 
 
 def _reboot_wait(s: Snapshot) -> dict[str, Any] | None:
@@ -233,6 +241,9 @@ def render(s: Snapshot, console: Console, changes: Changes | None = None) -> Non
             f"fleet lock: holding a reboot slot in group {slot.group} at {slot.url} "
             f"for {_age(time.time() - slot.at)}"
         )
+    if s.rollout is not None and s.rollout.halted:
+        halted = escape(s.rollout.reason)  # a query's labels hold brackets
+        facts.append(f"rollout: [red]halted[/red]: {halted}")
     if s.last_deploy:
         d = s.last_deploy
         result = "[green]success[/green]" if d.ok else "[red]failure[/red]"

@@ -1,0 +1,119 @@
+"""The halt, end to end over a small fleet: three sandbox hosts with real Nix, each with
+its own signed binary cache on loopback and its own real node_exporter serving its
+textfile; one real Prometheus scrapes them all. The canary's failing health check rolls
+it back; the README's default halt query then holds every other host back, and a
+Prometheus that is gone holds them back too (fail closed)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from harness import Host, SigningKey, SystemSpec, metric, require_tool
+from harness.deploys import decisions, deploy, history, tracking
+from harness.nix import NixBuilder
+from harness.prometheus import Prometheus, node_exporter, prometheus
+from harness.server import TestServer
+
+pytestmark = [pytest.mark.prometheus, pytest.mark.nix]
+
+JOB = "nixos-autodeploy-fleet"
+# The README's default: any rollback anywhere in the fleet in the last hour.
+HALT = "sum(increase(nixos_autodeploy_rollbacks_total[1h])) > 0"
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, nix_build_store: Path, signing_key: SigningKey) -> Iterator[list[Host]]:
+    """Three hosts sharing the build store and key (so the same systems), each with its
+    own root, cache and server."""
+    for tool in ("nix-store", "nix-env", "nix"):
+        require_tool(tool)
+    salt = uuid.uuid4().hex[:12]
+    with ExitStack() as stack:
+        hosts = []
+        for name in ("canary", "web1", "web2"):
+            tmp = tmp_path / name
+            (tmp / "cache").mkdir(parents=True)
+            server = TestServer(cache_dir=tmp / "cache")
+            server.start()
+            stack.callback(server.stop)
+            builder = NixBuilder(
+                build_store=nix_build_store,
+                cache_dir=tmp / "cache",
+                key=signing_key,
+                root=tmp / "root",
+                salt=salt,
+                cache_home=tmp / "xdg-cache",
+            )
+            hosts.append(Host(tmp=tmp, builder=builder, server=server))
+        yield hosts
+
+
+def halted_deploy(host: Host, prom_url: str) -> None:
+    result = deploy(host, "--prometheus-url", prom_url, "--halt-query", HALT)
+    assert result.returncode == 0, result
+
+
+def test_a_canary_rollback_halts_the_fleet_and_a_lost_prometheus_too(
+    fleet: list[Host], tmp_path: Path
+) -> None:
+    canary, web1, web2 = fleet
+    for host in fleet:  # the same systems everywhere: one build, copied to each cache
+        systems = host.build(SystemSpec("a"), SystemSpec("b"))
+        tracking(host, systems["a"], systems["b"], collect=True)
+    with ExitStack() as servers:
+        targets = [
+            servers.enter_context(node_exporter(h.metrics_path.parent, h.tmp / "ne.log"))
+            for h in fleet
+        ]
+        prom = servers.enter_context(prometheus(targets, tmp_path, JOB))
+        wait_for_samples(prom, "nixos_autodeploy_rollbacks_total", len(fleet))
+        # Nothing fires yet: a host asking now deploys (the query lets it go).
+        assert prom.query(HALT)["data"]["result"] == []
+
+        failed = deploy(canary, "--health-check", "false", "--health-timeout", "1", timeout=5)
+        assert failed.returncode == 1, failed
+        assert metric(canary.metrics(), "nixos_autodeploy_rollbacks_total") == 1
+        prom.wait_for("the rollback to reach the halt query", lambda: fires(prom))
+
+        for host in (web1, web2):
+            halted_deploy(host, prom.url)
+            assert host.activations() == []
+            snapshot = host.snapshot()
+            assert snapshot["state"] == "update-available"
+            assert snapshot["rollout"]["halted"] is True
+            assert "the halt query fired" in snapshot["rollout"]["reason"]
+            assert metric(host.metrics(), "nixos_autodeploy_rollout_halted") == 1
+            (last,) = [e for e in history(host) if e["event"] == "decision"][-1:]
+            assert (last["action"], last["reason"].split(":")[0]) == ("nothing", "rollout halted")
+            shown = host.status()
+            assert "rollout: halted: the halt query fired" in shown.stdout, shown
+        # A query that does not fire lets the deploy go.
+        going = deploy(web2, "--prometheus-url", prom.url, "--halt-query", "vector(0)")
+        assert going.returncode == 0, going
+        assert [path for _, path in web2.activations()] == [web2.snapshot()["upstream_link"]]
+        assert web2.snapshot()["rollout"]["halted"] is False
+    # Prometheus is gone: still halted, and it says why.
+    halted_deploy(web1, prom.url)
+    assert web1.activations() == []
+    reason = web1.snapshot()["rollout"]["reason"]
+    assert reason.startswith("the halt query could not be asked, failing closed: Prometheus")
+    assert decisions(web1)[-1] == ("nothing", "update-available")
+
+
+def wait_for_samples(prom: Prometheus, name: str, hosts: int) -> None:
+    """Each host's series scraped twice or more, so increase() sees the next change."""
+    expr = f"count(count_over_time({name}[1m]) >= 2)"
+
+    def scraped() -> bool:
+        result = prom.query(expr)["data"]["result"]
+        return bool(result) and int(float(result[0]["value"][1])) == hosts
+
+    prom.wait_for(f"{hosts} hosts' {name}", scraped)
+
+
+def fires(prom: Prometheus) -> bool:
+    return bool(prom.query(HALT)["data"]["result"])
