@@ -6,23 +6,40 @@ Prometheus that is gone holds them back too (fail closed)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from harness import Host, SigningKey, SystemSpec, metric, require_tool
-from harness.deploys import decisions, deploy, history, tracking
+from harness import NEW_KERNEL, REPO, Host, SigningKey, SystemSpec, metric, require_tool
+from harness.deploys import (
+    assert_links,
+    decisions,
+    deploy,
+    deploy_killed_at,
+    history,
+    tracking,
+)
 from harness.nix import NixBuilder
-from harness.prometheus import Prometheus, node_exporter, prometheus
+from harness.prometheus import Prometheus, free_port, node_exporter, prometheus
 from harness.server import TestServer
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.nix]
 
 JOB = "nixos-autodeploy-fleet"
-# The README's default: any rollback anywhere in the fleet in the last hour.
-HALT = "sum(increase(nixos_autodeploy_rollbacks_total[1h])) > 0"
+
+
+def readme_default_halt_query() -> str:
+    """The README's default halt query: its first promql block."""
+    found = re.search(r"```promql\n(.+?)\n```", (REPO / "README.md").read_text(), re.S)
+    assert found, "README.md has no promql block"
+    return found.group(1).strip()
+
+
+# Any rollback anywhere in the fleet in the last hour.
+HALT = readme_default_halt_query()
 
 
 @pytest.fixture
@@ -117,3 +134,58 @@ def wait_for_samples(prom: Prometheus, name: str, hosts: int) -> None:
 
 def fires(prom: Prometheus) -> bool:
     return bool(prom.query(HALT)["data"]["result"])
+
+
+# ---- what the halt never holds back -------------------------------------------------------
+
+
+def unreachable_halt() -> tuple[str, ...]:
+    """A halt that always holds back: nothing listens at its Prometheus (fail closed)."""
+    return ("--prometheus-url", f"http://127.0.0.1:{free_port()}", "--halt-query", HALT)
+
+
+def test_an_unanswered_halt_holds_a_new_deploy_back(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    tracking(host, systems["a"], systems["b"], collect=True)
+    result = deploy(host, *unreachable_halt())
+    assert result.returncode == 0, result
+    assert host.activations() == []
+    last = history(host)[-1]
+    assert (last["event"], last["action"]) == ("decision", "nothing")
+    assert last["reason"].startswith("rollout halted: the halt query could not be asked")
+    assert metric(host.metrics(), "nixos_autodeploy_rollout_halted") == 1
+    status = host.status("--json")
+    assert '"halted": true' in status.stdout, status
+
+
+def test_an_interrupted_deploy_is_finished_while_the_halt_holds(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    deploy_killed_at(host, "planned")  # nothing changed yet: a fresh deploy would be asked
+    result = deploy(host, *unreachable_halt())
+    assert result.returncode == 0, result
+    assert decisions(host)[-1] == ("deploy", "update-available")
+    assert_links(host, current=b, profile=b)
+    assert not (host.state_dir / "rollout.json").exists(), "the halt was not even asked"
+
+
+def test_a_rollback_cut_short_is_finished_while_the_halt_holds(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b)
+    host.fail_activation_late(b)
+    deploy_killed_at(host, "rolling-back")
+    result = deploy(host, *unreachable_halt())
+    assert result.returncode == 0, result
+    assert_links(host, current=a, profile=a)
+
+
+def test_the_reboot_a_deploy_needs_is_not_held_back(host: Host) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    tracking(host, systems["old"], systems["new"])
+    assert deploy(host, "--switch-mode", "boot").returncode == 0
+    result = deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot", *unreachable_halt())
+    assert result.returncode == 0, result
+    assert host.recorded("systemctl") == [["reboot"]]
+    assert decisions(host)[-1] == ("reboot", "pending-reboot")
