@@ -109,6 +109,7 @@ let
       fleet_lock_url = cfg.fleetLock.url;
       fleet_lock_group = cfg.fleetLock.group;
     }
+    // optionalAttrs (cfg.rolloutWariness != null) { rollout_wariness = cfg.rolloutWariness; }
     // optionalAttrs (halt != null) {
       halt_query = halt.query;
       prometheus_url = halt.prometheusUrl;
@@ -514,6 +515,17 @@ in
         retries on the next actuator run. The slot goes back once the host is back on
         its new system; the actuator also runs two minutes after boot for that.
         The host's ID is derived from /etc/machine-id (see the README).
+      '';
+    };
+
+    rolloutWariness = mkOption {
+      type = types.nullOr (types.numbers.between 0 1);
+      default = null;
+      example = 0;
+      description = ''
+        This host's place in a release's phased rollout: 0 deploys at the rollout's start
+        (canaries), 1 at its end. `null`: from the host's ID, spread evenly over the fleet
+        and the same for every release.
       '';
     };
 

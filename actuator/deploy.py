@@ -19,7 +19,7 @@ from collector.snapshot import Snapshot, load_snapshot
 from collector.state import read_links
 from collector.upstream import digest
 
-from . import commands, halt, profile, reboot, records, transaction, trial
+from . import commands, profile, reboot, records, rollout, transaction, trial
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def deploy(settings: Settings) -> int:
             snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
         )
         if decision.action is Action.DEPLOY and cut_short is None:
-            decision = _held_back(settings, decision)  # an interrupted deploy is finished
+            decision = _held_back(settings, snapshot, decision)  # an interrupted one goes on
+        elif not settings.dry_run:
+            records.save_rollout(settings.paths, None)  # no new deploy is in question
         if settings.dry_run:
             _dry_run(settings, snapshot, decision)
             return 0
@@ -86,15 +88,16 @@ def deploy(settings: Settings) -> int:
     return 0
 
 
-def _held_back(settings: Settings, decision: Decision) -> Decision:
-    """The deploy of a new release, or nothing when the fleet's health halts it."""
-    verdict = halt.check(settings)
-    if verdict is None:
-        return decision
+def _held_back(settings: Settings, snapshot: Snapshot, decision: Decision) -> Decision:
+    """The deploy of a new release, or nothing while it is not this host's turn in the
+    release's wave or the fleet's health halts it."""
+    verdict = rollout.verdict(settings, rollout.release_fields(snapshot))
     if not settings.dry_run:
         records.save_rollout(settings.paths, verdict)
-    if verdict.halted:
+    if verdict is not None and verdict.halted:
         return Decision(Action.NOTHING, f"rollout halted: {verdict.reason}")
+    if verdict is not None and verdict.waiting:
+        return Decision(Action.NOTHING, f"rollout: {verdict.reason}")
     return decision
 
 

@@ -106,8 +106,13 @@ def save_reboot_state(paths: Paths, state: RebootState) -> None:
     atomic_write_json(paths.state(REBOOT_FILE), state.to_json())
 
 
-def save_rollout(paths: Paths, rollout: Rollout) -> None:
-    atomic_write_json(paths.state(ROLLOUT_FILE), rollout.to_json())
+def save_rollout(paths: Paths, rollout: Rollout | None) -> None:
+    """The rollout's last verdict; None: no new deploy is in question, nothing to show."""
+    if rollout is not None:
+        atomic_write_json(paths.state(ROLLOUT_FILE), rollout.to_json())
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.state(ROLLOUT_FILE))
 
 
 def note(paths: Paths, event: Event) -> None:

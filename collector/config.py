@@ -116,6 +116,7 @@ class Settings:
     prometheus_netrc_file: str | None = None
     prometheus_ca_file: str | None = None
     halt_query: str | None = None  # PromQL; a non-zero sample halts a new deploy
+    rollout_wariness: float | None = None  # a release's wave; None: from the host's ID
     track: bool = False
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
@@ -252,6 +253,12 @@ def _halt_query(value: str) -> str:
     if not value.strip():
         raise ConfigError("the halt query must not be empty")
     return value
+
+
+def _wariness(value: float) -> float:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"the rollout wariness must be from 0 to 1, not {value}")
+    return float(value)
 
 
 def _fleet_lock_group(value: str) -> str:
@@ -530,6 +537,16 @@ OPTIONS: tuple[Option, ...] = (
         DEPLOY,
         metavar="PROMQL",
         check=_halt_query,
+    ),
+    Option(
+        "rollout_wariness",
+        ("--rollout-wariness",),
+        "this host's place in a release's wave: 0 first (canaries), 1 last (from its ID)",
+        DEPLOY,
+        metavar="W",
+        parse=float,
+        file_type=NUMBER,
+        check=_wariness,
     ),
     # Orders for one run, not settings: the config file has no key for them.
     Option(

@@ -637,6 +637,7 @@ def test_the_halt_reaches_the_actuator_with_its_own_secrets(evaluate: Evaluate) 
         BASE
         | {
             "caFile": "/etc/ssl/upstream-ca.pem",
+            "rolloutWariness": 0,
             "halt": {"query": query, "prometheusUrl": "https://prometheus.example.org"},
         },
         BASE
@@ -659,6 +660,7 @@ def test_the_halt_reaches_the_actuator_with_its_own_secrets(evaluate: Evaluate) 
         query,
         "https://prometheus.example.org",
     )
+    assert settings.rollout_wariness == 0.0
     # Without a CA of its own, Prometheus is verified as upstream is.
     assert (settings.prometheus_ca_file, settings.ca_file) == (None, "/etc/ssl/upstream-ca.pem")
     assert settings.prometheus_bearer_token_file is None and "LoadCredential" not in unit
@@ -683,6 +685,7 @@ def test_the_halt_reaches_the_actuator_with_its_own_secrets(evaluate: Evaluate) 
         exec_argv(plain["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
     )
     assert (plain_settings.halt_query, plain_settings.prometheus_url) == (None, None)
+    assert plain_settings.rollout_wariness is None
 
 
 @pytest.mark.nix
@@ -795,6 +798,7 @@ def test_the_generated_config_files_hold_only_options_of_the_table(evaluate: Eva
         "maxSnapshotAge": 900,
         "rebootWindows": ["02:00-04:00"],
         "fleetLock": {"url": "http://airlock.example.org:3333"},
+        "rolloutWariness": 0.5,
         "halt": {
             "query": "vector(0)",
             "prometheusUrl": "http://prometheus.example.org:9090",
@@ -1111,6 +1115,7 @@ def test_assertions_explain_what_is_wrong(
         ({"rebootWindows": [{"lower": "1:00", "upper": "05:00"}]}, "rebootWindows"),
         ({"collector": {"pollInterval": 0}}, "system.autoDeploy.collector.pollInterval"),
         ({"halt": {"query": " ", "prometheusUrl": "http://p"}}, "system.autoDeploy.halt.query"),
+        ({"rolloutWariness": 1.5}, "system.autoDeploy.rolloutWariness"),
         ({"healthChecks": {"timeout": 0}}, "system.autoDeploy.healthChecks.timeout"),
     ],
 )

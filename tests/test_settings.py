@@ -280,6 +280,7 @@ SAMPLES = {
     ),
     "prometheus_netrc_file": Sample(("--prometheus-netrc-file", "/a/n"), "/a/n", "/b/n", "/b/n"),
     "prometheus_ca_file": Sample(("--prometheus-ca-file", "/a/c"), "/a/c", "/b/c", "/b/c"),
+    "rollout_wariness": Sample(("--rollout-wariness", "0"), 0.0, 1, 1.0),
     "halt_query": Sample(("--halt-query", "up == 0"), "up == 0", "vector(1)", "vector(1)"),
     "force": Sample(("-f",), True),
     "dry_run": Sample(("--dry-run",), True),
