@@ -126,11 +126,12 @@ class Settings:
 
 # ---- the options ---------------------------------------------------------------------
 
-COMMANDS = ("collect", "status", "diff", "log", "deploy")
+COMMANDS = ("collect", "status", "diff", "log", "deploy", "fleet")
 FETCHING = ("collect", "deploy")  # they fetch upstream
-REPORTS = ("status", "diff", "log")
+REPORTS = ("status", "diff", "log", "fleet")
 DEPLOY = ("deploy",)
-PROMETHEUS = ("deploy",)  # the commands that ask the fleet's Prometheus
+PROMETHEUS = ("deploy", "fleet")  # the commands that ask the fleet's Prometheus
+FLEET = ("fleet",)
 
 SYSTEM_NAMES = ("current", "booted", "deployed", "upstream", "profile")  # as `diff` takes them
 
@@ -174,6 +175,41 @@ def _count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return n
+
+
+def _serial(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise argparse.ArgumentTypeError(f"not a release serial: {text!r}")
+    return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"not a fraction above 0 and at most 1: {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds, or a number with s, m, h or d: 90, 90s, 15m, 2h, 1d."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", text)
+    if not found or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration (like 90s, 15m, 2h): {text!r}")
+    return float(found.group(1)) * _UNITS[found.group(2)]
+
+
+def _selector(text: str) -> str:
+    if not text:  # every series (argparse passes the default through here too)
+        return text
+    if not re.fullmatch(r"\{.*\}", text.strip(), re.S):
+        raise argparse.ArgumentTypeError(f"not a label selector like '{{job=\"node\"}}': {text!r}")
+    return text.strip()
 
 
 def _positive(what: str) -> Callable[[float], float]:
@@ -452,6 +488,61 @@ OPTIONS: tuple[Option, ...] = (
         file_type=None,
         field=None,
     ),
+    # fleet's: the hosts the metrics name, and the promotion gate.
+    Option(
+        "selector",
+        ("--selector",),
+        "only the series these labels select, as PromQL writes them: '{job=\"node\"}'",
+        FLEET,
+        metavar="SELECTOR",
+        parse=_selector,
+        default="",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "wait_serial",
+        ("--wait-serial",),
+        "wait until --fraction of the hosts run release serial N, up to date",
+        FLEET,
+        metavar="N",
+        parse=_serial,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "fraction",
+        ("--fraction",),
+        "with --wait-serial: the share of the hosts that must be done (1.0)",
+        FLEET,
+        metavar="F",
+        parse=_fraction,
+        default=1.0,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "wait_timeout",
+        ("--timeout",),
+        "with --wait-serial: give up after this long (1h; 90s, 15m, 2h)",
+        FLEET,
+        metavar="DURATION",
+        parse=_duration,
+        default=3600.0,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "interval",
+        ("--interval",),
+        "with --wait-serial: ask Prometheus every SECONDS (10)",
+        FLEET,
+        metavar="SECONDS",
+        parse=_duration,
+        default=10.0,
+        file_type=None,
+        field=None,
+    ),
     # deploy's. The short flags and k-exec are the original tool's, kept so its extraArgs
     # still work.
     Option(
@@ -534,7 +625,7 @@ OPTIONS: tuple[Option, ...] = (
         "halt_query",
         ("--halt-query",),
         "before a new deploy, ask Prometheus this; any non-zero sample (or no answer) halts it",
-        DEPLOY,
+        PROMETHEUS,
         metavar="PROMQL",
         check=_halt_query,
     ),

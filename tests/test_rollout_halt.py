@@ -6,11 +6,13 @@ Prometheus that is gone holds them back too (fail closed)."""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import NEW_KERNEL, REPO, Host, SigningKey, SystemSpec, metric, require_tool
@@ -82,9 +84,10 @@ def test_a_canary_rollback_halts_the_fleet_and_a_lost_prometheus_too(
         systems = host.build(SystemSpec("a"), SystemSpec("b"))
         tracking(host, systems["a"], systems["b"], collect=True)
     with ExitStack() as servers:
+        exporters = [servers.enter_context(ExitStack()) for _ in fleet]  # each stops alone
         targets = [
-            servers.enter_context(node_exporter(h.metrics_path.parent, h.tmp / "ne.log"))
-            for h in fleet
+            exporter.enter_context(node_exporter(h.metrics_path.parent, h.tmp / "ne.log"))
+            for exporter, h in zip(exporters, fleet, strict=True)
         ]
         prom = servers.enter_context(prometheus(targets, tmp_path, JOB))
         wait_for_samples(prom, "nixos_autodeploy_rollbacks_total", len(fleet))
@@ -113,6 +116,42 @@ def test_a_canary_rollback_halts_the_fleet_and_a_lost_prometheus_too(
         assert going.returncode == 0, going
         assert [path for _, path in web2.activations()] == [web2.snapshot()["upstream_link"]]
         assert web2.snapshot()["rollout"]["halted"] is False
+        prom.wait_for("web2 up to date", lambda: count(prom, UP_TO_DATE) == 1)
+
+        # The fleet view: worst first, counted by state.
+        canary_at, web1_at, web2_at = targets
+        view = fleet_json(canary, prom.url)
+        assert [h["instance"] for h in view["hosts"]] == [canary_at, web1_at, web2_at]
+        assert [h["condition"] for h in view["hosts"]] == ["failing", "halted", "up-to-date"]
+        first = view["hosts"][0]
+        assert (first["state"], first["rollbacks"], first["health_ok"]) == (
+            "update-available",
+            1,
+            False,
+        )
+        assert first["current"] == Path(str(canary.current())).name
+        assert view["counts"]["state"] == {"up-to-date": 1, "update-available": 2}
+        assert view["counts"]["serial"] == {"-": 3}  # no signed releases here
+        assert view["stale"] == []
+        table = canary.run_agent("fleet", "--prometheus-url", prom.url, env={"COLUMNS": "300"})
+        assert table.returncode == 0, table
+        assert table.stdout.splitlines()[:2] == [
+            "3 hosts: 1 up-to-date, 2 update-available",
+            "serials: -: 3; stale: 0",
+        ]
+        rows = [line for line in table.stdout.splitlines() if "127.0.0.1:" in line]
+        assert [target for row in rows for target in targets if target in row] == targets
+        assert "halted" in rows[1] and "failed" in rows[0]
+        selected = fleet_json(canary, prom.url, "--selector", f'{{instance="{web2_at}"}}')
+        assert [h["instance"] for h in selected["hosts"]] == [web2_at]
+
+        # web1's node_exporter is gone: its scrape fails, it shows as stale, first.
+        exporters[1].close()
+        prom.wait_for("web1's scrape to fail", lambda: count(prom, "up == 0") == 1)
+        view = fleet_json(canary, prom.url)
+        assert view["hosts"][0]["instance"] == web1_at
+        assert view["hosts"][0]["stale"] == "scrape failing"
+        assert view["stale"] == [web1_at]
     # Prometheus is gone: still halted, and it says why.
     halted_deploy(web1, prom.url)
     assert web1.activations() == []
@@ -130,6 +169,19 @@ def wait_for_samples(prom: Prometheus, name: str, hosts: int) -> None:
         return bool(result) and int(float(result[0]["value"][1])) == hosts
 
     prom.wait_for(f"{hosts} hosts' {name}", scraped)
+
+
+UP_TO_DATE = 'nixos_autodeploy_state{state="up-to-date"} == 1'
+
+
+def count(prom: Prometheus, expr: str) -> int:
+    return len(prom.query(expr)["data"]["result"])
+
+
+def fleet_json(host: Host, url: str, *args: str) -> Any:
+    shown = host.run_agent("fleet", "--prometheus-url", url, "--json", *args)
+    assert shown.returncode == 0, shown
+    return json.loads(shown.stdout)
 
 
 def fires(prom: Prometheus) -> bool:

@@ -442,6 +442,11 @@ COMMAND_WORDS = {
     "debug": ("--debug",),
     "json": ("--json",),
     "n": ("-n", "3"),
+    "selector": ("--selector", '{job="node"}'),
+    "wait_serial": ("--wait-serial", "12"),
+    "fraction": ("--fraction", "0.5"),
+    "wait_timeout": ("--timeout", "90"),  # a word the fetch's --timeout takes too
+    "interval": ("--interval", "5"),
 }
 
 
@@ -453,9 +458,15 @@ def test_a_flag_is_offered_only_by_the_subcommands_that_take_it(
     capsys: pytest.CaptureFixture[str], option: Option, command: str
 ) -> None:
     words = SAMPLES[option.name].words if option.name in SAMPLES else COMMAND_WORDS[option.name]
+    # fleet's --timeout is its wait's own, another option than the fetch's --timeout.
+    other = [
+        o for o in OPTIONS if command in o.commands and o is not option and words[0] in o.flags
+    ]
     for parser in (build_parser(), build_parser(command)):
         if command in option.commands:
             assert getattr(parser.parse_args([command, *words]), option.name) is not None
+        elif other:
+            assert not hasattr(parser.parse_args([command, *words]), option.name)
         else:
             with pytest.raises(SystemExit) as exit_:
                 parser.parse_args([command, *words])
