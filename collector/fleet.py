@@ -1,7 +1,7 @@
 """`nixos-autodeploy fleet`: the hosts the fleet's Prometheus knows, from their own metrics,
 worst first; and `fleet --wait-serial N`, the promotion gate CI waits on between canaries
-and the rest. Read only: two instant queries per look (every nixos_autodeploy_ series the
-selector picks, and `up` for the hosts whose scrape fails)."""
+and the rest. Read only: two instant queries per look (the nixos_autodeploy_ series the
+table shows, of the hosts the selector picks, and `up` for those whose scrape fails)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ P = "nixos_autodeploy_"
 # A host whose collector has not reported for this long is stale (the stale alert's bound:
 # three of the timer collector's 5-minute periods).
 STALE_AFTER = 900.0
+MAX_ANSWER = 256 * 1024 * 1024  # what a fleet of 100,000 hosts answers, with room
 # Worst first: what needs an operator before what merely waits.
 RANK = {
     "stale": 0,
@@ -111,68 +112,87 @@ def _matchers(selector: str) -> str:
 def look(settings: Settings, selector: str = "") -> Fleet:
     """The fleet now, worst first."""
     inner = _matchers(selector)
-    names = "{" + ",".join(m for m in (f'__name__=~"{P}.+"', inner) if m) + "}"
-    series = prometheus.query(settings, names)
-    up = prometheus.query(settings, f"up{{{inner}}}")
+    series = prometheus.query(settings, series_query(inner), limit=MAX_ANSWER)
+    up = prometheus.query(settings, f"up{{{inner}}}", limit=MAX_ANSWER)
     return assemble(series, up)
 
 
+def series_query(inner: str) -> str:
+    """Only what the table shows: of the one-of-several families (state, reboot reason) the
+    series that is 1, and the pending changes summed, so a 10,000-host fleet's answer stays
+    a few megabytes (benchmarks/fleet_prometheus.py)."""
+
+    def selected(names: Iterable[str]) -> str:
+        matchers = [f'__name__=~"{P}({"|".join(sorted(names))})"', inner]
+        return "{" + ",".join(m for m in matchers if m) + "}"
+
+    # `or` matches label sets without their names: the sum gets a label of its own.
+    pending = f"sum by (instance, job) ({selected(['pending_changes'])})"
+    pending = f'label_replace({pending}, "kind", "all", "", "")'
+    return (
+        f"{selected([*_NUMBERS, 'info'])}"
+        f" or {selected(['state', 'reboot_pending_reason'])} == 1"
+        f' or label_replace({pending}, "__name__", "{P}pending_changes", "", "")'
+    )
+
+
+# The series read as one number each, and the Host field each fills.
+_NUMBERS: dict[str, tuple[str, Callable[[float], object]]] = {
+    "release_serial": ("serial", int),
+    "last_deploy_timestamp_seconds": ("last_deploy_at", float),
+    "last_deploy_success": ("last_deploy_ok", lambda v: v == 1),
+    "last_health_check_success": ("health_ok", lambda v: v == 1),
+    "rollbacks_total": ("rollbacks", int),
+    "last_rollback_success": ("last_rollback_ok", lambda v: v == 1),
+    "rollout_halted": ("halted", lambda v: v == 1),
+    "rollout_turn_timestamp_seconds": ("turn_at", float),
+    "last_collect_timestamp_seconds": ("collected_at", float),
+}
+
+
 def assemble(series: Iterable[prometheus.Sample], up: Iterable[prometheus.Sample]) -> Fleet:
-    hosts: dict[tuple[str, str], Host] = {}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
     at = 0.0
     for sample in series:
         at = max(at, sample.timestamp)
-        key = (sample.label("job") or "", sample.label("instance") or "")
-        hosts[key] = _read(hosts.get(key) or Host(key[1], key[0]), sample)
-    down = {}
+        labels = dict(sample.labels)
+        key = (labels.get("job", ""), labels.get("instance", ""))
+        _read(found.setdefault(key, {}), labels, sample.value)
     for sample in up:
         at = max(at, sample.timestamp)
         if sample.value == 0:
-            down[(sample.label("job") or "", sample.label("instance") or "")] = sample
-    for key in down:
-        # Its series may be gone already (Prometheus drops them soon after a failed scrape).
-        hosts[key] = replace(hosts.get(key) or Host(key[1], key[0]), stale="scrape failing")
-    for key, host in hosts.items():
-        if host.stale is None and (
-            host.collected_at is None or at - host.collected_at > STALE_AFTER
-        ):
-            hosts[key] = replace(host, stale="collector not reporting")
-    ordered = sorted(hosts.values(), key=lambda h: (RANK.get(h.condition, 3), -h.rollbacks, h.key))
-    return Fleet(at, tuple(ordered))
+            # Its series may be gone already (Prometheus drops them soon after a failed scrape).
+            labels = dict(sample.labels)
+            key = (labels.get("job", ""), labels.get("instance", ""))
+            found.setdefault(key, {})["stale"] = "scrape failing"
+    hosts = []
+    for (job, instance), fields in found.items():
+        host = Host(instance, job, **fields)
+        silent = host.collected_at is None or at - host.collected_at > STALE_AFTER
+        if host.stale is None and silent:
+            host = replace(host, stale="collector not reporting")
+        hosts.append(host)
+    hosts.sort(key=lambda h: (RANK.get(h.condition, 3), -h.rollbacks, h.key))
+    return Fleet(at, tuple(hosts))
 
 
-def _read(host: Host, sample: prometheus.Sample) -> Host:
-    """A host with what one of its series says."""
-    name = (sample.label("__name__") or "").removeprefix(P)
-    value = sample.value
+def _read(fields: dict[str, Any], labels: dict[str, str], value: float) -> None:
+    """Into a host's fields, what one of its series says."""
+    name = labels.get("__name__", "").removeprefix(P)
     if math.isnan(value):
-        return host
-    if name == "state" and value == 1:
-        return replace(host, state=sample.label("state") or "unknown")
-    if name == "info":
-        return replace(
-            host,
-            current=sample.label("current_generation") or "",
-            upstream=sample.label("upstream_generation") or "",
-        )
-    if name == "pending_changes":
-        return replace(host, pending=(host.pending or 0) + int(value))
-    if name == "reboot_pending_reason" and value == 1:
-        return replace(host, reboot=sample.label("reason"))
-    numbers: dict[str, Callable[[float], dict[str, Any]]] = {
-        "release_serial": lambda v: {"serial": int(v)},
-        "last_deploy_timestamp_seconds": lambda v: {"last_deploy_at": v},
-        "last_deploy_success": lambda v: {"last_deploy_ok": v == 1},
-        "last_health_check_success": lambda v: {"health_ok": v == 1},
-        "rollbacks_total": lambda v: {"rollbacks": int(v)},
-        "last_rollback_success": lambda v: {"last_rollback_ok": v == 1},
-        "rollout_halted": lambda v: {"halted": v == 1},
-        "rollout_turn_timestamp_seconds": lambda v: {"turn_at": v},
-        "last_collect_timestamp_seconds": lambda v: {"collected_at": v},
-    }
-    if name in numbers:
-        return replace(host, **numbers[name](value))
-    return host
+        return
+    if name in _NUMBERS:
+        field_name, convert = _NUMBERS[name]
+        fields[field_name] = convert(value)
+    elif name == "state" and value == 1:
+        fields["state"] = labels.get("state", "unknown")
+    elif name == "info":
+        fields["current"] = labels.get("current_generation", "")
+        fields["upstream"] = labels.get("upstream_generation", "")
+    elif name == "pending_changes":
+        fields["pending"] = int(value)
+    elif name == "reboot_pending_reason" and value == 1:
+        fields["reboot"] = labels.get("reason")
 
 
 # ---- the view --------------------------------------------------------------------------

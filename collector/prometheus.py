@@ -17,7 +17,7 @@ from . import http
 from .config import Settings
 from .errors import ConfigError, UpstreamError
 
-MAX_ANSWER = 16 * 1024 * 1024  # a fleet of 10,000 hosts' series fits many times over
+MAX_ANSWER = 16 * 1024 * 1024  # a halt query's answer; the fleet view asks for more
 WHAT = "Prometheus"
 
 
@@ -40,7 +40,9 @@ def _credentials(settings: Settings) -> http.Credentials:
     )
 
 
-def query(settings: Settings, promql: str, at: float | None = None) -> tuple[Sample, ...]:
+def query(
+    settings: Settings, promql: str, at: float | None = None, limit: int = MAX_ANSWER
+) -> tuple[Sample, ...]:
     """Run the instant query `promql` (at `at`, unix seconds; None: the server's now).
     A scalar answer is one sample without labels. UpstreamError when the server cannot
     be asked, refuses the query, or answers anything else than the API says."""
@@ -52,7 +54,7 @@ def query(settings: Settings, promql: str, at: float | None = None) -> tuple[Sam
     url = settings.prometheus_url.rstrip("/") + "/api/v1/query?" + urlencode(params)
     # Prometheus's own CA when given; upstream's --ca-file (or the system's) otherwise.
     asked = dataclasses.replace(settings, ca_file=settings.prometheus_ca_file or settings.ca_file)
-    answer = http.get(asked, url, _credentials(settings), limit=MAX_ANSWER, what=WHAT)
+    answer = http.get(asked, url, _credentials(settings), limit=limit, what=WHAT)
     return parse(answer.body, http.shown(url))
 
 

@@ -130,6 +130,10 @@ def test_a_canary_rollback_halts_the_fleet_and_a_lost_prometheus_too(
             False,
         )
         assert first["current"] == Path(str(canary.current())).name
+        kinds = ("added", "removed", "upgraded", "downgraded", "changed")
+        changes = [metric(canary.metrics(), PENDING, kind=k) for k in kinds]
+        assert first["pending"] == sum(changes) > 0
+        assert view["hosts"][2]["pending"] == 0
         assert view["counts"]["state"] == {"up-to-date": 1, "update-available": 2}
         assert view["counts"]["serial"] == {"-": 3}  # no signed releases here
         assert view["stale"] == []
@@ -172,6 +176,7 @@ def wait_for_samples(prom: Prometheus, name: str, hosts: int) -> None:
 
 
 UP_TO_DATE = 'nixos_autodeploy_state{state="up-to-date"} == 1'
+PENDING = "nixos_autodeploy_pending_changes"
 
 
 def count(prom: Prometheus, expr: str) -> int:
