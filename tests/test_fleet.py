@@ -232,3 +232,46 @@ def test_a_host_first_seen_rolled_back_is_not_blamed_for_an_old_rollback() -> No
     assert gate.rolled_back(before) == []
     after = assemble([sample("release_serial", SERIAL), sample("rollbacks_total", 3)], [])
     assert [h.rollbacks for h in gate.rolled_back(after)] == [3]
+
+
+def test_on_a_terminal_the_gate_draws_a_progress_bar(fleet: Fleet) -> None:
+    """stdout a terminal (a pty): a bar carrying the same words, redrawn in place."""
+    primary, secondary = os.openpty()
+    argv = [sys.executable, "-m", "collector.cli", "fleet", "--prometheus-url", fleet.prom.url]
+    argv += ["--wait-serial", str(SERIAL), "--interval", "0.2", "--timeout", "1s"]
+    gate = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "TERM": "xterm"},
+        stdout=secondary,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the pty's other end closed: the gate is done
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    _, err = gate.communicate(timeout=60)
+    assert gate.returncode == 1
+    assert err.endswith("hosts up to date, 3 needed\n")
+    assert b"serial 12: 0 of 3 hosts up to date, 3 needed" in shown
+    assert b"\x1b[" in shown  # drawn with terminal control sequences, not plain lines
+
+
+def test_fleet_without_a_prometheus_is_one_clear_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "collector.cli", "fleet"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "error: no Prometheus to ask: give --prometheus-url\n"
