@@ -36,6 +36,12 @@ let
     optional (cfg.bearerTokenFile != null) "bearer-token:${cfg.bearerTokenFile}"
     ++ optional (cfg.netrcFile != null) "netrc:${cfg.netrcFile}";
   credentialConfig = optionalAttrs (credentials != [ ]) { LoadCredential = credentials; };
+  # The halt query's Prometheus has secrets of its own; only the actuator asks it.
+  halt = cfg.halt;
+  haltCredentials =
+    optional (halt != null && halt.bearerTokenFile != null) "prometheus-bearer-token:${halt.bearerTokenFile}"
+    ++ optional (halt != null && halt.netrcFile != null) "prometheus-netrc:${halt.netrcFile}";
+  actuatorCredentials = credentials ++ haltCredentials;
   # Not escaped on purpose: systemd must expand the %d specifier.
   credentialArgs =
     optionals (cfg.bearerTokenFile != null) [
@@ -45,6 +51,15 @@ let
     ++ optionals (cfg.netrcFile != null) [
       "--netrc-file"
       "%d/netrc"
+    ];
+  haltCredentialArgs =
+    optionals (halt != null && halt.bearerTokenFile != null) [
+      "--prometheus-bearer-token-file"
+      "%d/prometheus-bearer-token"
+    ]
+    ++ optionals (halt != null && halt.netrcFile != null) [
+      "--prometheus-netrc-file"
+      "%d/prometheus-netrc"
     ];
 
   # The collector may write under /run only here (systemd's RuntimeDirectory): the upstream GC
@@ -93,7 +108,13 @@ let
     // optionalAttrs (cfg.fleetLock != null) {
       fleet_lock_url = cfg.fleetLock.url;
       fleet_lock_group = cfg.fleetLock.group;
-    };
+    }
+    // optionalAttrs (cfg.rolloutWariness != null) { rollout_wariness = cfg.rolloutWariness; }
+    // optionalAttrs (halt != null) {
+      halt_query = halt.query;
+      prometheus_url = halt.prometheusUrl;
+    }
+    // optionalAttrs (halt != null && halt.caFile != null) { prometheus_ca_file = "${halt.caFile}"; };
 
   health = cfg.healthChecks;
 
@@ -113,7 +134,7 @@ let
     }
     // serviceConfig
     // runtimeDirectory
-    // credentialConfig;
+    // optionalAttrs (actuatorCredentials != [ ]) { LoadCredential = actuatorCredentials; };
   };
 
   collectorConfigFile = settingsFormat.generate "nixos-autodeploy-collector.json" collectorSettings;
@@ -151,6 +172,7 @@ let
       ])
     ]
     ++ credentialArgs
+    ++ haltCredentialArgs
     ++ optional (cfg.extraArgs != [ ]) (escapeExecArgs cfg.extraArgs)
   );
 
@@ -496,6 +518,75 @@ in
       '';
     };
 
+    rolloutWariness = mkOption {
+      type = types.nullOr (types.numbers.between 0 1);
+      default = null;
+      example = 0;
+      description = ''
+        This host's place in a release's phased rollout: 0 deploys at the rollout's start
+        (canaries), 1 at its end. `null`: from the host's ID, spread evenly over the fleet
+        and the same for every release.
+      '';
+    };
+
+    halt = mkOption {
+      type = types.nullOr (
+        types.submodule {
+          options = {
+            query = mkOption {
+              type = types.strMatching ".*[^[:space:]].*";
+              example = "sum(increase(nixos_autodeploy_rollbacks_total[1h])) > 0";
+              description = ''
+                A PromQL instant query asked before every deploy of a new system: any
+                sample whose value is not zero halts the deploy (the host stays
+                update-available and says why). The README gives a default.
+              '';
+            };
+            prometheusUrl = mkOption {
+              type = types.str;
+              example = "http://prometheus.example.org:9090";
+              description = ''
+                Base URL of the fleet's Prometheus (or Thanos, Mimir, VictoriaMetrics:
+                anything that answers `/api/v1/query`).
+              '';
+            };
+            bearerTokenFile = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "/run/secrets/prometheus-token";
+              description = ''
+                File holding a bearer token for the Prometheus URL, handed to the actuator
+                with `LoadCredential` like {option}`system.autoDeploy.bearerTokenFile`.
+              '';
+            };
+            netrcFile = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "/run/secrets/prometheus-netrc";
+              description = "A netrc file with credentials for the Prometheus URL, handed over like the token.";
+            };
+            caFile = mkOption {
+              type = types.nullOr types.path;
+              default = null;
+              example = "/etc/ssl/certs/internal-ca.pem";
+              description = ''
+                CA bundle to verify the Prometheus URL's TLS certificate with; by default
+                {option}`system.autoDeploy.caFile`, else the system's.
+              '';
+            };
+          };
+        }
+      );
+      default = null;
+      example = literalExpression ''{ query = "sum(increase(nixos_autodeploy_rollbacks_total[1h])) > 0"; prometheusUrl = "http://prometheus.example.org:9090"; }'';
+      description = ''
+        Halt this host's deploys of new systems while the fleet's own health says so: before
+        each, the actuator asks this Prometheus the query; a non-zero sample, an error or no
+        answer (fail closed) holds the deploy back. Finishing an interrupted deploy, a
+        rollback and a reboot a deploy already needs are never held back.
+      '';
+    };
+
     maxSnapshotAge = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;
@@ -642,6 +733,16 @@ in
         }
         (secretAssertion "bearerTokenFile" cfg.bearerTokenFile)
         (secretAssertion "netrcFile" cfg.netrcFile)
+        (secretAssertion "halt.bearerTokenFile" (if halt == null then null else halt.bearerTokenFile))
+        (secretAssertion "halt.netrcFile" (if halt == null then null else halt.netrcFile))
+        {
+          assertion = halt != null -> cfg.actuator.enable;
+          message = "system.autoDeploy.halt holds back the actuator's deploys, but system.autoDeploy.actuator.enable is false.";
+        }
+        {
+          assertion = halt == null || builtins.match "https?://[^ /?#]+.*" halt.prometheusUrl != null;
+          message = "system.autoDeploy.halt.prometheusUrl must be the http:// or https:// URL of a Prometheus (or what answers its query API), got: \"${toString (halt.prometheusUrl or "")}\"";
+        }
       ];
 
       # For `nixos-autodeploy status`.

@@ -19,7 +19,7 @@ from collector.snapshot import Snapshot, load_snapshot
 from collector.state import read_links
 from collector.upstream import digest
 
-from . import commands, profile, reboot, records, transaction, trial
+from . import commands, profile, reboot, records, rollout, transaction, trial
 from .gate import Action, Decision, decide, leaves_reboot_required, may_reboot
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ def deploy(settings: Settings) -> int:
         )
         if not settings.force:
             decision = _untried(paths, decision, snapshot)
+        if decision.action is Action.DEPLOY and cut_short is None:
+            decision = _held_back(settings, snapshot, decision)  # an interrupted one goes on
+        elif not settings.dry_run:
+            records.save_rollout(settings.paths, None)  # no new deploy is in question
         if settings.dry_run:
             _dry_run(settings, snapshot, decision)
             return 0
@@ -127,6 +131,19 @@ def _untried(paths: Paths, decision: Decision, snapshot: Snapshot) -> Decision:
         f"{current.name} runs, but its trial boot was undone and it was never checked; "
         "not adopting it (reboot into the profile's system, or --force deploys it)",
     )
+
+
+def _held_back(settings: Settings, snapshot: Snapshot, decision: Decision) -> Decision:
+    """The deploy of a new release, or nothing while it is not this host's turn in the
+    release's wave or the fleet's health halts it."""
+    verdict = rollout.verdict(settings, rollout.release_fields(snapshot))
+    if not settings.dry_run:
+        records.save_rollout(settings.paths, verdict)
+    if verdict is not None and verdict.halted:
+        return Decision(Action.NOTHING, f"rollout halted: {verdict.reason}")
+    if verdict is not None and verdict.waiting:
+        return Decision(Action.NOTHING, f"rollout: {verdict.reason}")
+    return decision
 
 
 def _reboot_plan(settings: Settings, snapshot: Snapshot) -> reboot.Reboot:

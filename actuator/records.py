@@ -21,6 +21,8 @@ from collector.reboot import FILE as REBOOT_FILE
 from collector.reboot import RebootState
 from collector.records import FILE as DEPLOYS_FILE
 from collector.records import DeployResult, Deploys, HealthResult, Rollback, load_deploys
+from collector.rollout import FILE as ROLLOUT_FILE
+from collector.rollout import Rollout
 from collector.snapshot import Snapshot
 from collector.state import (
     DEPLOYED,
@@ -120,6 +122,15 @@ def record_rollback(paths: Paths, rollback: Rollback) -> None:
 
 def save_reboot_state(paths: Paths, state: RebootState) -> None:
     atomic_write_json(paths.state(REBOOT_FILE), state.to_json())
+
+
+def save_rollout(paths: Paths, rollout: Rollout | None) -> None:
+    """The rollout's last verdict; None: no new deploy is in question, nothing to show."""
+    if rollout is not None:
+        atomic_write_json(paths.state(ROLLOUT_FILE), rollout.to_json())
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.state(ROLLOUT_FILE))
 
 
 def note(paths: Paths, event: Event) -> None:

@@ -1,5 +1,5 @@
-"""The command line: `nixos-autodeploy collect|status|diff|log|deploy`. This dispatcher is the one
-place that may import both packages; it imports the actuator only for `deploy`."""
+"""The command line: `nixos-autodeploy collect|status|diff|log|deploy|fleet`. This dispatcher
+is the one place that may import both packages; it imports the actuator only for `deploy`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ _ABOUT = {
     "diff": "what changes between two systems",
     "log": "what the actuator decided and did, newest last",
     "deploy": "deploy upstream when the gate allows it",
+    "fleet": "the fleet's hosts from Prometheus, worst first; --wait-serial: the promotion gate",
 }
 
 
@@ -136,6 +137,22 @@ def _log(settings: Settings, n: int, as_json: bool) -> int:
     return 0
 
 
+def _fleet(settings: Settings, args: argparse.Namespace) -> int:
+    from . import fleet
+
+    if args.wait_serial is not None:
+        return fleet.wait_serial(
+            settings,
+            args.wait_serial,
+            args.fraction,
+            args.wait_timeout,
+            args.interval,
+            args.selector,
+        )
+    fleet.show(fleet.look(settings, args.selector), args.json)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     # Starting with a subcommand, nothing but its parser is used: the top level's help and
@@ -159,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _diff(settings, args.systems, args.json)
         if args.command == "log":
             return _log(settings, args.n, args.json)
+        if args.command == "fleet":
+            return _fleet(settings, args)
         from actuator.deploy import deploy
 
         return deploy(settings)

@@ -13,6 +13,7 @@ from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
 from .reboot import load_reboot_state
 from .records import Deploys, load_deploys
+from .rollout import load_rollout
 from .snapshot import Snapshot, Upstream, load_snapshot, load_upstream, save_snapshot, save_upstream
 from .state import (
     classify,
@@ -120,6 +121,7 @@ def assess(
         last_health=deploys.health,
         last_rollback=deploys.last_rollback,
         reboot=load_reboot_state(paths),
+        rollout=load_rollout(paths),
     )
 
 

@@ -111,6 +111,12 @@ class Settings:
     reboot_windows: tuple[str, ...] = ()  # checked by the actuator (actuator/window.py)
     fleet_lock_url: str | None = None
     fleet_lock_group: str = "default"
+    prometheus_url: str | None = None  # the fleet's Prometheus (collector/prometheus.py)
+    prometheus_bearer_token_file: str | None = None
+    prometheus_netrc_file: str | None = None
+    prometheus_ca_file: str | None = None
+    halt_query: str | None = None  # PromQL; a non-zero sample halts a new deploy
+    rollout_wariness: float | None = None  # a release's wave; None: from the host's ID
     track: bool = False
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
@@ -120,10 +126,12 @@ class Settings:
 
 # ---- the options ---------------------------------------------------------------------
 
-COMMANDS = ("collect", "status", "diff", "log", "deploy")
+COMMANDS = ("collect", "status", "diff", "log", "deploy", "fleet")
 FETCHING = ("collect", "deploy")  # they fetch upstream
-REPORTS = ("status", "diff", "log")
+REPORTS = ("status", "diff", "log", "fleet")
 DEPLOY = ("deploy",)
+PROMETHEUS = ("deploy", "fleet")  # the commands that ask the fleet's Prometheus
+FLEET = ("fleet",)
 
 SYSTEM_NAMES = ("current", "booted", "deployed", "upstream", "profile")  # as `diff` takes them
 
@@ -167,6 +175,41 @@ def _count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return n
+
+
+def _serial(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise argparse.ArgumentTypeError(f"not a release serial: {text!r}")
+    return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"not a fraction above 0 and at most 1: {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds, or a number with s, m, h or d: 90, 90s, 15m, 2h, 1d."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", text)
+    if not found or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration (like 90s, 15m, 2h): {text!r}")
+    return float(found.group(1)) * _UNITS[found.group(2)]
+
+
+def _selector(text: str) -> str:
+    if not text:  # every series (argparse passes the default through here too)
+        return text
+    if not re.fullmatch(r"\{.*\}", text.strip(), re.S):
+        raise argparse.ArgumentTypeError(f"not a label selector like '{{job=\"node\"}}': {text!r}")
+    return text.strip()
 
 
 def _positive(what: str) -> Callable[[float], float]:
@@ -234,6 +277,24 @@ def _fleet_lock_url(value: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
         raise ConfigError("the fleet lock URL must be an http:// or https:// URL")
     return value
+
+
+def _prometheus_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s?#]*", value):
+        raise ConfigError("the Prometheus URL must be an http:// or https:// URL without a query")
+    return value
+
+
+def _halt_query(value: str) -> str:
+    if not value.strip():
+        raise ConfigError("the halt query must not be empty")
+    return value
+
+
+def _wariness(value: float) -> float:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"the rollout wariness must be from 0 to 1, not {value}")
+    return float(value)
 
 
 def _fleet_lock_group(value: str) -> str:
@@ -436,6 +497,61 @@ OPTIONS: tuple[Option, ...] = (
         file_type=None,
         field=None,
     ),
+    # fleet's: the hosts the metrics name, and the promotion gate.
+    Option(
+        "selector",
+        ("--selector",),
+        "only the series these labels select, as PromQL writes them: '{job=\"node\"}'",
+        FLEET,
+        metavar="SELECTOR",
+        parse=_selector,
+        default="",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "wait_serial",
+        ("--wait-serial",),
+        "wait until --fraction of the hosts run release serial N, up to date",
+        FLEET,
+        metavar="N",
+        parse=_serial,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "fraction",
+        ("--fraction",),
+        "with --wait-serial: the share of the hosts that must be done (1.0)",
+        FLEET,
+        metavar="F",
+        parse=_fraction,
+        default=1.0,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "wait_timeout",
+        ("--timeout",),
+        "with --wait-serial: give up after this long (1h; 90s, 15m, 2h)",
+        FLEET,
+        metavar="DURATION",
+        parse=_duration,
+        default=3600.0,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "interval",
+        ("--interval",),
+        "with --wait-serial: ask Prometheus every SECONDS (10)",
+        FLEET,
+        metavar="SECONDS",
+        parse=_duration,
+        default=10.0,
+        file_type=None,
+        field=None,
+    ),
     # deploy's. The short flags and k-exec are the original tool's, kept so its extraArgs
     # still work.
     Option(
@@ -482,6 +598,55 @@ OPTIONS: tuple[Option, ...] = (
         metavar="NAME",
         default="default",
         check=_fleet_lock_group,
+    ),
+    # The fleet's Prometheus: its HTTP API answers the halt query (the same API as Thanos,
+    # Mimir, VictoriaMetrics). Its credentials and CA are its own, not upstream's.
+    Option(
+        "prometheus_url",
+        ("--prometheus-url",),
+        "the fleet's Prometheus HTTP API (its base URL)",
+        PROMETHEUS,
+        metavar="URL",
+        check=_prometheus_url,
+    ),
+    Option(
+        "prometheus_bearer_token_file",
+        ("--prometheus-bearer-token-file",),
+        "send this bearer token to Prometheus",
+        PROMETHEUS,
+        metavar="FILE",
+    ),
+    Option(
+        "prometheus_netrc_file",
+        ("--prometheus-netrc-file",),
+        "credentials for Prometheus's host",
+        PROMETHEUS,
+        metavar="FILE",
+    ),
+    Option(
+        "prometheus_ca_file",
+        ("--prometheus-ca-file",),
+        "CA bundle for Prometheus over https (--ca-file)",
+        PROMETHEUS,
+        metavar="FILE",
+    ),
+    Option(
+        "halt_query",
+        ("--halt-query",),
+        "before a new deploy, ask Prometheus this; any non-zero sample (or no answer) halts it",
+        PROMETHEUS,
+        metavar="PROMQL",
+        check=_halt_query,
+    ),
+    Option(
+        "rollout_wariness",
+        ("--rollout-wariness",),
+        "this host's place in a release's wave: 0 first (canaries), 1 last (from its ID)",
+        DEPLOY,
+        metavar="W",
+        parse=float,
+        file_type=NUMBER,
+        check=_wariness,
     ),
     # Orders for one run, not settings: the config file has no key for them.
     Option(

@@ -65,6 +65,23 @@ class _SnapshotCollector(Collector):
         )
         yield info
         yield _gauge(
+            "rollout_halted",
+            "1 when the halt query (or no answer to it) held this host's last new deploy back",
+            bool(s.rollout and s.rollout.halted),
+        )
+        if s.rollout is not None and s.rollout.wariness is not None:
+            yield _gauge(
+                "rollout_wariness",
+                "This host's place in the release's wave, 0 first, 1 last",
+                s.rollout.wariness,
+            )
+        if s.rollout is not None and s.rollout.turn_at is not None:
+            yield _gauge(
+                "rollout_turn_timestamp_seconds",
+                "When this host's turn in the release's wave comes (or came)",
+                s.rollout.turn_at,
+            )
+        yield _gauge(
             "update_available",
             "1 when upstream differs from what this agent deployed",
             s.state is State.UPDATE_AVAILABLE,

@@ -11,6 +11,7 @@ from .errors import StateError
 from .fsutil import atomic_write_json, read_json
 from .reboot import RebootState
 from .records import DeployResult, HealthResult, Rollback
+from .rollout import Rollout
 from .state import Deployed, HandChange, Links, State, dirty_reason
 from .store import StorePath, path_of
 
@@ -81,6 +82,7 @@ class Snapshot:
     last_rollback: Rollback | None = None
     # Why a required reboot waits; the FleetLock slot.
     reboot: RebootState = field(default_factory=RebootState)
+    rollout: Rollout | None = None  # the halt query's last verdict
 
     @property
     def dirty(self) -> bool:
@@ -110,6 +112,7 @@ class Snapshot:
             "last_health": self.last_health.to_json() if self.last_health else None,
             "last_rollback": self.last_rollback.to_json() if self.last_rollback else None,
             "reboot": self.reboot.to_json(),
+            "rollout": self.rollout.to_json() if self.rollout else None,
         }
 
 
@@ -168,6 +171,7 @@ def load_snapshot(paths: Paths) -> Snapshot | None:
             last_health=HealthResult.from_json(health) if health else None,
             last_rollback=Rollback.from_json(rollback) if rollback else None,
             reboot=RebootState.from_json(data["reboot"]) if data.get("reboot") else RebootState(),
+            rollout=Rollout.from_json(data["rollout"]) if data.get("rollout") else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StateError(f"snapshot {source} is corrupt: {e}") from None

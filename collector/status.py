@@ -85,7 +85,38 @@ def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
         "last_rollback": s.last_rollback.to_json() if s.last_rollback else None,
         "reboot_wait": _reboot_wait(s),
         "fleet_lock_held": s.reboot.slot is not None,
+        "rollout": _rollout(s),
     }
+
+
+def _rollout(s: Snapshot) -> dict[str, Any] | None:
+    r = s.rollout
+    if r is None:
+        return None
+    return {
+        "wariness": r.wariness,
+        "turn_at": r.turn_at,
+        "halted": r.halted,
+        "reason": r.reason,
+        "checked_at": r.checked_at,
+    }
+
+
+def _rollout_facts(s: Snapshot) -> list[str]:
+    r = s.rollout
+    if r is None:
+        return []
+    if r.halted:
+        return [f"rollout: [red]halted[/red]: {escape(r.reason)}"]  # labels hold brackets
+    if r.waiting and r.turn_at is not None and r.wariness is not None:
+        return [f"rollout: this host's turn at {_clock(r.turn_at)}, wariness {r.wariness:.2f}"]
+    return []
+
+
+def _clock(at: float) -> str:
+    """Local HH:MM, with the date when it is not within the next day."""
+    shown = "%H:%M" if 0 <= at - time.time() < 86400 else "%Y-%m-%d %H:%M"
+    return time.strftime(shown, time.localtime(at))
 
 
 def _reboot_wait(s: Snapshot) -> dict[str, Any] | None:
@@ -240,6 +271,7 @@ def render(s: Snapshot, console: Console, changes: Changes | None = None) -> Non
             f"fleet lock: holding a reboot slot in group {slot.group} at {slot.url} "
             f"for {_age(time.time() - slot.at)}"
         )
+    facts += _rollout_facts(s)
     if s.last_deploy:
         d = s.last_deploy
         result = "[green]success[/green]" if d.ok else "[red]failure[/red]"

@@ -23,6 +23,7 @@ ALERTS = {
     "NixosAutodeployUpdateNotApplied",
     "NixosAutodeployRolledBack",
     "NixosAutodeployRebootWaiting",
+    "NixosAutodeployRolloutHalted",
 }
 SEVERITIES = {"info", "warning", "critical"}
 

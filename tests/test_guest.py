@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.module_text import actuator_service_config
 
 from actuator import commands, fleetlock
 
@@ -338,8 +339,9 @@ def guest() -> Iterator[GuestRun]:
 
 @pytest.fixture(scope="module")
 def resident_guest() -> Iterator[GuestRun]:
-    """A boot of its own: the resident collector's scenario only."""
-    yield from run_guest("resident", ("initial", "switched"))
+    """A session of its own: the resident collector's scenario, then a reboot with the
+    actuator's timer firing during the boot (the cheapest session to add a boot to)."""
+    yield from run_guest("resident", ("initial", "switched", "pending"))
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +349,11 @@ def efi_guest() -> Iterator[GuestRun]:
     """A session of its own booted by UEFI firmware and systemd-boot: reboot trials with
     a one-time boot entry."""
     yield from run_guest("efi-install", EFI_SYSTEM_NAMES, efi=True)
+
+
+def module_actuator_service() -> dict[str, str]:
+    """What module.nix gives the actuator's timer unit of its own (Type)."""
+    return actuator_service_config((REPO / "module.nix").read_text(), "nixos-autodeploy")
 
 
 def run_guest(first_phase: str, names: tuple[str, ...], efi: bool = False) -> Iterator[GuestRun]:
@@ -381,6 +388,8 @@ def run_guest(first_phase: str, names: tuple[str, ...], efi: bool = False) -> It
             "switch_unit": SWITCH_UNIT,
             "fleet_lock_app_id": fleetlock.APP_ID,
             "efi": efi,
+            # The actuator unit's own serviceConfig (Type): the guest's unit is the module's.
+            "actuator_service": module_actuator_service(),
         }
         (share / "guest.json").write_text(json.dumps(config | {"first_phase": first_phase}))
         kernel_params = Path(work / "store" / systems["initial"].lstrip("/"), "kernel-params")
@@ -753,7 +762,7 @@ def wall_time(guest: GuestRun, scenario: str, end: dict[str, Any]) -> float:
     """From the start of a scenario (the guest's clock) to its last report."""
     (start,) = [e for e in guest.events if e["event"] == "scenario" and e["name"] == scenario]
     seconds = float(end["at"]) - float(start["at"])
-    print(f"wall time of the EFI scenario {scenario!r}: {seconds:.0f} s")
+    print(f"wall time of the scenario {scenario!r}: {seconds:.0f} s")
     return seconds
 
 
@@ -905,3 +914,58 @@ def test_efi_reboot_trial_into_an_unbootable_system_comes_back_and_stays(
     assert boots_in(guest, "efi-after-unbootable") == 1, "no further reboot"
     assert boots_in(guest, "done") == 0
     wall_time(guest, "unbootable-efi", after)
+
+
+def monotonic(facts: dict[str, str], name: str) -> int:
+    """A systemd timestamp (µs since the boot; 0: never)."""
+    return int(facts[name])
+
+
+def test_a_run_its_timer_starts_during_the_boot_is_checked_and_kept(
+    resident_guest: GuestRun,
+) -> None:
+    """Issue 20, defect 2: the actuator's Persistent timer missed a firing while the host
+    was down, so it starts a run as soon as it starts in the next boot, while a slow unit
+    keeps that boot going, with an update pending. The run's systemd check waits for the
+    end of the boot; the unit (the module's Type) must not hold that end up itself, or the
+    check times out and the good system is rolled back (as it was with Type=oneshot)."""
+    guest = resident_guest
+    guest.show()
+    assert [e for e in guest.events if e["event"] in ("error", "unparsable")] == []
+    switched, pending = guest.systems["switched"], guest.systems["pending"]
+    armed = guest.event("boot-timer-armed")
+    # Before the reboot: tracking switched, with pending published.
+    assert armed["agent_rc"] == 0
+    assert armed["deployed"]["path"] == switched
+    assert armed["status"]["state"] == "update-available"
+    assert armed["status"]["upstream"] == pending
+
+    after = guest.event("boot-timer")
+    run = after["actuator"]
+    assert run["Type"] == module_actuator_service()["Type"]
+    # The timer's run began (with the collection its service wants) while the slow unit
+    # kept the boot going, and the service started before the boot's end.
+    began = monotonic(after["collector"], "ExecMainStartTimestampMonotonic")
+    started = monotonic(run, "ExecMainStartTimestampMonotonic")
+    slow_end = monotonic(after["slow"], "ExecMainExitTimestampMonotonic")
+    boot_end = monotonic(after["manager"], "FinishTimestampMonotonic")
+    ended = monotonic(run, "ExecMainExitTimestampMonotonic")
+    assert 0 < began < started < boot_end and began < slow_end <= boot_end, after
+    # The boot finished while the run went on (its systemd check waiting for that end).
+    assert boot_end < ended, (boot_end, ended)
+    assert run["ExecMainStatus"] == "0", after["journal"]
+    assert after["systemd"] == "running"
+
+    # Deployed, checked by systemd's verdict after the boot, and kept.
+    assert (after["current"], after["profile"], after["boot_entry"]) == (pending,) * 3
+    assert after["deployed"]["path"] == pending
+    deploys = after["deploys"]
+    assert deploys["last"]["path"] == pending and deploys["last"]["result"] == "success"
+    health = deploys["health"]
+    assert health["ok"] is True and health["path"] == pending
+    (systemd,) = [c for c in health["checks"] if c["name"] == "systemd"]
+    assert systemd == {"name": "systemd", "ok": True, "output": ["running"]}
+    assert deploys["rollbacks"] == 0 and deploys["last_rollback"] is None
+    assert pending not in deploys["failed"]
+    assert after["status"]["state"] == "up-to-date" and after["status"]["dirty"] is False
+    wall_time(guest, "boot-timer", after)

@@ -651,6 +651,64 @@ def test_reboot_windows_and_fleet_lock_reach_the_actuator_and_its_timer(
 
 
 @pytest.mark.nix
+def test_the_halt_reaches_the_actuator_with_its_own_secrets(evaluate: Evaluate) -> None:
+    query = "sum(increase(nixos_autodeploy_rollbacks_total[1h])) > 0"
+    halted, secret, plain = evaluate(
+        BASE
+        | {
+            "caFile": "/etc/ssl/upstream-ca.pem",
+            "rolloutWariness": 0,
+            "halt": {"query": query, "prometheusUrl": "https://prometheus.example.org"},
+        },
+        BASE
+        | {
+            "bearerTokenFile": "/run/secrets/token",
+            "halt": {
+                "query": query,
+                "prometheusUrl": "https://prometheus.example.org",
+                "bearerTokenFile": "/run/secrets/prom-token",
+                "netrcFile": "/run/secrets/prom-netrc",
+                "caFile": "/etc/ssl/prometheus-ca.pem",
+            },
+        },
+        BASE,
+    )
+    assert halted["failedAssertions"] == secret["failedAssertions"] == []
+    unit = halted["services"][ACTUATOR]["serviceConfig"]
+    settings = program_settings(exec_argv(unit["ExecStart"]))
+    assert (settings.halt_query, settings.prometheus_url) == (
+        query,
+        "https://prometheus.example.org",
+    )
+    assert settings.rollout_wariness == 0.0
+    # Without a CA of its own, Prometheus is verified as upstream is.
+    assert (settings.prometheus_ca_file, settings.ca_file) == (None, "/etc/ssl/upstream-ca.pem")
+    assert settings.prometheus_bearer_token_file is None and "LoadCredential" not in unit
+    unit = secret["services"][ACTUATOR]["serviceConfig"]
+    argv = exec_argv(unit["ExecStart"])
+    settings = program_settings(argv)
+    assert settings.prometheus_ca_file == "/etc/ssl/prometheus-ca.pem"
+    assert settings.prometheus_bearer_token_file == f"{CREDENTIALS_DIR}/prometheus-bearer-token"
+    assert settings.prometheus_netrc_file == f"{CREDENTIALS_DIR}/prometheus-netrc"
+    assert settings.bearer_token_file == f"{CREDENTIALS_DIR}/bearer-token"
+    assert unit["LoadCredential"] == [
+        "bearer-token:/run/secrets/token",
+        "prometheus-bearer-token:/run/secrets/prom-token",
+        "prometheus-netrc:/run/secrets/prom-netrc",
+    ]
+    assert "prom-token" not in json.dumps(config_file(argv))
+    # Only the actuator asks Prometheus: the collector gets neither its secrets nor query.
+    collector = secret["services"][COLLECTOR]["serviceConfig"]
+    assert collector["LoadCredential"] == ["bearer-token:/run/secrets/token"]
+    assert program_settings(exec_argv(collector["ExecStart"])).halt_query is None
+    plain_settings = program_settings(
+        exec_argv(plain["services"][ACTUATOR]["serviceConfig"]["ExecStart"])
+    )
+    assert (plain_settings.halt_query, plain_settings.prometheus_url) == (None, None)
+    assert plain_settings.rollout_wariness is None
+
+
+@pytest.mark.nix
 def test_original_defaults(evaluate: Evaluate) -> None:
     (record,) = evaluate({"enable": True, "url": BASE["url"]})
     timer = record["timers"][ACTUATOR]["timerConfig"]
@@ -760,6 +818,12 @@ def test_the_generated_config_files_hold_only_options_of_the_table(evaluate: Eva
         "maxSnapshotAge": 900,
         "rebootWindows": ["02:00-04:00"],
         "fleetLock": {"url": "http://airlock.example.org:3333"},
+        "rolloutWariness": 0.5,
+        "halt": {
+            "query": "vector(0)",
+            "prometheusUrl": "http://prometheus.example.org:9090",
+            "caFile": "/etc/ssl/prometheus-ca.pem",
+        },
     }
     full, monitoring = evaluate(everything, everything | {"actuator": {"enable": False}})
     generated = {}
@@ -1035,6 +1099,18 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
             "system.autoDeploy.fleetLock.url must be the http:// or https:// URL",
         ),
         (
+            {"halt": {"query": "vector(0)", "prometheusUrl": "prometheus:9090"}},
+            "system.autoDeploy.halt.prometheusUrl must be the http:// or https:// URL",
+        ),
+        (
+            {"halt": {"query": "up", "prometheusUrl": "http://p", "netrcFile": "/nix/store/n"}},
+            "system.autoDeploy.halt.netrcFile must be",
+        ),
+        (
+            {"actuator": {"enable": False}, "halt": {"query": "up", "prometheusUrl": "http://p"}},
+            "system.autoDeploy.halt holds back the actuator's deploys",
+        ),
+        (
             {"actuator": {"enable": False}, "rebootWindows": ["02:00-04:00"]},
             "system.autoDeploy.rebootWindows and fleetLock govern the actuator's reboots",
         ),
@@ -1058,6 +1134,8 @@ def test_assertions_explain_what_is_wrong(
         ({"fleetLock": {"url": "http://a", "group": "a b"}}, "system.autoDeploy.fleetLock.group"),
         ({"rebootWindows": [{"lower": "1:00", "upper": "05:00"}]}, "rebootWindows"),
         ({"collector": {"pollInterval": 0}}, "system.autoDeploy.collector.pollInterval"),
+        ({"halt": {"query": " ", "prometheusUrl": "http://p"}}, "system.autoDeploy.halt.query"),
+        ({"rolloutWariness": 1.5}, "system.autoDeploy.rolloutWariness"),
         ({"healthChecks": {"timeout": 0}}, "system.autoDeploy.healthChecks.timeout"),
     ],
 )

@@ -269,6 +269,19 @@ SAMPLES = {
         "https://airlock.example.org",
     ),
     "fleet_lock_group": Sample(("--fleet-lock-group", "db"), "db", "eu-1.web", "eu-1.web"),
+    "prometheus_url": Sample(
+        ("--prometheus-url", "http://prom:9090"),
+        "http://prom:9090",
+        "https://thanos.example.org/q",
+        "https://thanos.example.org/q",
+    ),
+    "prometheus_bearer_token_file": Sample(
+        ("--prometheus-bearer-token-file", "/a/pt"), "/a/pt", "/b/pt", "/b/pt"
+    ),
+    "prometheus_netrc_file": Sample(("--prometheus-netrc-file", "/a/n"), "/a/n", "/b/n", "/b/n"),
+    "prometheus_ca_file": Sample(("--prometheus-ca-file", "/a/c"), "/a/c", "/b/c", "/b/c"),
+    "rollout_wariness": Sample(("--rollout-wariness", "0"), 0.0, 1, 1.0),
+    "halt_query": Sample(("--halt-query", "up == 0"), "up == 0", "vector(1)", "vector(1)"),
     "force": Sample(("-f",), True),
     "dry_run": Sample(("--dry-run",), True),
     "max_snapshot_age": Sample(("--max-snapshot-age", "0"), 0.0, 900, 900.0),
@@ -430,6 +443,11 @@ COMMAND_WORDS = {
     "quiet": ("--quiet",),
     "json": ("--json",),
     "n": ("-n", "3"),
+    "selector": ("--selector", '{job="node"}'),
+    "wait_serial": ("--wait-serial", "12"),
+    "fraction": ("--fraction", "0.5"),
+    "wait_timeout": ("--timeout", "90"),  # a word the fetch's --timeout takes too
+    "interval": ("--interval", "5"),
 }
 
 
@@ -441,9 +459,15 @@ def test_a_flag_is_offered_only_by_the_subcommands_that_take_it(
     capsys: pytest.CaptureFixture[str], option: Option, command: str
 ) -> None:
     words = SAMPLES[option.name].words if option.name in SAMPLES else COMMAND_WORDS[option.name]
+    # fleet's --timeout is its wait's own, another option than the fetch's --timeout.
+    other = [
+        o for o in OPTIONS if command in o.commands and o is not option and words[0] in o.flags
+    ]
     for parser in (build_parser(), build_parser(command)):
         if command in option.commands:
             assert getattr(parser.parse_args([command, *words]), option.name) is not None
+        elif other:
+            assert not hasattr(parser.parse_args([command, *words]), option.name)
         else:
             with pytest.raises(SystemExit) as exit_:
                 parser.parse_args([command, *words])
@@ -473,7 +497,7 @@ def contract_section(title: str) -> str:
 @outside_the_package
 def test_the_contract_lists_each_subcommands_flags() -> None:
     block = contract_section("Command line").split("```")[1]
-    texts: dict[str, str] = {}  # a subcommand's line, COMMON's and UPSTREAM's definition
+    texts: dict[str, str] = {}  # a subcommand's line, COMMON's, UPSTREAM's, PROMETHEUS's
     current = ""
     for line in block.splitlines():
         if start := re.match(r"nixos-autodeploy (\w+)|([A-Z]+) +=", line):
@@ -481,10 +505,12 @@ def test_the_contract_lists_each_subcommands_flags() -> None:
             line = line[start.end() :]
         if current:
             texts[current] = texts.get(current, "") + " " + line
-    assert set(texts) == {*COMMANDS, "[COMMON]", "[UPSTREAM]"}
+    groups = ("[COMMON]", "[UPSTREAM]", "[PROMETHEUS]")
+    assert set(texts) == {*COMMANDS, *groups}
     for command in COMMANDS:
-        text = texts[command].replace("[COMMON]", texts["[COMMON]"])
-        text = text.replace("[UPSTREAM]", texts["[UPSTREAM]"])
+        text = texts[command]
+        for group in groups:
+            text = text.replace(group, texts[group])
         documented = set(re.findall(r"(?<![\w-])--?[a-z][a-z-]*", text))
         offered = {flag for o in OPTIONS if command in o.commands for flag in o.flags}
         assert documented == offered, command

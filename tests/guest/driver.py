@@ -762,6 +762,146 @@ def phase_resident() -> None:
         metrics=(read_text(PROMETHEUS_FILE) or "").splitlines(),
         **links(),
     )
+    set_phase("boot-timer")
+
+
+# The boot-timer scenario (issue 20): the actuator's timer fires during a boot.
+ACTUATOR_UNIT = "nixos-autodeploy.service"
+ACTUATOR_TIMER = "nixos-autodeploy.timer"
+# Persistent=true: the time of its last trigger; one long past is a missed firing.
+TIMER_STAMP = Path("/var/lib/systemd/timers/stamp-nixos-autodeploy.timer")
+SLOW_BOOT_UNIT = "autodeploy-guest-slow-boot.service"
+SLOW_BOOT_SECONDS = 45
+UPSTREAM_UNIT = "autodeploy-guest-upstream.service"
+# Longer than the slow unit keeps the boot busy, so only a check waiting on itself fails.
+BOOT_TIMER_ARGS = ("--switch-mode", "switch", "--health-timeout", "120")
+UNIT_PATH = "Environment=PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin\n"
+RUNTIME_DIRECTORIES = (
+    "StateDirectory=nixos-autodeploy\n"
+    "RuntimeDirectory=nixos-autodeploy\nRuntimeDirectoryPreserve=yes\n"
+)
+
+
+def write_timer_units() -> None:
+    """The actuator's service and timer as module.nix makes them (the serviceConfig it
+    gives this unit, Type above all, read from module.nix by the host), with the module's
+    default schedule; the collector (not resident) that the service wants, without the
+    module's sandbox (this guest has no nix-daemon); a slow unit that keeps the boot
+    from finishing; the upstream file and the cache served from early in the boot (the
+    driver's own servers start after multi-user.target, too late for the timer's run)."""
+    common = f"--url {UPSTREAM_URL} --prometheus-path {PROMETHEUS_FILE}"
+    own = "".join(f"{key}={value}\n" for key, value in CONFIG["actuator_service"].items())
+    units = {
+        COLLECTOR_UNIT: (
+            "[Unit]\nDescription=nixos-autodeploy collector (guest test)\n"
+            "After=network-online.target\nWants=network-online.target\n"
+            f"[Service]\nType=oneshot\n{UNIT_PATH}"
+            f"ExecStart=-/usr/local/bin/nixos-autodeploy collect {common}\n" + RUNTIME_DIRECTORIES
+        ),
+        ACTUATOR_UNIT: (
+            "[Unit]\nDescription=nixos-autodeploy actuator (guest test)\n"
+            f"After=network-online.target {COLLECTOR_UNIT}\n"
+            f"Wants=network-online.target {COLLECTOR_UNIT}\n"
+            "X-StopOnRemoval=false\n"
+            f"[Service]\n{UNIT_PATH}"
+            f"ExecStart=-/usr/local/bin/nixos-autodeploy deploy {common} "
+            f"{' '.join(BOOT_TIMER_ARGS)}\n" + RUNTIME_DIRECTORIES + own
+        ),
+        ACTUATOR_TIMER: (
+            "[Unit]\nDescription=nixos-autodeploy actuator (guest test)\n"
+            "[Timer]\nOnCalendar=04:42\nRandomizedDelaySec=0\nFixedRandomDelay=true\n"
+            "Persistent=true\n[Install]\nWantedBy=timers.target\n"
+        ),
+        SLOW_BOOT_UNIT: (
+            "[Unit]\nDescription=A slow service: the boot is not finished before it is\n"
+            f"[Service]\nType=oneshot\nExecStart=/bin/sleep {SLOW_BOOT_SECONDS}\n"
+            "[Install]\nWantedBy=multi-user.target\n"
+        ),
+        UPSTREAM_UNIT: (
+            "[Unit]\nDescription=Upstream and the binary cache, from early in the boot\n"
+            f"Before={COLLECTOR_UNIT} {ACTUATOR_UNIT}\n"
+            "[Service]\n"
+            "ExecStartPre=/bin/sh -c 'modprobe 9pnet_virtio && mkdir -p /mnt/share && "
+            "{ mountpoint -q /mnt/share || mount -t 9p -o "
+            "trans=virtio,version=9p2000.L,msize=1048576,ro share /mnt/share; }'\n"
+            f"ExecStart=/usr/bin/python3 -m http.server --bind 127.0.0.1 --directory {WWW} "
+            f"{HTTP_PORT}\n"
+            # Started once it answers: the collector's fetch comes right after.
+            "ExecStartPost=/bin/bash -c 'until (: </dev/tcp/127.0.0.1/"
+            f"{HTTP_PORT}) 2>/dev/null; do sleep 0.2; done'\n"
+            "[Install]\nWantedBy=multi-user.target\n"
+        ),
+    }
+    for name, text in units.items():
+        Path(f"/etc/systemd/system/{name}").write_text(text)
+    run("systemctl", "daemon-reload")
+
+
+def show(unit: str | None, *names: str) -> dict[str, str]:
+    """systemctl show's properties of a unit, or of the manager itself (unit None)."""
+    out = run("systemctl", "show", "--property", ",".join(names), *filter(None, [unit])).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def phase_boot_timer() -> None:
+    """Issue 20: a tracked host with an update pending, the actuator's Persistent timer
+    having missed a firing while the host was down: at the next boot the timer starts the
+    run at once, while a slow unit keeps the boot going. Its systemd check waits for the
+    end of the boot; a oneshot's pending start job would hold that end up for ever."""
+    report("scenario", name="boot-timer")
+    write_timer_units()
+    publish("switched")
+    tracked = start_agent("--switch-mode", "switch")
+    publish("pending")
+    run("systemctl", "enable", ACTUATOR_TIMER, SLOW_BOOT_UNIT, UPSTREAM_UNIT)
+    # Not started in this boot: a start would fire the missed run now, not at the boot.
+    TIMER_STAMP.parent.mkdir(parents=True, exist_ok=True)
+    TIMER_STAMP.touch()
+    os.utime(TIMER_STAMP, (946684800, 946684800))  # 2000-01-01
+    report(
+        "boot-timer-armed",
+        agent_rc=tracked.returncode,
+        journal=journal(AGENT_UNIT),
+        **links(),
+        **status(),
+    )
+    set_phase("after-boot-timer")
+    run("systemctl", "reboot", "--no-block")
+    wait_for_shutdown("the reboot into the timer's run")
+
+
+def wait_for_run_end(unit: str, seconds: float) -> dict[str, str]:
+    """The unit's facts once its main process has exited, or as they are at the deadline."""
+    names = (
+        "Type,ActiveState,Result,ExecMainStatus,"
+        "ExecMainStartTimestampMonotonic,ExecMainExitTimestampMonotonic"
+    )
+    deadline = time.monotonic() + seconds
+    facts = show(unit, names)
+    while facts.get("ExecMainExitTimestampMonotonic", "0") == "0" and time.monotonic() < deadline:
+        time.sleep(1)
+        facts = show(unit, names)
+    return facts
+
+
+def phase_after_boot_timer() -> None:
+    actuator = wait_for_run_end(ACTUATOR_UNIT, 600)
+    report(
+        "boot-timer",
+        actuator=actuator,
+        # The run's first step, the collection its service wants: when the timer fired.
+        collector=show(COLLECTOR_UNIT, "ExecMainStartTimestampMonotonic"),
+        slow=show(SLOW_BOOT_UNIT, "ExecMainExitTimestampMonotonic"),
+        # After the boot has finished (it waits), when it did.
+        **systemd_state(),
+        manager=show(None, "FinishTimestampMonotonic"),
+        journal=journal(ACTUATOR_UNIT),
+        collector_journal=journal(COLLECTOR_UNIT),
+        **boot_facts(),
+        **links(),
+        **deploy_state(),
+        **status(),
+    )
     finish()
 
 
@@ -777,6 +917,8 @@ PHASES = {
     "reboot": phase_reboot,
     "after-reboot": phase_after_reboot,
     "resident": phase_resident,
+    "boot-timer": phase_boot_timer,
+    "after-boot-timer": phase_after_boot_timer,
     "reboot-unhealthy": phase_reboot_unhealthy,
     "after-reboot-unhealthy": phase_after_reboot_unhealthy,
     "after-rollback-reboot": phase_after_rollback_reboot,
@@ -801,6 +943,7 @@ NEXT_IN_SAME_BOOT = {
     "efi-install",
     "efi-after-trial",
     "efi-after-rollback",
+    "resident",
 }
 
 
@@ -837,7 +980,10 @@ def main() -> None:
         run("systemctl", "poweroff", "--no-block")
         return
     try:
-        setup()
+        # The timer's run is under way from the installed copy, which setup() replaces;
+        # the scenario's own unit serves upstream and the cache.
+        if phase != "after-boot-timer":
+            setup()
         while True:
             PHASES[phase]()
             if phase not in NEXT_IN_SAME_BOOT:

@@ -125,6 +125,8 @@ in {
   slow = mkSystem { tag = "slow"; kernel = "a"; activationSeconds = slowActivationSeconds; };
   kexeced = mkSystem { tag = "kexeced"; kernel = "b"; };
   rebooted = mkSystem { tag = "rebooted"; kernel = "a"; };
+  # The update pending when the actuator's timer fires during a boot.
+  pending = mkSystem { tag = "pending"; kernel = "a"; };
   # Its activation succeeds, but leaves a unit that failed to start: systemd is degraded.
   broken = mkSystem {
     tag = "broken";

@@ -152,3 +152,21 @@ def module_config_keys(text: str) -> dict[str, set[str]]:
 def module_flags(text: str) -> dict[str, set[str]]:
     tokens = nix_tokens(text)
     return {name: command_line_flags(binding(tokens, name)) for name in COMMAND_LINES}
+
+
+def actuator_service_config(text: str, unit: str) -> dict[str, str]:
+    """What module.nix passes to `actuatorService { ... }` for `systemd.services.<unit>`:
+    the serviceConfig that unit adds to the shared one (`Type = "exec";` -> Type: exec)."""
+    tokens = nix_tokens(text)
+    start = [("name", unit), ("op", "="), ("name", "actuatorService"), ("op", "{")]
+    for at in range(len(tokens) - len(start)):
+        if tokens[at : at + len(start)] == start:
+            config: dict[str, str] = {}
+            i = at + len(start)
+            while tokens[i] != ("op", "}"):
+                key, equals, value, end = tokens[i : i + 4]
+                assert equals == ("op", "=") and end == ("op", ";"), tokens[i : i + 4]
+                config[key[1]] = value[1]
+                i += 4
+            return config
+    raise AssertionError(f"module.nix has no systemd.services.{unit} = actuatorService {{...}}")
