@@ -1,8 +1,15 @@
 """The safety layer as an operator relies on it, as a stateful property test: hypothesis
 drives a sandbox host through random sequences of what happens to a fleet host (CI
-publishes, the collector runs, the agent deploys, is killed at a journal phase or at a Nix
-call, someone deploys by hand, the machine reboots, an operator forces a deploy) and after
-every step checks the invariants below against the host itself.
+publishes, the collector runs, the agent deploys in switch or boot mode, the new system's
+checks pass or fail, the agent is killed at a journal phase, at a Nix call or while its
+activation runs on, someone runs nixos-rebuild switch, boot or test by hand, the machine
+reboots into its boot loader's default, an operator forces a deploy) and checks against
+the host itself: no traceback, one error line when a run fails; never dirty without a hand
+deploy; a hand deploy's current system, profile and boot default never changed without
+--force; the journal closed after every deploy not killed; a failed system neither left
+running nor the next boot nor retried before upstream changes; a recorded success names
+the running system, never one whose checks fail; with no hand deploy pending, the boot
+default is the profile; a collect changes no link.
 
 Real Nix, a signed binary cache on loopback, a sandbox root; one small pool of systems is
 built once for the module and each example starts from a freshly installed root. Bounded
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import hypothesis
 import pytest
 from harness import (
     AgentResult,
@@ -36,7 +44,6 @@ from harness import (
 )
 from harness.deploys import deploy, journal, record
 from hypothesis import HealthCheck, settings
-from hypothesis import Phase as Phase_
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -421,7 +428,7 @@ def test_the_safety_layer_keeps_its_promises(pool: Pool) -> None:
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
-            phases=list(Phase_) if SHRINK else [Phase_.generate],
+            phases=list(hypothesis.Phase) if SHRINK else [hypothesis.Phase.generate],
         ),
     )
     rules, runs = sum(r for r, _ in RUNS), sum(n for _, n in RUNS)
