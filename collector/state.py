@@ -188,7 +188,9 @@ def classify(links: Links, deployed: Deployed | None, failed: Collection[StorePa
     current, upstream = links.current, links.upstream
     if upstream is None or current is None:
         return State.UNKNOWN
-    if profile_moved(links, deployed) is not None:
+    # A profile someone else moved is a hand deploy, unless it is a hand deploy of
+    # upstream itself, running: that is tracked (untracked below), as it always was.
+    if profile_moved(links, deployed) is not None and not current == upstream == links.profile:
         return State.DIRTY
     if deployed is not None and current == deployed.path:
         return State.UP_TO_DATE if current == upstream else State.UPDATE_AVAILABLE

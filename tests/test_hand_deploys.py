@@ -9,6 +9,7 @@ STOP_AT hook.
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -87,6 +88,24 @@ def test_hand_rollback_of_the_profile_is_dirty(host: Host) -> None:
     dirty_because(host, "hand-rollback")
     assert host.snapshot()["reboot_required"] is True
     assert host.profile() == systems["a"].path
+
+
+def test_a_hand_switch_to_upstream_itself_is_tracked(host: Host) -> None:
+    systems = deployed_by_agent(host, "a", "b", "c")
+    c = systems["c"]
+    host.publish(c)
+    host.deploy_by_hand(c, "switch")  # what CI published, deployed by hand: adopted
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty_reason"]) == ("untracked", None)
+    activations = host.activations()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.activations() == activations, "tracked, not deployed again"
+    assert record(host)["path"] == c.path
+    assert record(host)["generation"] == int(os.readlink(host.profile_link).split("-")[1])
+    assert host.snapshot()["state"] == "up-to-date"
+    host.deploy_by_hand(systems["b"], "switch")  # a later hand deploy is seen again
+    dirty_because(host, "hand-switch")
 
 
 # ---- defect 11: a hand switch back after a deploy killed in its activation -------------
