@@ -252,6 +252,7 @@ class HostModel(RuleBasedStateMachine):
         self.learn_failures()
         if killed or not deploys:
             return
+        self.learn_adoption()
         entry = journal(host)
         assert entry is None or entry["phase"] in FINISHED_PHASES, f"open: {entry}\n{result}"
         failed = set(self.failed_at)
@@ -262,6 +263,19 @@ class HostModel(RuleBasedStateMachine):
             assert self.hand.get("default") == default, f"a failed system boots next\n{result}"
         if "profile" not in self.hand and "default" not in self.hand:
             assert default == host.profile(), f"boot default is not the profile\n{result}"
+
+    def learn_adoption(self) -> None:
+        """A hand deploy of upstream itself, running, is tracked: the agent's from then on
+        (its record names it and the profile generation; nothing else is adopted)."""
+        host, deployed = self.host, record(self.host)
+        generation = profile_link_target(host)
+        if deployed is None or generation is None or not deployed["complete"]:
+            return
+        ours = f"system-{deployed.get('generation')}-link" == generation
+        runs = deployed["path"] == host.current() == host.profile() == self.seen_upstream
+        if ours and runs:
+            self.hand.clear()
+            self.hand_left = False
 
     def keep_what_the_forced_run_left(self) -> None:
         """A --force run that failed (and went back) or was killed: the hand's links it
