@@ -492,14 +492,22 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
         entry = advance(paths, entry, Phase.ROLLING_BACK)
     before = entry.before
     target = entry.fallback
+    if target is None and not entry.blocks_retry:
+        target = before.profile  # undoing a deploy of what ran before: its profile back
     links = read_links(paths)
     record = load_deployed(paths)
     ours = record if record is not None and record.path == entry.path else None
     # Only a profile this deploy set goes back; one someone else moved since (a hand
     # switch or boot while the deploy was half done) is theirs, and so is the boot default.
-    by_hand = (ours is not None and profile_moved(links, ours) is not None) or (
-        links.profile not in (entry.path, before.profile, target)
-    )
+    # The in-flight record's generation tells (the one a deploy it superseded set is the
+    # agent's too); a rollback resumed after it put the record back had decided: not by
+    # hand; a record of an older version leaves only the systems involved to judge by.
+    if ours is not None and ours.generation is not None:
+        by_hand = profile_moved(links, ours) is not None
+    elif ours is None and record is not None and record == before.deployed:
+        by_hand = False
+    else:
+        by_hand = links.profile not in (entry.path, before.profile, target)
     # The record first: it decides the next run, whatever else fails here. Under a hand
     # deploy it keeps this deploy's generation, so the host reads dirty, not as before.
     if by_hand and ours is not None:
@@ -508,7 +516,8 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
         forget_deployed(paths)
     else:
         save_deployed(paths, before.deployed)
-    if target is not None and links.profile == entry.path and not by_hand:
+    # Also a profile a superseded deploy of the agent's set (neither this one's nor target).
+    if target is not None and links.profile != target and not by_hand:
         profile.set_to(paths, target)
         if before.deployed is not None:  # the generation just made is the agent's
             back = dataclasses.replace(before.deployed, generation=profile.generation(paths))

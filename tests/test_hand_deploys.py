@@ -183,3 +183,29 @@ def test_resumed_checks_after_a_hand_switch_abandon_the_deploy(host: Host) -> No
     assert record(host)["path"] != b.path or host.current() != b.path
     assert_links(host, current=a, profile=a)
     dirty_because(host, "hand-switch")
+
+
+# ---- found by tests/test_model.py -------------------------------------------------------
+
+
+def test_undoing_a_deploy_that_superseded_another_puts_the_agents_profile_back(
+    host: Host,
+) -> None:
+    """The profile a superseded deploy set is the agent's, not a hand deploy: undoing the
+    deploy that took its place puts the profile (and so the next boot) back."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b, collect=True)
+    deploy_killed_at(host, "activating", "--switch-mode", "boot")  # profile b, not activated
+    assert host.profile() == b.path
+    host.publish(a)  # CI goes back to what runs
+    assert host.collect().returncode == 0
+    # a made the next boot again (superseding b's deploy), cut short before its profile
+    deploy_killed_at(host, "profile-set", "--switch-mode", "boot")
+    assert host.profile() == b.path
+    result = deploy(host, "--switch-mode", "boot")
+    assert result.returncode == 0, result
+    assert_links(host, current=a, profile=a)
+    assert host.boot_default() == a.path
+    assert host.collect().returncode == 0
+    assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("up-to-date", False)
