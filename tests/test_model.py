@@ -58,8 +58,8 @@ from actuator.transaction import FINISHED, STOP_AT, Phase
 pytestmark = pytest.mark.nix
 
 NAMES = ("a", "b", "c", "d")
-EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "20"))
-STEPS = int(os.environ.get("MODEL_STEPS", "30"))
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "40"))
+STEPS = int(os.environ.get("MODEL_STEPS", "40"))
 # MODEL_SHRINK=0: report the first failing sequence as found (shrinking re-runs real Nix).
 SHRINK = os.environ.get("MODEL_SHRINK", "1") != "0"
 # The phases a switch deploy journals (a trial's own are not modelled: no reboot mode).
