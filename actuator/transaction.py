@@ -502,10 +502,16 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
     # The in-flight record's generation tells (the one a deploy it superseded set is the
     # agent's too); a rollback resumed after it put the record back had decided: not by
     # hand; a record of an older version leaves only the systems involved to judge by.
+    restored = (
+        ours is None
+        and record is not None
+        and before.deployed is not None
+        and record.path == before.deployed.path
+    )
     if ours is not None and ours.generation is not None:
         by_hand = profile_moved(links, ours) is not None
-    elif ours is None and record is not None and record == before.deployed:
-        by_hand = False
+    elif restored and record is not None and record.generation is not None:
+        by_hand = profile_moved(links, record) is not None  # resumed: the record is back
     else:
         by_hand = links.profile not in (entry.path, before.profile, target)
     # The record first: it decides the next run, whatever else fails here. Under a hand
@@ -514,7 +520,12 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
         save_deployed(paths, dataclasses.replace(ours, complete=True))
     elif before.deployed is None:
         forget_deployed(paths)
-    else:
+    elif ours is not None:
+        # With the generation this deploy left until the profile goes back: a resumed
+        # rollback (and the collector meanwhile) tells the agent's profile from a hand's.
+        left = ours.generation if ours.generation is not None else before.deployed.generation
+        save_deployed(paths, dataclasses.replace(before.deployed, generation=left))
+    elif not restored:
         save_deployed(paths, before.deployed)
     # Also a profile a superseded deploy of the agent's set (neither this one's nor target).
     if target is not None and links.profile != target and not by_hand:

@@ -10,6 +10,7 @@ STOP_AT hook.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -20,6 +21,7 @@ from harness.deploys import (
     deploy_killed_at,
     events_named,
     journal,
+    kill_agent_at_nix_call,
     record,
     tracking,
 )
@@ -209,3 +211,26 @@ def test_undoing_a_deploy_that_superseded_another_puts_the_agents_profile_back(
     assert host.boot_default() == a.path
     assert host.collect().returncode == 0
     assert (host.snapshot()["state"], host.snapshot()["dirty"]) == ("up-to-date", False)
+
+
+def test_a_hand_switch_after_a_rollback_was_cut_short_is_left_alone(host: Host) -> None:
+    """Killed in its rollback after putting the record back, before the profile: the
+    collector meanwhile sees no hand deploy, and a hand switch made then is the
+    operator's when the next run finishes the rollback."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b, collect=True)
+    check = failing_check(host, b)
+    kill_agent_at_nix_call(host, 2, after=False)  # 1: set b; 2: the rollback's set a
+    killed = deploy(host, "--health-check", check, "--health-timeout", "1")
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert (journal(host)["phase"], record(host)["path"]) == ("rolling-back", a.path)
+    assert_links(host, current=b, profile=b)
+    assert host.collect().returncode == 0
+    assert host.snapshot()["dirty"] is False
+    host.deploy_by_hand(c, "switch")
+    result = deploy(host, "--health-check", check, "--health-timeout", "1")
+    assert result.returncode == 0, result
+    assert_links(host, current=c, profile=c)
+    assert host.boot_default() == c.path
+    dirty_because(host, "hand-switch")
