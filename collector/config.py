@@ -116,6 +116,11 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     health: HealthSettings = HealthSettings()
+    # Signed releases (collector/release.py): with keys, only a verified release counts.
+    trusted_keys: tuple[str, ...] = ()
+    trusted_keys_file: str | None = None
+    signatures_required: int = 1
+    host_name: str | None = None
 
 
 # ---- the options ---------------------------------------------------------------------
@@ -228,6 +233,23 @@ def _health_urls(values: Sequence[object]) -> tuple[str, ...]:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
             raise ConfigError(f"health URL {url[:80]!r} is not an http or https URL")
     return urls
+
+
+def _trusted_keys(values: Sequence[object]) -> tuple[str, ...]:
+    # Their format is checked where they are used (collector/release.py), one line each.
+    return _strings(values, "trusted_keys must be a list of 'NAME:BASE64' strings", False)
+
+
+def _signatures_required(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"signatures required must be a positive integer, not {value!r}")
+    return value
+
+
+def _host_name(value: str) -> str:
+    if not re.fullmatch(r"[^\s/]{1,253}", value) or value == "*":
+        raise ConfigError(f"host name {value[:40]!r} is not a host name")
+    return value
 
 
 def _fleet_lock_url(value: str) -> str:
@@ -374,6 +396,44 @@ OPTIONS: tuple[Option, ...] = (
         metavar="URL",
         file_type=None,
         field=None,
+    ),
+    # Signed releases: what upstream must be signed by, and which entry is this host's.
+    Option(
+        "trusted_keys",
+        ("--trusted-key",),
+        "accept only releases signed by this Nix public key (repeatable)",
+        FETCHING,
+        metavar="NAME:BASE64",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_trusted_keys,
+    ),
+    Option(
+        "trusted_keys_file",
+        ("--trusted-keys-file",),
+        "more trusted keys, one a line",
+        FETCHING,
+        metavar="FILE",
+    ),
+    Option(
+        "signatures_required",
+        ("--signatures-required",),
+        "valid signatures from distinct trusted keys a release needs (1)",
+        FETCHING,
+        metavar="N",
+        parse=_count,
+        file_type=int,
+        default=1,
+        check=_signatures_required,
+    ),
+    Option(
+        "host_name",
+        ("--host-name",),
+        "this host's entry in a release (the hostname under --root)",
+        FETCHING,
+        metavar="NAME",
+        check=_host_name,
     ),
     # collect's.
     Option(

@@ -142,10 +142,10 @@ def test_an_option_the_module_uses_missing_from_the_table_is_reported() -> None:
         # subcommand, or one the file may not set; a flag no subcommand has.
         (
             r"upstreamSettings\s*=\s*{",
-            " trusted_keys = [ ];",
+            " release_keys = [ ];",
             [
-                "upstreamSettings: collect has no config-file key trusted_keys",
-                "upstreamSettings: deploy has no config-file key trusted_keys",
+                "upstreamSettings: collect has no config-file key release_keys",
+                "upstreamSettings: deploy has no config-file key release_keys",
             ],
         ),
         (
@@ -165,10 +165,10 @@ def test_an_option_the_module_uses_missing_from_the_table_is_reported() -> None:
         ),
         (
             r"credentialArgs\s*=",
-            ' [ "--trusted-key" "%d/key" ] ++',
+            ' [ "--release-key" "%d/key" ] ++',
             [
-                "credentialArgs: collect has no flag --trusted-key",
-                "credentialArgs: deploy has no flag --trusted-key",
+                "credentialArgs: collect has no flag --release-key",
+                "credentialArgs: deploy has no flag --release-key",
             ],
         ),
         (
@@ -252,6 +252,15 @@ SAMPLES = {
     ),
     "ca_file": Sample(("--ca-file", "/a/ca.pem"), "/a/ca.pem", "/b/ca.pem", "/b/ca.pem"),
     "prometheus_path": Sample(("--prometheus-path", "/a.prom"), "/a.prom", "/b.prom", "/b.prom"),
+    "trusted_keys": Sample(
+        ("--trusted-key", "ci-1:AAAA", "--trusted-key", "ci-2:BBBB"),
+        ("ci-1:AAAA", "ci-2:BBBB"),
+        ["ci-3:CCCC"],
+        ("ci-3:CCCC",),
+    ),
+    "trusted_keys_file": Sample(("--trusted-keys-file", "/a/k"), "/a/k", "/b/k", "/b/k"),
+    "signatures_required": Sample(("--signatures-required", "2"), 2, 3, 3),
+    "host_name": Sample(("--host-name", "web1"), "web1", "db1", "db1"),
     "track": Sample(("--track",), True, True, True),
     "every": Sample(("--every", "30"), 30.0, 45, 45.0),
     "switch_mode": Sample(("-s", "boot"), SwitchMode.BOOT, "smart", SwitchMode.SMART),
