@@ -33,6 +33,8 @@ _ABOUT = {
     "diff": "what changes between two systems",
     "log": "what the actuator decided and did, newest last",
     "deploy": "deploy upstream when the gate allows it",
+    "publish": "sign a release for the fleet (CI)",
+    "verify": "check a signed release as a host would (CI)",
 }
 
 
@@ -46,7 +48,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS if command is None else (command,):
-        add_options(commands.add_parser(name, help=_ABOUT[name]), name)
+        # No abbreviations: publish's --host is no prefix of collect's --host-name.
+        add_options(commands.add_parser(name, help=_ABOUT[name], allow_abbrev=False), name)
     return parser
 
 
@@ -158,6 +161,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _diff(settings, args.systems, args.json)
         if args.command == "log":
             return _log(settings, args.n, args.json)
+        if args.command == "publish":
+            from .publish import publish
+
+            return publish(
+                args.key_files or (),
+                args.serial,
+                args.serial_from,
+                args.expires_in,
+                args.system,
+                args.hosts or (),
+                args.output,
+            )
+        if args.command == "verify":
+            from . import release
+            from .publish import verify
+
+            keys = release.trusted_keys(settings)
+            required = settings.signatures_required
+            return verify(args.release_file, keys, required, settings.host_name)
         from actuator.deploy import deploy
 
         return deploy(settings)

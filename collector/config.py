@@ -125,8 +125,9 @@ class Settings:
 
 # ---- the options ---------------------------------------------------------------------
 
-COMMANDS = ("collect", "status", "diff", "log", "deploy")
+COMMANDS = ("collect", "status", "diff", "log", "deploy", "publish", "verify")
 FETCHING = ("collect", "deploy")  # they fetch upstream
+JUDGING = (*FETCHING, "verify")  # they judge a signed release
 REPORTS = ("status", "diff", "log")
 DEPLOY = ("deploy",)
 
@@ -172,6 +173,23 @@ def _count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return n
+
+
+def _serial(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise argparse.ArgumentTypeError(f"not a non-negative integer: {text!r}")
+    return int(text)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> float:
+    """`3600`, `90s`, `30m`, `12h`, `7d`, `2w`: seconds."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)", text.strip())
+    if not found or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration (like 3600, 30m, 12h, 7d): {text!r}")
+    return float(found.group(1)) * _UNITS[found.group(2) or "s"]
 
 
 def _positive(what: str) -> Callable[[float], float]:
@@ -402,7 +420,7 @@ OPTIONS: tuple[Option, ...] = (
         "trusted_keys",
         ("--trusted-key",),
         "accept only releases signed by this Nix public key (repeatable)",
-        FETCHING,
+        JUDGING,
         metavar="NAME:BASE64",
         repeat=True,
         file_type=list,
@@ -413,14 +431,14 @@ OPTIONS: tuple[Option, ...] = (
         "trusted_keys_file",
         ("--trusted-keys-file",),
         "more trusted keys, one a line",
-        FETCHING,
+        JUDGING,
         metavar="FILE",
     ),
     Option(
         "signatures_required",
         ("--signatures-required",),
         "valid signatures from distinct trusted keys a release needs (1)",
-        FETCHING,
+        JUDGING,
         metavar="N",
         parse=_count,
         file_type=int,
@@ -431,9 +449,87 @@ OPTIONS: tuple[Option, ...] = (
         "host_name",
         ("--host-name",),
         "this host's entry in a release (the hostname under --root)",
-        FETCHING,
+        JUDGING,
         metavar="NAME",
         check=_host_name,
+    ),
+    # publish's (CI's): orders for one run, not settings.
+    Option(
+        "key_files",
+        ("--key-file",),
+        "sign with this Nix secret key (repeatable)",
+        ("publish",),
+        metavar="FILE",
+        repeat=True,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "serial",
+        ("--serial",),
+        "the release's serial, higher than every one before",
+        ("publish",),
+        metavar="N",
+        parse=_serial,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "serial_from",
+        ("--serial-from",),
+        "read the last serial from FILE, publish the next one, write it back",
+        ("publish",),
+        metavar="FILE",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "expires_in",
+        ("--expires-in",),
+        "how long the release is valid (7d; s, m, h, d)",
+        ("publish",),
+        metavar="DURATION",
+        parse=duration,
+        default=7 * 86400.0,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "system",
+        ("--system",),
+        "the system of every host not named by --host",
+        ("publish",),
+        metavar="PATH",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "hosts",
+        ("--host",),
+        "this host's system (repeatable)",
+        ("publish",),
+        metavar="NAME=PATH",
+        repeat=True,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "output",
+        ("-o", "--output"),
+        "write the signed release here (atomically), not to stdout",
+        ("publish",),
+        metavar="FILE",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "release_file",
+        (),
+        "the signed release to check",
+        ("verify",),
+        metavar="FILE",
+        file_type=None,
+        field=None,
     ),
     # collect's.
     Option(

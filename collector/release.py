@@ -109,11 +109,11 @@ def host_name(settings: Settings) -> str | None:
     return os.uname().nodename if settings.paths.root == "/" else None
 
 
-def trust_digest(settings: Settings) -> str:
+def trust_digest(settings: Settings, keys: Sequence[Key]) -> str:
     """What the answer was judged by: a change of keys, threshold or host name re-judges
     an unchanged answer."""
-    keys = sorted(f"{k.name}:{k.public.hex()}" for k in trusted_keys(settings))
-    words = [*keys, str(settings.signatures_required), host_name(settings) or ""]
+    named = sorted(f"{k.name}:{k.public.hex()}" for k in keys)
+    words = [*named, str(settings.signatures_required), host_name(settings) or ""]
     return hashlib.sha256("\n".join(words).encode()).hexdigest()
 
 
@@ -361,6 +361,12 @@ def judge(
 ) -> tuple[Release, StorePath]:
     """The release in `body` and this host's system in it, or Rejected by the first rule
     it breaks. Without keys, signatures are not checked (the release is unverified)."""
+    release = dataclasses.replace(signed(body, keys, required), host=host)
+    return check(release, host, floor, now)
+
+
+def signed(body: bytes, keys: Sequence[Key], required: int) -> Release:
+    """The release in `body` if well-formed and, with keys, signed by `required` of them."""
     if not looks_like_envelope(body):
         raise Rejected(Reason.UNSIGNED, "a bare store path, while trusted keys are configured")
     envelope = parse_envelope(body)
@@ -376,8 +382,7 @@ def judge(
                 f"serial {release.serial} has {len(names)} valid signature(s) from trusted keys"
                 f", {required} required",
             )
-    release = dataclasses.replace(release, verified=bool(keys), signers=names, host=host)
-    return check(release, host, floor, now)
+    return dataclasses.replace(release, verified=bool(keys), signers=names)
 
 
 def check(
@@ -389,15 +394,7 @@ def check(
         raise Rejected(
             Reason.NO_ENTRY, f"serial {release.serial} names no system for {host!r} and no '*'"
         )
-    if release.expired(now):
-        raise Rejected(
-            Reason.EXPIRED, f"serial {release.serial} expired at {_utc(release.expires)}"
-        )
-    if release.issued > now + FUTURE_SKEW:
-        raise Rejected(
-            Reason.FUTURE,
-            f"serial {release.serial} is issued in the future, {_utc(release.issued)}",
-        )
+    check_time(release, now)
     if floor is not None and release.serial < floor.serial:
         raise Rejected(
             Reason.REPLAY,
@@ -411,7 +408,17 @@ def check(
     return release, system
 
 
-def _utc(seconds: float) -> str:
+def check_time(release: Release, now: float) -> None:
+    if release.expired(now):
+        raise Rejected(Reason.EXPIRED, f"serial {release.serial} expired at {utc(release.expires)}")
+    if release.issued > now + FUTURE_SKEW:
+        raise Rejected(
+            Reason.FUTURE,
+            f"serial {release.serial} is issued in the future, {utc(release.issued)}",
+        )
+
+
+def utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
 
 

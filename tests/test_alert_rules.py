@@ -23,6 +23,8 @@ ALERTS = {
     "NixosAutodeployUpdateNotApplied",
     "NixosAutodeployRolledBack",
     "NixosAutodeployRebootWaiting",
+    "NixosAutodeployReleaseRejected",
+    "NixosAutodeployReleaseExpiring",
 }
 SEVERITIES = {"info", "warning", "critical"}
 

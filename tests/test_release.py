@@ -5,6 +5,7 @@ pass, one refusal reason each."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from collector import release
 from collector.config import Paths
 from collector.errors import ConfigError, StateError
 from collector.release import Floor, Key, Reason, Rejected, SecretKey
+from collector.snapshot import Snapshot, Upstream
+from collector.state import Links, State
+from collector.status import as_json, verdict
 
 NOW = 1_764_838_800
 WEB1 = "/nix/store/" + "a" * 32 + "-nixos-system-web1-24.11"
@@ -292,3 +296,21 @@ def test_a_floor_started_over_on_a_host_that_ran_before_is_a_reset(tmp_path: Pat
     assert stored.reset_at == NOW
     newer = release.parse_release(payload(serial=43))
     assert release.raise_floor(paths, newer, stored, NOW + 5, ran_before=True).reset_at == NOW
+
+
+def test_the_status_verdict(keys: list[SigningKey]) -> None:
+    accepted, _ = judge(envelope(payload(), keys[0]), [keys[0]])
+    links = Links(current=None, booted=None, profile=None, upstream=accepted.systems["web1"])
+    base = Snapshot(0.0, 0.0, Upstream(release=accepted), links, None, State.UNKNOWN, False)
+
+    def with_upstream(**changes: Any) -> Snapshot:
+        return dataclasses.replace(base, upstream=dataclasses.replace(base.upstream, **changes))
+
+    assert verdict(base, NOW) == "verified"
+    assert verdict(base, accepted.expires) == "expired"
+    assert verdict(with_upstream(rejected="replay"), NOW) == "rejected"
+    unverified = dataclasses.replace(accepted, verified=False, signers=())
+    assert verdict(with_upstream(release=unverified), NOW) == "unverified"
+    assert verdict(with_upstream(release=None), NOW) is None
+    shown = as_json(with_upstream(rejected="replay"))["release"]
+    assert (shown["verdict"], shown["serial"], shown["signers"]) == ("rejected", 42, ["ci-1"])

@@ -381,6 +381,29 @@ def test_options_of_the_command_itself_reach_its_arguments() -> None:
     ]
     assert parser.parse_args(["collect", "http://a/x"]).url_argument == "http://a/x"
     assert parsed_settings(["deploy", "http://a/x"]).url == "http://a/x"
+    publish = parser.parse_args(["publish", *(w for n in PUBLISH for w in COMMAND_WORDS[n])])
+    assert (publish.key_files, publish.serial, publish.expires_in) == (
+        ["/ci/key", "/ci/key2"],
+        42,
+        43200.0,
+    )
+    assert (publish.hosts, publish.output) == (["web1=/nix/store/x"], "release.json")
+    assert parser.parse_args(["publish"]).expires_in == 7 * 86400
+    assert parser.parse_args(["verify", "r.json"]).release_file == "r.json"
+
+
+PUBLISH = ("key_files", "serial", "expires_in", "system", "hosts", "output")
+
+
+@pytest.mark.parametrize(
+    "words", [["--expires-in", "7x"], ["--expires-in", "0"], ["--serial", "-1"]]
+)
+def test_a_bad_publish_word_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], words: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["publish", *words])
+    assert exit_.value.code == 2 and words[1] in capsys.readouterr().err
 
 
 # ---- bad config files -----------------------------------------------------------------
@@ -438,6 +461,13 @@ COMMAND_WORDS = {
     "debug": ("--debug",),
     "json": ("--json",),
     "n": ("-n", "3"),
+    "key_files": ("--key-file", "/ci/key", "--key-file", "/ci/key2"),
+    "serial": ("--serial", "42"),
+    "serial_from": ("--serial-from", "/ci/serial"),
+    "expires_in": ("--expires-in", "12h"),
+    "system": ("--system", "/nix/store/x"),
+    "hosts": ("--host", "web1=/nix/store/x"),
+    "output": ("-o", "release.json"),
 }
 
 
