@@ -60,7 +60,10 @@ def _collect(settings: Settings) -> int:
 
         then = adopt_untracked
     if settings.every is not None:
+        from .release import trusted_keys
         from .resident import run
+
+        trusted_keys(settings)  # a bad key stops it before the first poll
 
         return run(settings, settings.every, then)
     from .collect import collect_locked  # requests and prometheus_client: not for `status`

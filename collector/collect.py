@@ -217,6 +217,7 @@ def collect(
     collector passes its kept-alive HTTP session."""
     if not settings.url:
         raise ConfigError("no upstream URL: give --url or set url in the config file")
+    release.trusted_keys(settings)  # a bad key is a bad configuration: nothing written
     started = time.monotonic()
     known = _known_upstream(settings)
     try:

@@ -9,6 +9,8 @@ import base64
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -418,3 +420,43 @@ def test_publish_with_a_public_key_as_key_file_is_one_error(
         host, "publish", "--key-file", str(public), "--serial", "1", "--system", "/x"
     )
     assert code == 1 and "expected 64 bytes, not 32" in errors[0]
+
+
+def test_a_no_change_poll_does_not_load_cryptography(host: Host, keys: list[SigningKey]) -> None:
+    """A 304 needs no verification: only a changed answer loads the Ed25519 code."""
+    system = host.build_one("a")
+    host.install(system)
+    host.server.publish_body(signed(keys[0], serial=1, systems={"*": system.path}))
+    probe = (
+        "import sys; from collector.cli import main; code = main(sys.argv[1:]); "
+        "print('cryptography' in sys.modules); sys.exit(code)"
+    )
+    argv = host.agent_argv("collect", "--url", host.url, *trusting(keys[0]))
+    loaded = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *argv[3:]],
+            env=host.agent_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,  # a safety net, not an assertion
+        )
+        assert done.returncode == 0, done.stderr
+        loaded.append(done.stdout.strip())
+    assert loaded == ["True", "False"]
+    assert host.server.requests("/upstream")[-1].headers.get("if-none-match")
+
+
+@pytest.mark.parametrize("every", [[], ["--every", "60"]])
+def test_a_bad_trusted_key_is_one_error_line_and_writes_nothing(
+    host: Host, tmp_path: Path, every: list[str]
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# the fleet's release keys\nrelease-1:c2hvcnQ=\n")
+    result = host.collect("--trusted-keys-file", str(keys_file), *every)
+    assert result.returncode == 1
+    assert error_lines(result) == ["error: trusted key 'release-1': expected 32 bytes, not 5"], (
+        result
+    )
+    assert [p.name for p in host.state_dir.iterdir() if p.name != "lock"] == []
+    assert not host.metrics_path.exists()
