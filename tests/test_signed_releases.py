@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from harness import Host, SigningKey, SystemSpec, error_lines, metric, no_traceback
-from harness.deploys import deploy
+from harness.deploys import deploy, history
 from harness.resident import RARELY, resident
 
 from collector import release
@@ -460,3 +460,31 @@ def test_a_bad_trusted_key_is_one_error_line_and_writes_nothing(
     )
     assert [p.name for p in host.state_dir.iterdir() if p.name != "lock"] == []
     assert not host.metrics_path.exists()
+
+
+def test_an_accepted_release_that_expired_is_not_deployed(
+    host: Host, keys: list[SigningKey]
+) -> None:
+    systems = host.build(SystemSpec("old"), SystemSpec("new"))
+    old, new = systems["old"], systems["new"]
+    host.install(old)
+    host.write_deployed(old)
+    expires = int(time.time()) + 10
+    host.server.publish_body(signed(keys[0], serial=1, systems={"*": new.path}, expires=expires))
+    collected = host.collect(*trusting(keys[0]))
+    assert collected.returncode == 0, f"collected after the release expired? {collected}"
+    assert host.upstream() == new.path
+    while time.time() <= expires:  # the release must expire; nothing here is measured
+        time.sleep(max(0.0, expires + 0.1 - time.time()))
+    result = deploy(host, *trusting(keys[0]))
+    assert result.returncode == 0, result
+    assert host.current() == old.path and host.profile() == old.path
+    decision = [e for e in history(host) if e["event"] == "decision"][-1]
+    assert decision["action"] == "nothing"
+    assert "release serial 1 expired at" in decision["reason"]
+    assert json.loads(host.status("--json").stdout)["release"]["verdict"] == "expired"
+    assert "release expired: not deployed until a newer one is published" in host.status().stdout
+    # A newer release deploys again.
+    host.server.publish_body(signed(keys[0], serial=2, systems={"*": new.path}))
+    assert deploy(host, "--max-snapshot-age", "0", *trusting(keys[0])).returncode == 0
+    assert host.current() == new.path
