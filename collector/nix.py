@@ -3,6 +3,7 @@ actuator/profile.py)."""
 
 from __future__ import annotations
 
+from . import progress
 from .errors import NixError, ProcessError
 from .process import run
 from .store import StorePath
@@ -15,7 +16,8 @@ def realise(path: StorePath, gc_root: str, substituter: str | None = None) -> No
     extra = [] if substituter is None else ["--option", "extra-substituters", substituter]
     argv = ["nix-store", "--realise", path.path, "--add-root", gc_root, *extra]
     try:
-        run(argv, stream_stderr=True)
+        with progress.realising(path.name) as on_line:
+            run(argv, stream_stderr=True, on_line=on_line)
     except ProcessError as e:
         raise NixError(f"cannot realise {path}: {e.message}") from None
 

@@ -459,6 +459,7 @@ def test_a_value_of_the_wrong_type_is_one_clear_error(
 COMMAND_WORDS = {
     "config": ("--config", "/nonexistent/config.json"),
     "debug": ("--debug",),
+    "quiet": ("--quiet",),
     "json": ("--json",),
     "n": ("-n", "3"),
     "key_files": ("--key-file", "/ci/key", "--key-file", "/ci/key2"),
