@@ -169,3 +169,17 @@ def test_the_fleet_table_shows_each_hosts_release() -> None:
     }
     (mapping,) = [p["value"][0]["options"] for p in overrides["Release"] if p["id"] == "mappings"]
     assert (mapping["1"]["text"], mapping["0"]["text"]) == ("verified", "unverified")
+
+
+def test_the_host_dashboard_shows_its_release() -> None:
+    panels = {p["title"]: p for p in all_panels(load_dashboard("host.json"))}
+    expected = {
+        "Release serial": "nixos_autodeploy_release_serial",
+        "Release expires": "nixos_autodeploy_release_expiry_timestamp_seconds",
+        "Release": "nixos_autodeploy_release_verified",
+        "Release rejected": "nixos_autodeploy_release_rejected",
+    }
+    for title, metric in expected.items():
+        assert metric in panels[title]["targets"][0]["expr"], title
+    assert panels["Release expires"]["fieldConfig"]["defaults"]["unit"] == "dateTimeFromNow"
+    assert panels["Release rejected"]["targets"][0]["legendFormat"] == "{{reason}}"
