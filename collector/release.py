@@ -87,9 +87,12 @@ def trusted_keys(settings: Settings) -> tuple[Key, ...]:
         try:
             with open(settings.trusted_keys_file, encoding="utf-8") as f:
                 lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             what = f"cannot read trusted keys file {settings.trusted_keys_file}"
-            raise ConfigError(f"{what}: {e}") from None
+            raise ConfigError(f"{what}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            path = settings.trusted_keys_file
+            raise ConfigError(f"trusted keys file {path} is not UTF-8") from None
         texts += [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return tuple(Key.parse(text) for text in texts)
 

@@ -14,7 +14,7 @@ import pytest
 from harness import SigningKey
 
 from collector import release
-from collector.config import Paths
+from collector.config import Paths, Settings
 from collector.errors import ConfigError, StateError
 from collector.release import Floor, Key, Reason, Rejected, SecretKey
 from collector.snapshot import Snapshot, Upstream
@@ -314,3 +314,14 @@ def test_the_status_verdict(keys: list[SigningKey]) -> None:
     assert verdict(with_upstream(release=None), NOW) is None
     shown = as_json(with_upstream(rejected="replay"))["release"]
     assert (shown["verdict"], shown["serial"], shown["signers"]) == ("rejected", 42, ["ci-1"])
+
+
+def test_trusted_keys_come_from_flags_and_a_file(keys: list[SigningKey], tmp_path: Path) -> None:
+    listed = tmp_path / "keys"
+    listed.write_text(f"# CI's release keys\n\n  {keys[1].public}\n")
+    paths = Paths(root=str(tmp_path), state_dir=str(tmp_path / "state"))
+    settings = Settings(paths, trusted_keys=(keys[0].public,), trusted_keys_file=str(listed))
+    assert [k.name for k in release.trusted_keys(settings)] == ["ci-1", "ci-2"]
+    missing = dataclasses.replace(settings, trusted_keys_file=str(tmp_path / "nothing"))
+    with pytest.raises(ConfigError, match=r"cannot read trusted keys file .*/nothing: No such"):
+        release.trusted_keys(missing)
