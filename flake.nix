@@ -68,6 +68,7 @@
             ps.requests
             ps.prometheus-client
             ps.rich
+            ps.cryptography
             ps.pytest
             ps.pyyaml
             ps.mypy

@@ -80,6 +80,11 @@ let
     headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
   }
   // optionalAttrs (cfg.caFile != null) { ca_file = "${cfg.caFile}"; }
+  // optionalAttrs (cfg.trustedKeys != [ ]) {
+    trusted_keys = cfg.trustedKeys;
+    signatures_required = cfg.signaturesRequired;
+  }
+  // optionalAttrs (cfg.hostName != "") { host_name = cfg.hostName; }
   // optionalAttrs (cfg.prometheusFilePath != null) { prometheus_path = cfg.prometheusFilePath; };
 
   # Without the actuator nothing else records what runs: the collector accepts what an
@@ -344,6 +349,41 @@ in
       default = null;
       example = "/etc/ssl/certs/internal-ca.pem";
       description = "CA bundle to verify the upstream URL's TLS certificate with, instead of the system's.";
+    };
+
+    trustedKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "release-1:Bx4sfDqWCnmB1aG9CW7Pz0Fyl8f7iNSZmA0T2tmD8cU=" ];
+      description = ''
+        Public keys (Nix's `name:base64` format, as
+        `nix-store --generate-binary-cache-key` writes them) whose signed releases
+        this host accepts. With keys, the URL must serve a signed release: a bare
+        store path, an unsigned, expired or older release, or one without this
+        host's entry is refused and changes nothing. Without keys, a bare store path
+        works as before and an unsigned release is accepted unverified.
+      '';
+    };
+
+    signaturesRequired = mkOption {
+      type = types.ints.positive;
+      default = 1;
+      example = 2;
+      description = ''
+        How many valid signatures from distinct keys of
+        {option}`system.autoDeploy.trustedKeys` a release needs.
+      '';
+    };
+
+    hostName = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = lib.literalExpression "config.networking.hostName";
+      example = "web1";
+      description = ''
+        This host's entry in the `systems` of a signed release (`"*"` is taken for a
+        host the release does not name).
+      '';
     };
 
     collectInterval = mkOption {
@@ -695,6 +735,16 @@ in
   config = mkIf cfg.enable (mkMerge [
     {
       assertions = [
+        {
+          assertion = lib.all (
+            key: builtins.match "[^:[:space:]]+:[A-Za-z0-9+/]{43}=" key != null
+          ) cfg.trustedKeys;
+          message = "system.autoDeploy.trustedKeys must be Nix public keys (name:base64 of 32 bytes, as in trusted-public-keys), got: ${builtins.toJSON cfg.trustedKeys}";
+        }
+        {
+          assertion = cfg.trustedKeys == [ ] || cfg.signaturesRequired <= lib.length cfg.trustedKeys;
+          message = "system.autoDeploy.signaturesRequired (${toString cfg.signaturesRequired}) is more than the ${toString (lib.length cfg.trustedKeys)} trustedKeys: no release could ever be accepted";
+        }
         {
           assertion = builtins.match "[a-zA-Z][a-zA-Z0-9+.-]*://.+" cfg.url != null;
           message = "system.autoDeploy.url must be the URL where CI publishes this host's store path (like https://ci.example.org/hosts/web1), got: \"${cfg.url}\"";

@@ -45,7 +45,12 @@ def deploy(settings: Settings) -> int:
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
         decision = decide(
-            snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
+            snapshot,
+            deploys,
+            settings.switch_mode,
+            settings.force,
+            settings.reboot_mode,
+            time.time(),
         )
         if not settings.force:
             decision = _untried(paths, decision, snapshot)

@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from .closure import Changes
 from .reboot import WaitReason, pending_reason
 from .records import Deploys
+from .release import Reason
 from .snapshot import Snapshot
 from .state import State
 from .store import name_of
@@ -87,7 +88,8 @@ class _SnapshotCollector(Collector):
         yield _gauge(
             "upstream_fetch_success",
             "1 when the last fetch and realisation of upstream succeeded",
-            s.upstream.error is None,
+            # A refused release was fetched well: nixos_autodeploy_release_rejected says it.
+            s.upstream.error is None or s.upstream.rejected is not None,
         )
         yield _gauge(
             "last_collect_timestamp_seconds", "When the collector last ran", s.collected_at
@@ -135,6 +137,39 @@ class _SnapshotCollector(Collector):
         yield totals
         yield from self._changes()
         yield from self._health()
+        yield from self._release()
+
+    def _release(self) -> Iterable[Metric]:
+        """The accepted release (none for a bare store path) and why the last answer was
+        refused: one series per reason, all 0 while the answer is accepted."""
+        upstream = self.snapshot.upstream
+        accepted = upstream.release
+        if accepted is not None:
+            yield _gauge("release_serial", "Serial of the accepted release", accepted.serial)
+            yield _gauge(
+                "release_expiry_timestamp_seconds",
+                "When the accepted release expires",
+                accepted.expires,
+            )
+            yield _gauge(
+                "release_verified",
+                "1 when the accepted release is signed by enough trusted keys, 0 unverified",
+                accepted.verified,
+            )
+        rejected = GaugeMetricFamily(
+            P + "release_rejected",
+            "1 for the rule the last upstream answer broke (the last accepted one stays)",
+            labels=["reason"],
+        )
+        for reason in Reason:
+            rejected.add_metric([reason.value], reason.value == upstream.rejected)
+        yield rejected
+        if upstream.floor_reset_at is not None:
+            yield _gauge(
+                "release_floor_reset_timestamp_seconds",
+                "When the serial floor started over on a host that ran before (wiped state)",
+                upstream.floor_reset_at,
+            )
 
     def _changes(self) -> Iterable[Metric]:
         """Only for a difference that was computed: none while it is not known."""

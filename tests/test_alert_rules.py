@@ -24,6 +24,8 @@ ALERTS = {
     "NixosAutodeployRolledBack",
     "NixosAutodeployRebootWaiting",
     "NixosAutodeployRolloutHalted",
+    "NixosAutodeployReleaseRejected",
+    "NixosAutodeployReleaseExpiring",
 }
 SEVERITIES = {"info", "warning", "critical"}
 

@@ -442,6 +442,29 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
     assert record["tmpfiles"] == ["d /var/lib/node-exporter/text - - - -", *OWN_LINKS]
 
 
+KEY_1 = "release-1:" + "A" * 42 + "E="
+KEY_2 = "release-2:" + "B" * 42 + "E="
+
+
+@pytest.mark.nix
+def test_trusted_keys_and_host_name_reach_collector_and_actuator(evaluate: Evaluate) -> None:
+    signed, default = evaluate(
+        BASE | {"trustedKeys": [KEY_1, KEY_2], "signaturesRequired": 2, "hostName": "web1"},
+        BASE,
+    )
+    assert signed["failedAssertions"] == []
+    for name in (COLLECTOR, ACTUATOR):
+        argv = exec_argv(signed["services"][name]["serviceConfig"]["ExecStart"])
+        settings = program_settings(argv)
+        assert settings.trusted_keys == (KEY_1, KEY_2)
+        assert (settings.signatures_required, settings.host_name) == (2, "web1")
+        # Without keys, nothing about signatures; the host name is networking.hostName's.
+        argv = exec_argv(default["services"][name]["serviceConfig"]["ExecStart"])
+        settings = program_settings(argv)
+        assert (settings.trusted_keys, settings.host_name) == ((), "nixos")
+        assert "signatures_required" not in config_file(argv)
+
+
 @pytest.mark.nix
 def test_resident_collector_is_a_notify_service_with_a_watchdog(evaluate: Evaluate) -> None:
     default, custom = evaluate(BASE, BASE | {"collector": {"pollInterval": 300}, "timeout": 30})
@@ -824,6 +847,7 @@ def test_the_generated_config_files_hold_only_options_of_the_table(evaluate: Eva
             "prometheusUrl": "http://prometheus.example.org:9090",
             "caFile": "/etc/ssl/prometheus-ca.pem",
         },
+        "trustedKeys": [KEY_1],
     }
     full, monitoring = evaluate(everything, everything | {"actuator": {"enable": False}})
     generated = {}
@@ -1114,6 +1138,11 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
             {"actuator": {"enable": False}, "rebootWindows": ["02:00-04:00"]},
             "system.autoDeploy.rebootWindows and fleetLock govern the actuator's reboots",
         ),
+        ({"trustedKeys": ["release-1"]}, "system.autoDeploy.trustedKeys must be Nix public keys"),
+        (
+            {"trustedKeys": [KEY_1], "signaturesRequired": 2},
+            "system.autoDeploy.signaturesRequired (2) is more than the 1 trustedKeys",
+        ),
     ],
 )
 def test_assertions_explain_what_is_wrong(
@@ -1137,6 +1166,7 @@ def test_assertions_explain_what_is_wrong(
         ({"halt": {"query": " ", "prometheusUrl": "http://p"}}, "system.autoDeploy.halt.query"),
         ({"rolloutWariness": 1.5}, "system.autoDeploy.rolloutWariness"),
         ({"healthChecks": {"timeout": 0}}, "system.autoDeploy.healthChecks.timeout"),
+        ({"trustedKeys": [KEY_1], "signaturesRequired": 0}, "system.autoDeploy.signaturesRequired"),
     ],
 )
 def test_invalid_values_are_rejected(

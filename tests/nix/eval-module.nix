@@ -27,6 +27,7 @@ let
       "requests"
       "prometheus-client"
       "rich"
+      "cryptography"
       "pytestCheckHook"
       "pyyaml"
     ] stubPackage
@@ -74,6 +75,10 @@ let
       environment.systemPackages = mkOption {
         type = types.listOf types.package;
         default = [ ];
+      };
+      networking.hostName = mkOption {
+        type = types.str;
+        default = "nixos";
       };
       networking.proxy.envVars = mkOption {
         type = types.attrsOf types.str;
