@@ -60,6 +60,7 @@ let
     url = cfg.url;
     timeout = cfg.timeout;
     runtime_dir = runtimeDir;
+    min_free_store = cfg.minFreeStore;
   }
   // optionalAttrs (cfg.extraHeaders != { }) {
     headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
@@ -349,6 +350,19 @@ in
         second); the process holds about 31 MiB of memory (RSS). After every activation
         it is reloaded (SIGHUP: collect now), never waited on. `false` keeps the timer
         ({option}`system.autoDeploy.collectInterval`).
+      '';
+    };
+
+    minFreeStore = mkOption {
+      type = types.either types.ints.unsigned types.str;
+      default = "1G";
+      example = "4G";
+      description = ''
+        Space to leave free on the filesystem of the Nix store: before realising a new
+        upstream, the collector asks Nix what it would download and unpack, and refuses
+        (one `error:` line, nothing changed, the reason in `status`, retried at the next
+        poll) when less than this would be left. Bytes, or a number with K, M, G or T.
+        It removes nothing itself: `nix.gc` stays yours.
       '';
     };
 

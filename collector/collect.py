@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from . import closure, http, metrics, nix, upstream
+from . import closure, http, metrics, nix, space, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
@@ -41,6 +41,8 @@ def _refresh_upstream(
     path = fetched.path or (known.path if known else None)
     assert path is not None  # fetch accepts a 304 only in answer to our validators
     if not pinned(paths, path):
+        # Only here, when upstream is not pinned yet: a no-change poll runs no Nix for it.
+        space.check_store(paths, path, settings.min_free_store)
         log.info("realising upstream %s", path)
         nix.realise(path, paths.upstream)
     changed = known is None or known.path != path
@@ -129,7 +131,8 @@ def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
         snapshot.deployed.path if snapshot.deployed else None,
     )
     if settings.prometheus_path:
-        metrics.write(settings.prometheus_path, snapshot, deploys, changes)
+        store_free = space.free_bytes(space.store_fs(paths))  # one statvfs
+        metrics.write(settings.prometheus_path, snapshot, deploys, changes, store_free)
     log.info("state %s", summary(snapshot))
 
 

@@ -115,6 +115,7 @@ class Settings:
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
     dry_run: bool = False
+    min_free_store: int = 1 << 30  # bytes a realise must leave free (collector/space.py)
     health: HealthSettings = HealthSettings()
 
 
@@ -191,6 +192,20 @@ def _every(value: float) -> float:
     if not 0 < value < float("inf"):
         raise ConfigError(f"every must be a positive number of seconds, not {value}")
     return float(value)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value: int | str) -> int:
+    """A size in bytes: a number, or one with K, M, G or T (binary: 1K = 1024) after it."""
+    if isinstance(value, int):
+        found = re.fullmatch(r"(\d+)()", str(value))
+    else:
+        found = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", value.strip(), re.IGNORECASE)
+    if found is None:
+        raise ConfigError(f"not a size: {str(value)[:40]!r} (e.g. 1G, 512M, 1048576)")
+    return int(found.group(1)) * _UNITS[found.group(2).upper()]
 
 
 def _one_of(kind: type[E], what: str) -> Callable[[str], E]:
@@ -394,6 +409,16 @@ OPTIONS: tuple[Option, ...] = (
         parse=float,
         file_type=NUMBER,
         check=_every,
+    ),
+    Option(
+        "min_free_store",
+        ("--min-free-store",),
+        "leave this much free on the store's filesystem; refuse a realise that would not (1G)",
+        FETCHING,
+        metavar="SIZE",
+        file_type=(int, str),
+        default=1 << 30,
+        check=_size,
     ),
     # The reports'.
     Option(

@@ -24,15 +24,22 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Snapshot, deploys: Deploys, changes: Changes) -> None:
+    def __init__(
+        self, snapshot: Snapshot, deploys: Deploys, changes: Changes, store_free: int | None
+    ) -> None:
         self.snapshot = snapshot
         self.deploys = deploys
         self.changes = changes
+        self.store_free = store_free
 
     def collect(self) -> Iterable[Metric]:
         s = self.snapshot
         # The original tool's three series, names and labels unchanged.
         yield _gauge("dirty", "1 when someone deployed by hand and the agent stands back", s.dirty)
+        if self.store_free is not None:
+            yield _gauge(
+                "store_free_bytes", "free bytes on the filesystem of the Nix store", self.store_free
+            )
         yield _gauge(
             "reboot_required",
             "1 when booted and current differ in kernel, initrd or modules, or a boot waits",
@@ -165,9 +172,15 @@ class _SnapshotCollector(Collector):
             )
 
 
-def write(path: str, snapshot: Snapshot, deploys: Deploys, changes: Changes | None = None) -> None:
+def write(
+    path: str,
+    snapshot: Snapshot,
+    deploys: Deploys,
+    changes: Changes | None = None,
+    store_free: int | None = None,
+) -> None:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes()))
+    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes(), store_free))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_to_textfile(path, registry)
     # node_exporter's node_textfile_mtime_seconds feeds the stale-collector alert too: the

@@ -150,8 +150,8 @@ def test_an_option_the_module_uses_missing_from_the_table_is_reported() -> None:
         ),
         (
             r"collectorSettings\s*=",
-            " optionalAttrs true { min_free_store = 1; } //",
-            ["collectorSettings: collect has no config-file key min_free_store"],
+            " optionalAttrs true { no_such_key = 1; } //",
+            ["collectorSettings: collect has no config-file key no_such_key"],
         ),
         (
             r"collectorSettings\s*=",
@@ -254,6 +254,7 @@ SAMPLES = {
     "prometheus_path": Sample(("--prometheus-path", "/a.prom"), "/a.prom", "/b.prom", "/b.prom"),
     "track": Sample(("--track",), True, True, True),
     "every": Sample(("--every", "30"), 30.0, 45, 45.0),
+    "min_free_store": Sample(("--min-free-store", "512M"), 512 << 20, "2G", 2 << 30),
     "switch_mode": Sample(("-s", "boot"), SwitchMode.BOOT, "smart", SwitchMode.SMART),
     "reboot_mode": Sample(("-r", "k-exec"), RebootMode.KEXEC, "reboot", RebootMode.REBOOT),
     "reboot_windows": Sample(
