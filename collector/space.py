@@ -11,6 +11,7 @@ from .process import run
 from .store import StorePath, store_dir
 
 MIB = 1 << 20
+REFUSED = "not enough space to realise"  # how a refusal's message starts
 # Nix 2.8's dry run: "these 3 paths will be fetched (0.12 MiB download, 0.50 MiB unpacked):"
 _FETCHED = re.compile(r"\(([\d.]+) MiB download, ([\d.]+) MiB unpacked\)")
 
@@ -52,10 +53,15 @@ def check_store(paths: Paths, path: StorePath, reserve: int) -> None:
     free = free_bytes(directory)
     if free - reserve < needed:
         raise SpaceError(
-            f"not enough space to realise {path.name}: it needs {shown(needed)}, "
+            f"{REFUSED} {path.name}: it needs {shown(needed)}, "
             f"{directory} has {shown(free)} free and {shown(reserve)} must stay free "
             "(--min-free-store)"
         )
+
+
+def refused(error: str | None) -> bool:
+    """Whether a recorded upstream error is this module's refusal."""
+    return error is not None and error.startswith(REFUSED)
 
 
 def shown(size: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness import Host, error_lines, metric
+from harness.deploys import assert_links, deploy, history, record
 
 pytestmark = pytest.mark.nix
 
@@ -87,3 +88,25 @@ def test_a_bad_size_is_one_error_line(host: Host) -> None:
     assert result.returncode != 0
     assert error_lines(result) == ["error: not a size: 'lots' (e.g. 1G, 512M, 1048576)"]
     assert not host.state_dir.joinpath("snapshot.json").exists()
+
+
+def test_deploy_refuses_with_nothing_changed_then_deploys_once_space_is_freed(
+    host: Host, small_store: Path
+) -> None:
+    old, new = host.update_published(collect=False)
+    filler = _fill(small_store)
+    result = deploy(host, "--min-free-store", "0")
+    assert not host.store_path_is_valid(new.path)
+    assert_links(host, current=old, profile=old, booted=old)
+    assert host.activations() == []
+    assert record(host)["path"] == old.path
+    ((action, reason),) = [(e["action"], e["reason"]) for e in history(host)]
+    assert action == "nothing" and "not enough space to realise" in reason, reason
+    (line,) = error_lines(result)
+    assert "not enough space to realise" in line, result
+    assert result.returncode == 1, result
+
+    filler.unlink()
+    result = deploy(host, "--min-free-store", "0")
+    assert result.returncode == 0, result
+    assert_links(host, current=new, profile=new)
