@@ -29,6 +29,7 @@ from enum import StrEnum
 from typing import Any, NoReturn
 
 from collector import nix
+from collector import space as store_space
 from collector.config import Paths, Settings
 from collector.errors import ActuatorError, AutodeployError, StateError
 from collector.fsutil import atomic_write_json, read_json
@@ -39,7 +40,7 @@ from collector.snapshot import Snapshot, load_snapshot
 from collector.state import Activation, Deployed, load_deployed, pinned, read_links
 from collector.store import StorePath, path_of
 
-from . import commands, health, profile, reboot, trial
+from . import commands, health, profile, reboot, space, trial
 from .records import (
     forget_deployed,
     note,
@@ -255,6 +256,7 @@ def start(
     what = f"deploying {system.name} ({activation.value})"
     try:
         if not pinned(paths, system):
+            store_space.check_store(paths, system, settings.min_free_store)
             nix.realise(system, paths.upstream)
     except AutodeployError as e:  # nothing changed: a passing failure, retried next run
         message = f"{what} failed: {e}"
@@ -269,6 +271,15 @@ def start(
         record_result(paths, result, blocks_retry=True)
         raise ActuatorError(message)
     tried = trial.kind(settings, activation)
+    if tried is None or not tried.one_time:  # a kexec or oneshot installs it once confirmed
+        try:
+            space.make_room(settings, system, (superseded.before.current if superseded else None,))
+        except AutodeployError as e:  # before the profile moves: retried next run
+            if superseded is not None:
+                undo(settings, superseded)
+            message = f"{what} refused: {e}"
+            record_result(paths, DeployResult(time.time(), system, activation, False, message))
+            raise ActuatorError(message) from None
     if tried is not None and reboot.clear_to_reboot(settings, snapshot) is None:
         # A trial boot waits for its window and reboot slot before anything changes: the
         # boot loader's default never moves to an untried system outside a window.
@@ -369,7 +380,18 @@ def _confirm(settings: Settings, entry: Journal) -> Journal:
         if not result.ok:
             message = f"{entry.path.name} failed its health checks: {result.summary}"
             fail(settings, entry, message, blocks_retry=True)
-    return complete(settings.paths, entry)
+    entry = complete(settings.paths, entry)
+    _prune(settings, entry)
+    return entry
+
+
+def _prune(settings: Settings, entry: Journal) -> None:
+    """After a confirmed deploy: the agent's generations beyond --keep-generations go. A
+    failure to remove them is no failure of the deploy."""
+    try:
+        space.prune(settings, (entry.path, entry.before.current))
+    except AutodeployError as e:
+        log.warning("warning: %s", e)
 
 
 def complete(paths: Paths, entry: Journal) -> Journal:
@@ -541,10 +563,12 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
         message = f"{entry.path.name} failed its health checks after its trial boot: "
         fail(settings, entry, message + result.summary, blocks_retry=True)
     if kind.one_time:  # only now does the new system become what the next boot loads
+        space.make_room(settings, entry.path, (entry.before.current,))
         profile.set_to(paths, entry.path)
         run(commands.switch(paths, entry.path, Activation.BOOT), stream_stderr=True)
     entry = complete(paths, entry)
     note(paths, Event(Kind.TRIAL_CONFIRMED, path=entry.path.path))
+    _prune(settings, entry)
     log.info("trial boot of %s confirmed: %s", entry.path.name, result.summary)
     return entry
 

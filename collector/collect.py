@@ -131,8 +131,8 @@ def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
         snapshot.deployed.path if snapshot.deployed else None,
     )
     if settings.prometheus_path:
-        store_free = space.free_bytes(space.store_fs(paths))  # one statvfs
-        metrics.write(settings.prometheus_path, snapshot, deploys, changes, store_free)
+        room = space.measure(paths)
+        metrics.write(settings.prometheus_path, snapshot, deploys, changes, room)
     log.info("state %s", summary(snapshot))
 
 

@@ -116,6 +116,9 @@ class Settings:
     force: bool = False
     dry_run: bool = False
     min_free_store: int = 1 << 30  # bytes a realise must leave free (collector/space.py)
+    min_free_boot: int = 16 << 20  # bytes a boot loader install must leave free
+    keep_generations: int = 10  # the agent's profile generations kept; 0: never removed
+    prune_foreign: bool = False  # remove generations the agent did not make too
     health: HealthSettings = HealthSettings()
 
 
@@ -206,6 +209,12 @@ def _size(value: int | str) -> int:
     if found is None:
         raise ConfigError(f"not a size: {str(value)[:40]!r} (e.g. 1G, 512M, 1048576)")
     return int(found.group(1)) * _UNITS[found.group(2).upper()]
+
+
+def _generations(value: int) -> int:
+    if value < 0:
+        raise ConfigError("keep generations must not be negative (0: never remove any)")
+    return value
 
 
 def _one_of(kind: type[E], what: str) -> Callable[[str], E]:
@@ -481,6 +490,36 @@ OPTIONS: tuple[Option, ...] = (
         file_type=list,
         default=(),
         check=_windows,
+    ),
+    Option(
+        "min_free_boot",
+        ("--min-free-boot",),
+        "leave this much free on the boot filesystem; prune, then refuse a deploy (16M)",
+        DEPLOY,
+        metavar="SIZE",
+        file_type=(int, str),
+        default=16 << 20,
+        check=_size,
+    ),
+    Option(
+        "keep_generations",
+        ("--keep-generations",),
+        "after a confirmed deploy keep the newest N system generations (10; 0: all)",
+        DEPLOY,
+        metavar="N",
+        parse=int,
+        file_type=int,
+        default=10,
+        check=_generations,
+    ),
+    Option(
+        "prune_foreign",
+        ("--prune-foreign",),
+        "remove generations the agent did not make too",
+        DEPLOY,
+        switch=True,
+        file_type=bool,
+        default=False,
     ),
     Option(
         "fleet_lock_url",

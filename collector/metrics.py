@@ -13,6 +13,7 @@ from .closure import Changes
 from .reboot import WaitReason, pending_reason
 from .records import Deploys
 from .snapshot import Snapshot
+from .space import Room
 from .state import State
 from .store import name_of
 
@@ -25,21 +26,19 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 class _SnapshotCollector(Collector):
     def __init__(
-        self, snapshot: Snapshot, deploys: Deploys, changes: Changes, store_free: int | None
+        self, snapshot: Snapshot, deploys: Deploys, changes: Changes, room: Room | None
     ) -> None:
         self.snapshot = snapshot
         self.deploys = deploys
         self.changes = changes
-        self.store_free = store_free
+        self.room = room
 
     def collect(self) -> Iterable[Metric]:
         s = self.snapshot
         # The original tool's three series, names and labels unchanged.
         yield _gauge("dirty", "1 when someone deployed by hand and the agent stands back", s.dirty)
-        if self.store_free is not None:
-            yield _gauge(
-                "store_free_bytes", "free bytes on the filesystem of the Nix store", self.store_free
-            )
+        if self.room is not None:
+            yield from self._room(self.room)
         yield _gauge(
             "reboot_required",
             "1 when booted and current differ in kernel, initrd or modules, or a boot waits",
@@ -126,6 +125,14 @@ class _SnapshotCollector(Collector):
         yield from self._changes()
         yield from self._health()
 
+    def _room(self, room: Room) -> Iterable[Metric]:
+        yield _gauge(
+            "store_free_bytes", "free bytes on the filesystem of the Nix store", room.store_free
+        )
+        if room.boot_free is not None:
+            yield _gauge("boot_free_bytes", "free bytes on the boot filesystem", room.boot_free)
+        yield _gauge("generations", "system profile generations", room.generations)
+
     def _changes(self) -> Iterable[Metric]:
         """Only for a difference that was computed: none while it is not known."""
         diff = self.changes.upstream
@@ -177,10 +184,10 @@ def write(
     snapshot: Snapshot,
     deploys: Deploys,
     changes: Changes | None = None,
-    store_free: int | None = None,
+    room: Room | None = None,
 ) -> None:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes(), store_free))
+    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes(), room))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_to_textfile(path, registry)
     # node_exporter's node_textfile_mtime_seconds feeds the stale-collector alert too: the

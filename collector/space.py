@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 from .config import Paths
 from .errors import NixError, ProcessError, SpaceError
@@ -21,6 +22,30 @@ def store_fs(paths: Paths) -> str:
     root has one of its own (a sandbox root, a mounted system), else the machine's."""
     under = paths.under_root(store_dir())
     return under if os.path.isdir(under) else store_dir()
+
+
+@dataclass(frozen=True)
+class Room:
+    """What the metrics show: free bytes on the store's and the boot filesystem, and how
+    many system profile generations there are."""
+
+    store_free: int
+    boot_free: int | None  # None: no /boot under root
+    generations: int
+
+
+def measure(paths: Paths) -> Room:
+    """Two statvfs and one listdir: cheap enough for every poll."""
+    boot = paths.under_root("/boot")
+    profile = os.path.basename(paths.profile)
+    try:
+        names = os.listdir(os.path.dirname(paths.profile))
+    except FileNotFoundError:
+        names = []
+    count = sum(1 for n in names if re.fullmatch(re.escape(profile) + r"-\d+-link", n))
+    return Room(
+        free_bytes(store_fs(paths)), free_bytes(boot) if os.path.isdir(boot) else None, count
+    )
 
 
 def free_bytes(directory: str) -> int:
@@ -65,4 +90,4 @@ def refused(error: str | None) -> bool:
 
 
 def shown(size: int) -> str:
-    return f"{size / MIB:.2f} MiB"
+    return f"{size} bytes" if size < MIB else f"{size / MIB:.2f} MiB"

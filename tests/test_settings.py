@@ -263,6 +263,9 @@ SAMPLES = {
         ["Sat,Sun 01:00-05:00"],
         ("Sat,Sun 01:00-05:00",),
     ),
+    "min_free_boot": Sample(("--min-free-boot", "64M"), 64 << 20, 1024, 1024),
+    "keep_generations": Sample(("--keep-generations", "3"), 3, 0, 0),
+    "prune_foreign": Sample(("--prune-foreign",), True, True, True),
     "fleet_lock_url": Sample(
         ("--fleet-lock-url", "http://airlock:3333"),
         "http://airlock:3333",

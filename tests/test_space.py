@@ -5,14 +5,15 @@ line and nothing changed, then realises once space is freed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, error_lines, metric
-from harness.deploys import assert_links, deploy, history, record
+from harness import Host, System, SystemSpec, error_lines, metric
+from harness.deploys import assert_links, deploy, history, record, state_files
 
 pytestmark = pytest.mark.nix
 
@@ -110,3 +111,117 @@ def test_deploy_refuses_with_nothing_changed_then_deploys_once_space_is_freed(
     result = deploy(host, "--min-free-store", "0")
     assert result.returncode == 0, result
     assert_links(host, current=new, profile=new)
+
+
+# ---- the boot filesystem and the agent's generations ----------------------------------
+
+
+@pytest.fixture
+def small_boot(host: Host) -> Iterator[Path]:
+    """A 64 KiB tmpfs at <root>/boot; fails (never skips) when it cannot be mounted."""
+    mount = host.root / "boot"
+    mount.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+PAGE = 4096
+KERNELS = ("6.6.41", "6.6.42", "6.6.43", "6.6.44")  # one length: each adds as much
+
+
+def _ours(host: Host) -> list[int]:
+    """The generations generations.json says the agent made."""
+    return list(json.loads((host.state_dir / "generations.json").read_text())["ours"])
+
+
+def _generation_numbers(host: Host) -> list[int]:
+    names = os.listdir(host.profile_link.parent)
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("system-"))
+
+
+def _three_deploys(host: Host) -> dict[str, System]:
+    """A installed by hand (generation 1), then the agent deployed B (2) and C (3); D is
+    published. A is booted, C current."""
+    built = host.build(*(SystemSpec(n, kernel=k) for n, k in zip("ABCD", KERNELS, strict=True)))
+    host.install(built["A"])
+    host.write_deployed(built["A"])
+    for name in "BC":
+        host.publish(built[name])
+        assert host.collect().returncode == 0
+        result = deploy(host, "--min-free-boot", "0")
+        assert result.returncode == 0, result
+    host.publish(built["D"])
+    assert host.collect().returncode == 0
+    assert _generation_numbers(host) == [1, 2, 3]
+    assert _ours(host) == [2, 3]
+    return built
+
+
+def _fill_leaving(mount: Path, left: int) -> None:
+    st = os.statvfs(mount)
+    (mount / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - left))
+
+
+def test_a_full_boot_filesystem_prunes_the_agents_old_generation_and_deploys(
+    host: Host, small_boot: Path
+) -> None:
+    built = _three_deploys(host)
+    _fill_leaving(small_boot, PAGE)
+    # The one page left is the reserve: D fits only once B's kernel and initrd go.
+    result = deploy(host, "--min-free-boot", str(PAGE))
+    assert result.returncode == 0, result
+    assert_links(host, current=built["D"], profile=built["D"], booted=built["A"])
+    assert _generation_numbers(host) == [1, 3, 4]  # not A's (booted, not ours) nor C's
+    assert _ours(host) == [3, 4]
+    (removed,) = [e for e in history(host) if e["event"] == "generations-removed"]
+    assert removed["message"] == f"2 ({os.path.basename(built['B'].path)})"
+    assert "room on" in removed["reason"]
+
+
+def test_a_boot_filesystem_pruning_cannot_free_refuses_before_the_profile_moves(
+    host: Host, small_boot: Path
+) -> None:
+    built = _three_deploys(host)
+    _fill_leaving(small_boot, PAGE)
+    before = state_files(host)
+    result = deploy(host, "--min-free-boot", str(PAGE + 1), "--prune-foreign")
+    assert result.returncode == 1, result
+    (line,) = error_lines(result)
+    assert f"not enough space on {small_boot}" in line and "--min-free-boot" in line, line
+    assert_links(host, current=built["C"], profile=built["C"], booted=built["A"])
+    assert _generation_numbers(host) == [1, 2, 3]  # removing would not have been enough
+    assert host.activations()[-1] == ("switch", built["C"].path)
+    assert not any(e["event"] == "generations-removed" for e in history(host))
+    assert state_files(host)["deployed.json"] == before["deployed.json"]
+
+
+def test_keep_generations_prunes_after_a_confirmed_deploy_never_the_booted_or_current(
+    host: Host,
+) -> None:
+    built = _three_deploys(host)
+    result = deploy(host, "--keep-generations", "1", "--prune-foreign")
+    assert result.returncode == 0, result
+    assert_links(host, current=built["D"], profile=built["D"], booted=built["A"])
+    # 2 goes; 3 stays (what ran before: deployed.json's previous, the rollback's target),
+    # and 1, though foreign ones may go: it is booted.
+    assert _generation_numbers(host) == [1, 3, 4]
+    assert _ours(host) == [3, 4]
+    (removed,) = [e for e in history(host) if e["event"] == "generations-removed"]
+    assert removed["message"] == f"2 ({os.path.basename(built['B'].path)})"
+    assert "--keep-generations" in removed["reason"]
+    assert metric(host.metrics(), "nixos_autodeploy_generations") == 3
+
+
+def test_keep_generations_0_never_removes_any(host: Host, small_boot: Path) -> None:
+    _three_deploys(host)
+    _fill_leaving(small_boot, PAGE)
+    result = deploy(host, "--keep-generations", "0", "--min-free-boot", str(PAGE))
+    assert result.returncode == 1, result  # pruning would have made room: not allowed
+    assert _generation_numbers(host) == [1, 2, 3]
+    small_boot.joinpath("filler").unlink()
+    result = deploy(host, "--keep-generations", "0", "--min-free-boot", "0")
+    assert result.returncode == 0, result
+    assert _generation_numbers(host) == [1, 2, 3, 4]
