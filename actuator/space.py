@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from collector.config import Paths, Settings
 from collector.errors import SpaceError
 from collector.history import Event, Kind
-from collector.space import free_bytes, shown
+from collector.space import BOOT_REFUSED, free_bytes, shown
 from collector.state import read_links
 from collector.store import StorePath
 
@@ -140,7 +140,7 @@ def make_room(settings: Settings, system: StorePath, extra: Iterable[StorePath |
             return
     freed = _room(paths, system, generations, set(candidates)).freed
     raise SpaceError(
-        f"not enough space on {boot_dir(paths)} for {system.name}: its kernel and initrd "
+        f"{BOOT_REFUSED} {boot_dir(paths)} for {system.name}: its kernel and initrd "
         f"need {shown(room.needed)}, {shown(room.free)} is free, removing the agent's old "
         f"generations would free {shown(freed)}, and {shown(reserve)} must stay free "
         "(--min-free-boot)"

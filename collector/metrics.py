@@ -13,7 +13,8 @@ from .closure import Changes
 from .reboot import WaitReason, pending_reason
 from .records import Deploys
 from .snapshot import Snapshot
-from .space import Room
+from .space import Room, boot_refused
+from .space import refused as refused_store
 from .state import State
 from .store import name_of
 
@@ -132,6 +133,16 @@ class _SnapshotCollector(Collector):
         if room.boot_free is not None:
             yield _gauge("boot_free_bytes", "free bytes on the boot filesystem", room.boot_free)
         yield _gauge("generations", "system profile generations", room.generations)
+        refused = GaugeMetricFamily(
+            P + "space_refused",
+            "1 when the last realise (store) or deploy (boot) was refused for want of space",
+            labels=["filesystem"],
+        )
+        last = self.deploys.last
+        boot = last is not None and not last.ok and boot_refused(last.message)
+        refused.add_metric(["store"], refused_store(self.snapshot.upstream.error))
+        refused.add_metric(["boot"], boot)
+        yield refused
 
     def _changes(self) -> Iterable[Metric]:
         """Only for a difference that was computed: none while it is not known."""

@@ -12,7 +12,8 @@ from .process import run
 from .store import StorePath, store_dir
 
 MIB = 1 << 20
-REFUSED = "not enough space to realise"  # how a refusal's message starts
+REFUSED = "not enough space to realise"  # how a store refusal's message starts
+BOOT_REFUSED = "not enough space on the boot filesystem"  # and a boot one's
 # Nix 2.8's dry run: "these 3 paths will be fetched (0.12 MiB download, 0.50 MiB unpacked):"
 _FETCHED = re.compile(r"\(([\d.]+) MiB download, ([\d.]+) MiB unpacked\)")
 
@@ -87,6 +88,11 @@ def check_store(paths: Paths, path: StorePath, reserve: int) -> None:
 def refused(error: str | None) -> bool:
     """Whether a recorded upstream error is this module's refusal."""
     return error is not None and error.startswith(REFUSED)
+
+
+def boot_refused(message: str | None) -> bool:
+    """Whether a recorded deploy result is a refusal for the boot filesystem."""
+    return message is not None and BOOT_REFUSED in message
 
 
 def shown(size: int) -> str:

@@ -62,6 +62,7 @@ def test_collect_refuses_a_realise_the_store_cannot_take_then_retries(
     text = host.metrics()
     assert metric(text, "nixos_autodeploy_store_free_bytes") < 64 * 1024
     assert metric(text, "nixos_autodeploy_upstream_fetch_success") == 0
+    assert metric(text, "nixos_autodeploy_space_refused", filesystem="store") == 1
 
     filler.unlink()  # the operator frees space; no failure memory: the next poll realises
     result = host.collect("--min-free-store", "0")
@@ -70,7 +71,9 @@ def test_collect_refuses_a_realise_the_store_cannot_take_then_retries(
     assert host.upstream() == new.path
     snapshot = host.snapshot()
     assert snapshot["upstream"]["error"] is None
-    assert metric(host.metrics(), "nixos_autodeploy_store_free_bytes") > 3 << 20
+    text = host.metrics()
+    assert metric(text, "nixos_autodeploy_store_free_bytes") > 3 << 20
+    assert metric(text, "nixos_autodeploy_space_refused", filesystem="store") == 0
 
 
 def test_the_reserve_counts(host: Host, small_store: Path) -> None:
@@ -190,7 +193,10 @@ def test_a_boot_filesystem_pruning_cannot_free_refuses_before_the_profile_moves(
     result = deploy(host, "--min-free-boot", str(PAGE + 1), "--prune-foreign")
     assert result.returncode == 1, result
     (line,) = error_lines(result)
-    assert f"not enough space on {small_boot}" in line and "--min-free-boot" in line, line
+    assert (
+        f"not enough space on the boot filesystem {small_boot}" in line
+        and "--min-free-boot" in line
+    ), line
     assert_links(host, current=built["C"], profile=built["C"], booted=built["A"])
     assert _generation_numbers(host) == [1, 2, 3]  # removing would not have been enough
     assert host.activations()[-1] == ("switch", built["C"].path)
