@@ -23,6 +23,8 @@ ALERTS = {
     "NixosAutodeployUpdateNotApplied",
     "NixosAutodeployRolledBack",
     "NixosAutodeployRebootWaiting",
+    "NixosAutodeployLowDiskSpace",
+    "NixosAutodeployDeployRefusedForSpace",
 }
 SEVERITIES = {"info", "warning", "critical"}
 
