@@ -527,9 +527,15 @@ in
         default = true;
         example = false;
         description = ''
-          Whether the actuator checks the host after every switch and after the
-          first boot of a newly deployed system, and rolls back when a check
+          Whether the actuator checks the host, and rolls back when a check
           fails (the failed system is not retried until upstream changes).
+          Checked are exactly: a deploy activated with `switch` (the `switch`
+          mode, and the `smart` mode without a new kernel), right after the
+          switch; and a trial boot (a `boot` or `smart` deploy with a
+          {option}`system.autoDeploy.rebootMode`), by the run after that boot,
+          before the new system becomes the boot default where it is not yet.
+          Not checked: a `boot` or `smart` deploy without a reboot mode (the
+          next boot is the operator's), a rollback, and hand deploys.
           Built in: systemd's verdict (`systemctl is-system-running --wait`;
           `degraded` fails unless every failed unit is in
           {option}`system.autoDeploy.healthChecks.ignoreUnits`), and the
@@ -544,11 +550,15 @@ in
         default = [ ];
         example = [ "curl --fail --silent http://127.0.0.1:8080/healthz" ];
         description = ''
-          Shell commands (run with `sh -c`) that must exit 0. They run in the
-          actuator's unit: put the programs they need in
-          {option}`system.autoDeploy.healthChecks.path`, or use absolute store
-          paths like `''${pkgs.curl}/bin/curl`. Killed at the deadline; only the
-          last lines of their output are kept.
+          Shell commands that must exit 0, each run with `-c` by the package's
+          own shell (an absolute store path: a unit's `PATH` has no shell). They
+          run in the actuator's unit, whose `PATH` is
+          {option}`system.autoDeploy.healthChecks.path`, then nix, systemd and
+          kexec-tools (the package's wrapper), then coreutils, findutils, gnugrep,
+          gnused and systemd (what NixOS gives every unit): put the programs they
+          need in {option}`system.autoDeploy.healthChecks.path`, or use absolute
+          store paths like `''${pkgs.curl}/bin/curl`. Killed at the deadline; only
+          the last lines of their output are kept.
         '';
       };
 
@@ -759,7 +769,12 @@ in
     }
 
     (mkIf cfg.actuator.enable {
-      systemd.services.nixos-autodeploy = actuatorService { Type = "oneshot"; } // {
+      # Type=exec, not oneshot: its timer is Persistent (and OnBootSec with FleetLock), so a
+      # run can start while the boot is still running. Its systemd check waits for the end
+      # of the boot (`is-system-running --wait`), i.e. for every pending job; a oneshot's
+      # start job stays pending until its run ends, so the check would wait on itself,
+      # time out and roll the good system back. An exec unit's start job ends at exec.
+      systemd.services.nixos-autodeploy = actuatorService { Type = "exec"; } // {
         description = "NixOS auto-deployment actuator: deploy the upstream system when safe";
         # Starting the actuator refreshes the snapshot first; a failed collection
         # does not block it (the actuator re-checks what it acts on).

@@ -4,6 +4,7 @@
   nix,
   systemd,
   kexec-tools,
+  runtimeShell,
 }:
 
 let
@@ -33,6 +34,12 @@ python3Packages.buildPythonApplication {
       (lib.fileset.maybeMissing ./LICENSE)
     ];
   };
+
+  # Health check commands run with an absolute shell: a NixOS unit's PATH has none.
+  postPatch = ''
+    substituteInPlace actuator/health.py \
+      --replace 'SHELL = "/bin/sh"' 'SHELL = "${runtimeShell}"'
+  '';
 
   build-system = [ python3Packages.setuptools ];
 

@@ -73,6 +73,11 @@ def kexec_load(system: StorePath) -> list[str]:
     ]
 
 
+def kexec_unload() -> list[str]:
+    """Forget a kernel loaded for a kexec that is not to happen."""
+    return ["kexec", "--unload"]
+
+
 def kexec() -> list[str]:
     """Boot the loaded kernel, with systemd stopping everything first."""
     return ["systemctl", "kexec"]

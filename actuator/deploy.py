@@ -15,7 +15,7 @@ from collector.errors import ActuatorError, AutodeployError, SpaceError, StateEr
 from collector.history import Event, Kind
 from collector.lock import locked
 from collector.process import run
-from collector.records import Deploys, load_deploys
+from collector.records import DeployResult, Deploys, load_deploys
 from collector.snapshot import Snapshot, load_snapshot
 from collector.state import read_links
 from collector.upstream import digest
@@ -48,6 +48,8 @@ def deploy(settings: Settings) -> int:
         decision = decide(
             snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
         )
+        if not settings.force:
+            decision = _untried(paths, decision, snapshot)
         if settings.dry_run:
             _dry_run(settings, snapshot, decision)
             return 0
@@ -73,7 +75,11 @@ def deploy(settings: Settings) -> int:
                 records.track(paths, snapshot.links.current)
             elif decision.action is Action.DEPLOY:
                 assert decision.activation is not None
-                transaction.start(settings, snapshot, decision.activation, cut_short)
+                try:
+                    transaction.start(settings, snapshot, decision.activation, cut_short)
+                except AutodeployError:
+                    reboot.release(settings)  # a trial's slot, taken for a boot that failed
+                    raise
         finally:
             # Whatever happened, what operators see must not lag behind what was done.
             snapshot = observe(
@@ -84,8 +90,47 @@ def deploy(settings: Settings) -> int:
         ):
             cleared = reboot.clear_to_reboot(settings, snapshot)
             if cleared is not None:
-                reboot.reboot(settings, _reboot_plan(settings, cleared), cleared)
+                _reboot_once(settings, _reboot_plan(settings, cleared), cleared)
     return 0
+
+
+def _reboot_once(settings: Settings, plan: reboot.Reboot, snapshot: Snapshot) -> None:
+    """The reboot a finished deploy needs. When it fails (`kexec --load` refused under
+    Secure Boot lockdown), nothing went down: its slot goes back, and the failure is counted
+    and blocks this reboot until upstream changes (it would fail the same way each run)."""
+    try:
+        reboot.reboot(settings, plan, snapshot)
+    except AutodeployError as e:
+        reboot.release(settings)
+        message = f"{plan.saying} failed: {e}"
+        assert snapshot.deployed is not None
+        result = DeployResult(time.time(), plan.system, snapshot.deployed.mode, False, message)
+        records.record_result(settings.paths, result, blocks_retry=True)
+        observe(settings, snapshot.upstream, snapshot.duration_seconds, snapshot.collected_at)
+        raise ActuatorError(message) from None
+
+
+def _untried(paths: Paths, decision: Decision, snapshot: Snapshot) -> Decision:
+    """Never adopt a system that runs without having been tried: its trial was undone (a
+    kernel kexec'd after all, one a failed trial left loaded), so no health check passed,
+    and the profile and the boot loader still name the old system."""
+    current = snapshot.links.current
+    if decision.action is not Action.TRACK or current is None:
+        return decision
+    entry = transaction.load(paths)
+    if (
+        entry is None
+        or entry.trial is None
+        or entry.path != current
+        or entry.phase is not transaction.Phase.ROLLED_BACK
+        or snapshot.links.profile == current
+    ):
+        return decision
+    return Decision(
+        Action.NOTHING,
+        f"{current.name} runs, but its trial boot was undone and it was never checked; "
+        "not adopting it (reboot into the profile's system, or --force deploys it)",
+    )
 
 
 def _reboot_plan(settings: Settings, snapshot: Snapshot) -> reboot.Reboot:
@@ -162,6 +207,7 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
     that build them."""
     paths, upstream = settings.paths, snapshot.links.upstream
     commands_run: list[list[str]] = []
+    waits: list[str] = []  # what its reboot would wait for
     if decision.action is Action.DEPLOY and upstream is not None and decision.activation:
         tried = trial.kind(settings, decision.activation)
         old = read_links(paths).profile
@@ -177,8 +223,14 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         if mode and leaves_reboot_required(decision.activation, snapshot.links.booted, upstream):
             how = tried.how if tried is not None else reboot.How(mode.value)
             commands_run += reboot.argvs(reboot.Reboot(how, upstream, Kind.REBOOT))
+            waits = reboot.would_wait(settings, snapshot)
+        elif tried is not None:  # a trial boot waits for the same window and slot
+            waits = reboot.would_wait(settings, snapshot)
     elif decision.action is Action.REBOOT and snapshot.deployed is not None:
         commands_run = reboot.argvs(_reboot_plan(settings, snapshot))
+        waits = reboot.would_wait(settings, snapshot)
     print(f"decision: {decision.action.value}: {decision.reason}")
+    for line in waits:
+        print(line)
     for argv in commands_run:
         print("would run: " + shlex.join(argv))

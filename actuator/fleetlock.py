@@ -67,10 +67,9 @@ def _refusal(body: bytes) -> str | None:
     return f"{''.join(c for c in line if c.isprintable())} ({kind[:60]})"
 
 
-def _call(settings: Settings, path: str, ident: str) -> None:
-    assert settings.fleet_lock_url is not None
-    url = _endpoint(settings.fleet_lock_url, path)
-    body = {"client_params": {"id": ident, "group": settings.fleet_lock_group}}
+def _call(settings: Settings, path: str, ident: str, base: str, group: str) -> None:
+    url = _endpoint(base, path)
+    body = {"client_params": {"id": ident, "group": group}}
     try:
         answer = http.post_json(settings, url, body, {"fleet-lock-protocol": "true"})
     except UpstreamError as e:
@@ -86,9 +85,15 @@ def _call(settings: Settings, path: str, ident: str) -> None:
 
 def lock(settings: Settings, ident: str) -> None:
     """RecursiveLock: take (or keep) a reboot slot. FleetLockError unless granted."""
-    _call(settings, PRE_REBOOT, ident)
+    assert settings.fleet_lock_url is not None
+    _call(settings, PRE_REBOOT, ident, settings.fleet_lock_url, settings.fleet_lock_group)
 
 
-def unlock(settings: Settings, ident: str) -> None:
-    """UnlockIfHeld: release the slot if this host holds one; idempotent."""
-    _call(settings, STEADY_STATE, ident)
+def unlock(
+    settings: Settings, ident: str, base: str | None = None, group: str | None = None
+) -> None:
+    """UnlockIfHeld: release the slot if this host holds one; idempotent. base and group:
+    where the slot was taken (default: the settings')."""
+    base = base or settings.fleet_lock_url
+    assert base is not None
+    _call(settings, STEADY_STATE, ident, base, group or settings.fleet_lock_group)

@@ -55,6 +55,13 @@ def may_reboot(snapshot: Snapshot, reboot_mode: RebootMode | None) -> bool:
     )
 
 
+# A reboot whose preparation failed (deploy._reboot_once) is not tried again.
+_REBOOT_FAILED = (
+    "the agent's reboot into it failed; not retried until upstream changes, the operator "
+    "reboots (--force overrides)"
+)
+
+
 def decide(
     snapshot: Snapshot, deploys: Deploys, mode: SwitchMode, force: bool, reboot: RebootMode | None
 ) -> Decision:
@@ -90,6 +97,8 @@ def decide(
         # activation), never merely recorded, or the next boot loads something else.
     if state is State.PENDING_REBOOT:
         waiting = f"pending reboot into {name_of(links.profile, 'unknown')}"
+        if failed and may_reboot(snapshot, reboot):
+            return Decision(Action.NOTHING, f"{waiting}: {_REBOOT_FAILED}")
         if may_reboot(snapshot, reboot):
             return Decision(Action.REBOOT, waiting)
         if reboot is None:
@@ -100,6 +109,10 @@ def decide(
             "not rebooting again",
         )
     if state is State.UP_TO_DATE:
+        if failed and may_reboot(snapshot, reboot):
+            return Decision(
+                Action.NOTHING, f"up to date, but the booted kernel differs: {_REBOOT_FAILED}"
+            )
         if may_reboot(snapshot, reboot):
             return Decision(Action.REBOOT, "up to date, but the booted kernel differs")
         return Decision(Action.NOTHING, f"up to date with {upstream.name}")

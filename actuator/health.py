@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from collector import http, upstream
+from collector import http, progress, upstream
 from collector.config import Settings
 from collector.errors import AutodeployError
 from collector.process import Result, run_bounded
@@ -28,6 +28,8 @@ RETRY_INTERVAL = 5.0  # seconds between rounds
 OUTPUT_LINES = 10  # kept per check
 LINE_MAX = 300  # characters kept per line
 MIN_CHECK_TIME = 1.0  # even past the deadline, the last round's checks get this long
+# Absolute: a NixOS unit's PATH has no shell (package.nix puts its closure's shell here).
+SHELL = "/bin/sh"
 
 
 class Kind(StrEnum):
@@ -137,7 +139,8 @@ def _unit(settings: Settings, check: Check, timeout: float) -> CheckResult:
 
 
 def _command(settings: Settings, check: Check, timeout: float) -> CheckResult:
-    return _command_result(check, run_bounded(["sh", "-c", check.target], timeout=timeout), timeout)
+    result = run_bounded([SHELL, "-c", check.target], timeout=timeout)
+    return _command_result(check, result, timeout)
 
 
 _RUN: dict[Kind, Callable[[Settings, Check, float], CheckResult]] = {
@@ -167,14 +170,17 @@ def run_checks(
     checks = checks_for(settings)
     deadline = clock() + settings.health.timeout
     attempt = 0
-    while True:
-        attempt += 1
-        results = tuple(
-            run_check(settings, c, max(deadline - clock(), MIN_CHECK_TIME)) for c in checks
-        )
-        health = HealthResult.of(results, attempt, time.time())
-        if health.ok or clock() + RETRY_INTERVAL >= deadline:
-            log.info("health: %s (after %d rounds)", health.summary, attempt)
-            return health
-        log.info("health: %s; retrying in %.0fs", health.summary, RETRY_INTERVAL)
-        sleep(RETRY_INTERVAL)
+    with progress.checks() as shown:
+        while True:
+            attempt += 1
+            results = []
+            for c in checks:
+                shown.checking(c.name, attempt, deadline - clock())
+                results.append(run_check(settings, c, max(deadline - clock(), MIN_CHECK_TIME)))
+            health = HealthResult.of(tuple(results), attempt, time.time())
+            if health.ok or clock() + RETRY_INTERVAL >= deadline:
+                log.info("health: %s (after %d rounds)", health.summary, attempt)
+                return health
+            log.info("health: %s; retrying in %.0fs", health.summary, RETRY_INTERVAL)
+            shown.waiting(RETRY_INTERVAL, attempt, deadline - clock())
+            sleep(RETRY_INTERVAL)

@@ -23,7 +23,7 @@ from collector.errors import ActuatorError, AutodeployError
 from collector.history import Event, Kind
 from collector.http import shown
 from collector.process import run
-from collector.reboot import RebootState, SlotHeld, Waiting, WaitReason
+from collector.reboot import RebootState, SlotHeld, Waiting, WaitReason, load_reboot_state
 from collector.records import load_deploys
 from collector.snapshot import Snapshot
 from collector.state import load_deployed, read_links
@@ -126,14 +126,8 @@ def settle(settings: Settings, snapshot: Snapshot, action: Action) -> None:
     protocol's unlock is idempotent: this also frees a slot taken just before a crash), and
     say when a required reboot is the operator's to do."""
     state = snapshot.reboot
-    if settings.fleet_lock_url and _release_due(snapshot, action):
+    if (settings.fleet_lock_url or state.slot) and _release_due(snapshot, action):
         state = _release(settings, state)
-    elif settings.fleet_lock_url is None and state.slot is not None:
-        log.warning(
-            "warning: no fleet lock URL any more; the slot taken at %s stays with the server",
-            state.slot.url,
-        )
-        state = dataclasses.replace(state, slot=None)
     waiting = state.waiting
     if not snapshot.reboot_required or action is Action.DEPLOY:
         waiting = None
@@ -147,10 +141,32 @@ def settle(settings: Settings, snapshot: Snapshot, action: Action) -> None:
         save_reboot_state(settings.paths, dataclasses.replace(state, waiting=waiting))
 
 
+def release(settings: Settings) -> None:
+    """Give back a slot taken for a reboot that did not happen (a trial or reboot whose
+    preparation failed), in the same run: otherwise it stays held until the next."""
+    state = load_reboot_state(settings.paths)
+    if state.slot is not None:
+        save_reboot_state(settings.paths, _release(settings, state))
+
+
+def _where(settings: Settings, slot: SlotHeld | None) -> tuple[str | None, str]:
+    """Where a slot goes back: to the group and server it was taken from, even when the
+    settings changed since (the server's own URL with its credentials when it is still the
+    configured one; the recorded one, shown without them, otherwise)."""
+    url, group = settings.fleet_lock_url, settings.fleet_lock_group
+    if slot is None:
+        return url, group
+    if url is None or shown(url) != slot.url:
+        url = slot.url
+    return url, slot.group
+
+
 def _release(settings: Settings, state: RebootState) -> RebootState:
     ident = fleetlock.host_id(settings.paths)
+    url, group = _where(settings, state.slot)
+    assert url is not None
     try:
-        fleetlock.unlock(settings, ident)
+        fleetlock.unlock(settings, ident, url, group)
     except fleetlock.FleetLockError as e:
         if state.slot is not None:
             log.warning("warning: could not release the reboot slot: %s; next run retries", e)
@@ -171,18 +187,29 @@ def clear_to_reboot(
     host stays pending, says why in one line, status and metrics, and the next run retries."""
     at = at or window.now()
     state = snapshot.reboot
-    windows = window.parse_all(settings.reboot_windows)
-    if windows and window.open_window(windows, at) is None:
-        specs = " or ".join(w.spec for w in windows)
-        opens = window.next_opening(windows, at)
-        later = f" (next opens {opens:%a %H:%M})" if opens else ""
-        message = f"reboot waits for window {specs}{later}"
+    message = _window_wait(settings, at)
+    if message is not None:
         if settings.fleet_lock_url:  # a slot is taken only inside a window: this one is stale
             state = _release(settings, state)
         _wait(settings, dataclasses.replace(snapshot, reboot=state), WaitReason.WINDOW, message)
         return None
     if settings.fleet_lock_url:
         ident = fleetlock.host_id(settings.paths)
+        if state.slot is not None and _where(settings, state.slot) != _where(settings, None):
+            # Taken under other settings (another group or server): given back there first.
+            state = _release(settings, state)
+            if state.slot is not None:
+                message = (
+                    f"reboot slot still held in group {state.slot.group} at {state.slot.url} "
+                    "(the fleet lock settings changed): releasing it failed"
+                )
+                _wait(
+                    settings,
+                    dataclasses.replace(snapshot, reboot=state),
+                    WaitReason.FLEET_LOCK,
+                    message,
+                )
+                return None
         try:
             fleetlock.lock(settings, ident)
         except fleetlock.FleetLockError as e:
@@ -198,6 +225,41 @@ def clear_to_reboot(
     state = dataclasses.replace(state, waiting=None)
     save_reboot_state(settings.paths, state)
     return dataclasses.replace(snapshot, reboot=state)
+
+
+def _window_wait(settings: Settings, at: datetime) -> str | None:
+    """Why a reboot at `at` must wait for a maintenance window, or None when it need not."""
+    windows = window.parse_all(settings.reboot_windows)
+    if not windows or window.open_window(windows, at) is not None:
+        return None
+    specs = " or ".join(w.spec for w in windows)
+    opens = window.next_opening(windows, at)
+    later = f" (next opens {opens:%a %H:%M})" if opens else ""
+    return f"reboot waits for window {specs}{later}"
+
+
+def would_wait(settings: Settings, snapshot: Snapshot, at: datetime | None = None) -> list[str]:
+    """For --dry-run: what a reboot now would meet before it goes down, said without taking
+    anything (the FleetLock protocol has no question that does not take a slot)."""
+    at = at or window.now()
+    said = []
+    waits = _window_wait(settings, at)
+    if waits is not None:
+        said.append(f"would wait: {waits}")
+    elif settings.reboot_windows:
+        opened = window.open_window(window.parse_all(settings.reboot_windows), at)
+        assert opened is not None
+        said.append(f"would not wait: window {opened.spec} is open")
+    if settings.fleet_lock_url:
+        url, group = shown(settings.fleet_lock_url), settings.fleet_lock_group
+        said.append(
+            f"would ask {url} for a reboot slot in group {group} first, and wait while it "
+            "refuses (a dry run takes none)"
+        )
+        last = snapshot.reboot.waiting
+        if last is not None and last.reason is WaitReason.FLEET_LOCK:
+            said.append(f"last time: {last.message}")
+    return said
 
 
 def _wait(settings: Settings, snapshot: Snapshot, reason: WaitReason, message: str) -> None:
@@ -246,6 +308,20 @@ def listed_entries(listing: str) -> list[object]:
         except ValueError:
             raise ActuatorError("bootctl list --json=short printed no JSON") from None
     return entries if isinstance(entries, list) else [entries]
+
+
+def check_oneshot(paths: Paths) -> None:
+    """A one-time trial finds the new system's entry by its `init=`: refused where the
+    entries carry none (unified kernel images, as Lanzaboote installs), before anything
+    changes. The default's entry (the profile's system) shows whether they do."""
+    old = profile_system(paths)
+    entries = listed_entries(run(commands.bootctl_list()).stdout)
+    if _entry_id(entries, old) is None:
+        raise ActuatorError(
+            f"systemd-boot's entries do not name their system (no init={old}/init; unified "
+            "kernel images, e.g. Lanzaboote): a one-time trial boot cannot pick the new one; "
+            "use --reboot-mode kexec"
+        )
 
 
 def _oneshot_entry(paths: Paths, system: StorePath) -> str:

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 from collector import nix
 from collector import space as store_space
 from collector.config import Paths, Settings
-from collector.errors import ActuatorError, AutodeployError, StateError
+from collector.errors import ActuatorError, AutodeployError, SpaceError, StateError
 from collector.fsutil import atomic_write_json, read_json
 from collector.history import Event, Kind
 from collector.process import run
@@ -171,6 +171,8 @@ class Journal:
             "blocks_retry": self.blocks_retry,
             "message": self.message,
             "trial": self.trial.value if self.trial else None,
+            # For a version that does not know this phase: whether it may ignore it.
+            "finished": not self.open,
         }
 
     @classmethod
@@ -178,21 +180,37 @@ class Journal:
         try:
             if data["version"] != VERSION:
                 raise StateError(f"{source} has unknown version {data['version']!r}")
-            kind = data.get("trial")
+            phase, kind = _phase_and_trial(data)
             return cls(
                 id=str(data["id"]),
                 path=StorePath.parse(data["path"]),
                 activation=Activation(data["activation"]),
                 before=Before.from_json(data["before"], source),
-                phase=Phase(data["phase"]),
+                phase=phase,
                 started_at=float(data["started_at"]),
                 activation_started=bool(data["activation_started"]),
                 blocks_retry=bool(data["blocks_retry"]),
                 message=str(data["message"]),
-                trial=TrialKind(kind) if kind else None,
+                trial=kind,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
+
+
+def _phase_and_trial(data: Any) -> tuple[Phase, TrialKind | None]:
+    """A finished journal that a newer version wrote (after a downgrade) is read even with
+    a phase or trial kind this version does not know: nothing is left to finish, and what
+    kind of trial it was no longer matters. An unknown phase reads as `rolled-back`: never
+    taken for a success. An open one stays refused: what it left half done is unknown."""
+    phase, kind = data["phase"], data.get("trial")
+    known_phase = phase in Phase.__members__.values()
+    known_kind = not kind or kind in TrialKind.__members__.values()
+    finished = data.get("finished") is True or (known_phase and Phase(phase) in FINISHED)
+    if finished and not (known_phase and known_kind):
+        return (Phase(phase) if known_phase else Phase.ROLLED_BACK), (
+            TrialKind(kind) if kind and known_kind else None
+        )
+    return Phase(phase), TrialKind(kind) if kind else None
 
 
 def load(paths: Paths) -> Journal | None:
@@ -271,15 +289,18 @@ def start(
         record_result(paths, result, blocks_retry=True)
         raise ActuatorError(message)
     tried = trial.kind(settings, activation)
-    if tried is None or not tried.one_time:  # a kexec or oneshot installs it once confirmed
-        try:
-            space.make_room(settings, system, (superseded.before.current if superseded else None,))
-        except AutodeployError as e:  # before the profile moves: retried next run
-            if superseded is not None:
-                undo(settings, superseded)
-            message = f"{what} refused: {e}"
-            record_result(paths, DeployResult(time.time(), system, activation, False, message))
-            raise ActuatorError(message) from None
+    if tried is not None:
+        trial.check(paths, tried, system)  # a trial that cannot work, before any slot
+    # A kexec or oneshot trial installs the boot loader only once confirmed; checked now
+    # too, so that no trial boot starts whose confirmation cannot fit.
+    try:
+        space.make_room(settings, system, (superseded.before.current if superseded else None,))
+    except AutodeployError as e:  # before the profile moves: retried next run
+        if superseded is not None:
+            undo(settings, superseded)
+        message = f"{what} refused: {e}"
+        record_result(paths, DeployResult(time.time(), system, activation, False, message))
+        raise ActuatorError(message) from None
     if tried is not None and reboot.clear_to_reboot(settings, snapshot) is None:
         # A trial boot waits for its window and reboot slot before anything changes: the
         # boot loader's default never moves to an untried system outside a window.
@@ -347,8 +368,10 @@ def _begin(
 
 def _boot(settings: Settings, entry: Journal) -> None:
     """Journal the trial's boot, then reboot or kexec into its system. A command that
-    fails changed nothing the next run could not undo: the trial is undone and the error
-    raised."""
+    fails (a one-time entry refused, `kexec --load` refused under Secure Boot lockdown,
+    bootctl failing) means nothing went down: the failure is counted and blocks this system
+    until upstream changes (it would fail the same way on every run), the trial is undone,
+    its reboot slot goes back, and the error is raised."""
     paths = settings.paths
     kind = entry.trial
     assert kind is not None
@@ -364,6 +387,19 @@ def _boot(settings: Settings, entry: Journal) -> None:
             for argv in trial.oneshot_argvs(paths, entry.path, old):
                 run(argv, stream_stderr=True)
         reboot.reboot(settings, reboot.Reboot(kind.how, entry.path, kind.event))
+    except AutodeployError as e:
+        message = f"trial boot ({kind.value}) into {entry.path.name} failed: {e}"
+        # Counted first: a run cut short after it finds `booting` and this boot's mark,
+        # and undoes the trial.
+        result = DeployResult(time.time(), entry.path, entry.activation, False, message, entry.id)
+        record_result(paths, result, blocks_retry=True)
+        try:
+            undo(settings, entry)
+        except ActuatorError as undoing:
+            message += f"; {undoing}"
+        finally:
+            reboot.release(settings)
+        raise ActuatorError(message) from None
     except BaseException:
         undo(settings, entry)
         raise
@@ -425,8 +461,12 @@ def fail(settings: Settings, entry: Journal, message: str, *, blocks_retry: bool
 
 def undo(settings: Settings, entry: Journal) -> Journal:
     """As if entry's deploy had not started (it is never counted): rolled back, journaled
-    at once, so a run cut short here finishes the rollback; a trial's mark goes."""
+    at once, so a run cut short here finishes the rollback; a trial's mark goes, and so
+    does a kernel a kexec trial loaded (since systemd 255 any `systemctl reboot` would boot
+    it, untried)."""
     entry = advance(settings.paths, entry, Phase.ROLLING_BACK)
+    if entry.trial is TrialKind.KEXEC:
+        trial.unload()
     try:
         entry = _finish(settings, entry)
     except RollbackFailed as e:
@@ -539,20 +579,21 @@ def _checking(settings: Settings, entry: Journal) -> Journal | None:
 
 
 def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
-    """The run after a trial boot. Still this boot (the mark): a kexec or oneshot that did
-    not happen is undone, a reboot trial is done (its reboot is still to come). Booted
+    """The run after a trial boot. Still this boot (the mark): a trial whose reboot did not
+    happen is undone (a reboot trial's default goes back too) and decided anew. Booted
     into the new system: checked, then confirmed (kexec, oneshot: only now the profile and
-    the boot default) or failed, rolled back and rebooted back. Came back on another
+    the boot default; should installing its boot loader fail, it failed: rolled back and
+    rebooted back) or failed, rolled back and rebooted back. Came back on another
     system: a kexec or oneshot never issued is undone, one issued failed (recorded, no
     second reboot); a reboot trial is done (pending, not rebooted again)."""
     paths = settings.paths
     kind = entry.trial
     assert kind is not None
     if trial.marked(paths, entry.id):
-        if kind.one_time:
-            log.info("the %s into %s did not happen; undoing it", kind.value, entry.path.name)
-            return undo(settings, entry)
-        return complete(paths, entry)
+        # A reboot trial too: taking this boot for its success would record an untried
+        # system and reboot into it unchecked.
+        log.info("the %s into %s did not happen; undoing it", kind.value, entry.path.name)
+        return undo(settings, entry)
     current = read_links(paths).current
     if current != entry.path:
         return _came_back(settings, entry, current)
@@ -563,9 +604,24 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
         message = f"{entry.path.name} failed its health checks after its trial boot: "
         fail(settings, entry, message + result.summary, blocks_retry=True)
     if kind.one_time:  # only now does the new system become what the next boot loads
-        space.make_room(settings, entry.path, (entry.before.current,))
-        profile.set_to(paths, entry.path)
-        run(commands.switch(paths, entry.path, Activation.BOOT), stream_stderr=True)
+        try:
+            # Checked again: the boot filesystem may have filled since the trial began.
+            space.make_room(settings, entry.path, (entry.before.current,))
+        except SpaceError as e:  # the profile has not moved; space can be freed: retried
+            fail(
+                settings, entry, f"{entry.path.name} passed its checks, but {e}", blocks_retry=False
+            )
+        # Its boot loader install may leave the boot loader half written: a rollback
+        # installs the old one's again.
+        entry = advance(paths, entry, Phase.CHECKING, activation_started=True)
+        try:
+            profile.set_to(paths, entry.path)
+            run(commands.switch(paths, entry.path, Activation.BOOT), stream_stderr=True)
+        except AutodeployError as e:
+            # The profile and the default go back to the old system; the new one, running
+            # but not what the next boot loads, is left by the rollback reboot.
+            message = f"{entry.path.name} passed its checks, but installing it failed: {e}"
+            fail(settings, entry, message, blocks_retry=True)
     entry = complete(paths, entry)
     note(paths, Event(Kind.TRIAL_CONFIRMED, path=entry.path.path))
     _prune(settings, entry)

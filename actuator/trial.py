@@ -23,7 +23,7 @@ import os
 from enum import StrEnum
 
 from collector.config import Paths, RebootMode, Settings
-from collector.errors import ActuatorError
+from collector.errors import ActuatorError, AutodeployError
 from collector.fsutil import atomic_write
 from collector.history import Kind
 from collector.process import run
@@ -70,6 +70,33 @@ def kind(settings: Settings, activation: Activation) -> TrialKind | None:
     if settings.reboot_mode is RebootMode.REBOOT and reboot.one_time_entries(settings.paths):
         return TrialKind.ONESHOT
     return TrialKind(settings.reboot_mode.value)
+
+
+# NixOS adds this program to a system whose boot.initrd.secrets is set: the boot loader's
+# install appends the secrets to the initrd it copies. A kexec loads the system's initrd
+# from the store, without them.
+INITRD_SECRETS = "append-initrd-secrets"
+
+
+def check(paths: Paths, tried: TrialKind, system: StorePath) -> None:
+    """Refuse a trial that cannot work on this host, before its window, its reboot slot
+    and anything else: one line, nothing changed."""
+    if tried is TrialKind.KEXEC and os.path.lexists(os.path.join(system.path, INITRD_SECRETS)):
+        raise ActuatorError(
+            f"{system.name} sets boot.initrd.secrets, which a kexec'd initrd lacks "
+            f"({INITRD_SECRETS}): use --reboot-mode reboot"
+        )
+    if tried is TrialKind.ONESHOT:
+        reboot.check_oneshot(paths)
+
+
+def unload() -> None:
+    """Forget a kernel a kexec trial loaded (an undone trial). Only a warning when it
+    fails: the run after any boot into it refuses to adopt a system never confirmed."""
+    try:
+        run(commands.kexec_unload())
+    except AutodeployError as e:
+        log.warning("warning: could not unload the kernel loaded for the kexec: %s", e)
 
 
 def oneshot_argvs(paths: Paths, system: StorePath, old: StorePath) -> list[list[str]]:

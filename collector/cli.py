@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, progress
 from .closure import compute, load_changes
 from .config import COMMANDS, SYSTEM_NAMES, Settings, add_options, settings_from
 from .errors import AutodeployError, ConfigError, StateError, UpstreamError
@@ -142,8 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # its list of subcommands only show for arguments that come before one.
     command = words[0] if words and words[0] in COMMANDS else None
     args = build_parser(command).parse_args(words)
+    progress.QUIET = args.quiet
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )

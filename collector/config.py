@@ -343,6 +343,15 @@ OPTIONS: tuple[Option, ...] = (
         file_type=None,
         field=None,
     ),
+    Option(
+        "quiet",
+        ("-q", "--quiet"),
+        "only warnings and errors; no progress display",
+        switch=True,
+        default=False,
+        file_type=None,
+        field=None,
+    ),
     # Fetching upstream.
     Option("url", ("--url",), "URL that serves the upstream store path", FETCHING),
     Option(

@@ -3,6 +3,7 @@ actuator/profile.py)."""
 
 from __future__ import annotations
 
+from . import progress
 from .errors import NixError, ProcessError
 from .process import run
 from .store import StorePath
@@ -11,8 +12,10 @@ from .store import StorePath
 def realise(path: StorePath, gc_root: str) -> None:
     """Substitute path from the binary caches (Nix checks the signatures against the
     host's trusted keys) and pin it with an indirect GC root at gc_root."""
+    argv = ["nix-store", "--realise", path.path, "--add-root", gc_root]
     try:
-        run(["nix-store", "--realise", path.path, "--add-root", gc_root], stream_stderr=True)
+        with progress.realising(path.name) as on_line:
+            run(argv, stream_stderr=True, on_line=on_line)
     except ProcessError as e:
         raise NixError(f"cannot realise {path}: {e.message}") from None
 

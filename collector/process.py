@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import ProcessError
@@ -50,10 +50,13 @@ def run(
     check: bool = True,
     env: Mapping[str, str] | None = None,
     stream_stderr: bool = False,
+    on_line: Callable[[str], None] | None = None,
 ) -> Result:
     """Run argv, capturing its output. With stream_stderr, its output is passed through live
     to our stderr instead (Nix's progress on a terminal, the journal under systemd), and the
-    end of its stderr is still kept for the error message."""
+    end of its stderr is still kept for the error message. With on_line too, each line of
+    its stderr goes to on_line instead of ours, as the tool wrote it (a progress display
+    shows it)."""
     args = list(argv)
     log.debug("running %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
@@ -62,9 +65,10 @@ def run(
             args,
             stdin=subprocess.DEVNULL,
             # Streamed: the command's stdout joins our stderr, so it reaches the terminal or
-            # the journal and never mixes into our own stdout.
-            stdout=2 if stream_stderr else subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            # the journal and never mixes into our own stdout; for on_line, both come
+            # through one pipe.
+            stdout=(subprocess.PIPE if on_line else 2) if stream_stderr else subprocess.PIPE,
+            stderr=subprocess.STDOUT if stream_stderr and on_line else subprocess.PIPE,
             env=full_env,
             text=True,
             errors="replace",
@@ -72,13 +76,17 @@ def run(
     except OSError as e:
         raise ProcessError(args, 127, e.strerror or str(e)) from e
     if stream_stderr:
-        assert proc.stderr is not None
+        streamed = proc.stdout if on_line else proc.stderr
+        assert streamed is not None
         kept: deque[str] = deque(maxlen=200)
         # Named, so that the tool's own "error:" lines are not taken for ours.
         prefix = f"{os.path.basename(args[0])}: "
-        for line in proc.stderr:
-            sys.stderr.write(prefix + line)
-            sys.stderr.flush()
+        for line in streamed:
+            if on_line is not None:
+                on_line(line)
+            else:
+                sys.stderr.write(prefix + line)
+                sys.stderr.flush()
             kept.append(line)
         proc.wait()
         stdout, stderr = "", "".join(kept)

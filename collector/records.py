@@ -114,12 +114,16 @@ class HealthResult:
 
     @classmethod
     def of(cls, checks: tuple[CheckResult, ...], attempts: int, at: float) -> HealthResult:
-        """One line: "all 3 checks passed", or "check 'X' failed: its last line; ..."."""
+        """One line: "all 3 checks passed", "1 check passed", or "check 'X' failed: its last
+        line; ..."."""
         failed = [c for c in checks if not c.ok]
         summary = "; ".join(
             f"check '{c.name}' failed: {c.output[-1] if c.output else 'no output'}" for c in failed
         )
-        return cls(checks, attempts, at, summary or f"all {len(checks)} checks passed")
+        passed = f"all {len(checks)} checks passed" if len(checks) > 1 else "1 check passed"
+        if not checks:
+            passed = "no checks to run"
+        return cls(checks, attempts, at, summary or passed)
 
     @property
     def ok(self) -> bool:

@@ -18,7 +18,7 @@ from .history import Event, Kind, describe
 from .reboot import WaitReason, pending_reason
 from .snapshot import Snapshot
 from .state import State
-from .store import path_of
+from .store import path_of, store_dir
 
 STATE_STYLE = {
     State.UP_TO_DATE: "green",
@@ -191,8 +191,14 @@ def _health_facts(s: Snapshot) -> list[str]:
 
 def render(s: Snapshot, console: Console, changes: Changes | None = None) -> None:
     table = Table(title="nixos-autodeploy", show_lines=False)
+    # A long path folds, but not inside its hash: the generation gives way first, so that
+    # the store directory and the whole hash fit on one line whenever the terminal is that
+    # wide (the room left after the label column, 8, and the table's lines, 10).
+    hash_end = len(store_dir()) + len("/") + 32 + len("-")
     table.add_column("system")
-    table.add_column("generation")
+    table.add_column(
+        "generation", overflow="fold", max_width=max(console.width - 18 - hash_end, 10)
+    )
     table.add_column("store path", overflow="fold")
     current = s.links.current
     rows = [
@@ -265,6 +271,14 @@ def show_diff(d: Diff, as_json_output: bool) -> None:
         print(json.dumps(d.to_json(), indent=2, sort_keys=True))
         return
     console = Console()
+    if not d.changes and not d.error:  # an empty table says less than these words
+        console.print(
+            f"no changes: {d.source.name} → {d.target.name}", highlight=False, markup=False
+        )
+        if d.size_before != d.size_after:
+            closure = f"closure: {size(d.size_before)} → {size(d.size_after)}"
+            console.print(closure, highlight=False, markup=False)
+        return
     table = Table(title=f"{d.source.name} → {d.target.name}")
     table.add_column("name", overflow="fold")
     table.add_column("before", overflow="fold")

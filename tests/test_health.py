@@ -346,7 +346,7 @@ def test_result_json_round_trip_fields(root: Path) -> None:
     result = checked(settings_for(root, commands=("echo hi",)))
     data = result.to_json()
     assert data["ok"] is True and data["attempts"] == 1
-    assert data["summary"] == "all 1 checks passed"
+    assert data["summary"] == "1 check passed"
     assert data["checks"] == [{"name": "echo hi", "ok": True, "output": ["hi"]}]
 
 

@@ -347,6 +347,24 @@ def test_options_are_documented_and_keep_the_original_names(evaluate: Evaluate) 
 
 
 @pytest.mark.nix
+def test_health_option_texts_say_what_is_checked_and_with_which_path(evaluate: Evaluate) -> None:
+    """healthChecks.enable names exactly the deploys actuator/transaction.py checks (a
+    switch activation, a trial boot) and those it does not; commands names its PATH."""
+    (record,) = evaluate(BASE)
+    options = {o["name"].removeprefix("system.autoDeploy."): o for o in record["options"]}
+    enable = " ".join(options["healthChecks.enable"]["description"].split())
+    checked, _, unchecked = enable.partition("Not checked:")
+    for mode in SwitchMode:
+        assert f"`{mode.value}`" in checked, mode
+    assert "trial boot" in checked and "system.autoDeploy.rebootMode" in checked
+    assert "without a reboot mode" in unchecked
+    assert "a rollback" in unchecked and "hand deploys" in unchecked
+    commands = " ".join(options["healthChecks.commands"]["description"].split())
+    assert "`PATH` is {option}`system.autoDeploy.healthChecks.path`" in commands
+    assert "a unit's `PATH` has no shell" in commands
+
+
+@pytest.mark.nix
 def test_units_and_timers(evaluate: Evaluate) -> None:
     resident, timer = evaluate(BASE, TIMER)
     assert resident["failedAssertions"] == [] and timer["failedAssertions"] == []
@@ -494,7 +512,9 @@ def test_actuator_unit_carries_modes_and_extra_args(evaluate: Evaluate) -> None:
 
     assert service["restartIfChanged"] is False
     assert service["unitConfig"]["X-StopOnRemoval"] is False
-    assert unit["Type"] == "oneshot"
+    # exec: a run its timer starts during the boot must not hold the boot up, or its
+    # systemd check (`is-system-running --wait`) would wait for its own start job.
+    assert unit["Type"] == "exec"
     # Its refreshes write the same links as the collector's runs.
     assert settings.paths.runtime_dir == RUNTIME_DIR
     assert (unit["RuntimeDirectory"], unit["RuntimeDirectoryPreserve"]) == (
@@ -1066,6 +1086,13 @@ def test_package_wraps_tools_and_matches_pyproject(evaluate: Evaluate) -> None:
     # Whatever pytestCheckHook the nixpkgs release has, pytest reads PYTEST_ADDOPTS.
     assert left_out_marks(pytest_addopts(package["preCheck"])) == declared_marks()
     assert "disabledTestMarks" not in package["attributes"], "missing from older nixpkgs"
+
+    # Health check commands run with the closure's shell: a unit's PATH has no `sh`.
+    replaced = re.search(r"--replace '([^']+)' '([^']+)'", package["postPatch"])
+    assert replaced is not None, package["postPatch"]
+    assert "actuator/health.py" in package["postPatch"]
+    assert replaced[1] in (REPO / "actuator" / "health.py").read_text().splitlines()
+    assert replaced[2] == 'SHELL = "/nix/store/0000000000000000000000000000000a-bash/bin/bash"'
 
 
 @pytest.mark.nix

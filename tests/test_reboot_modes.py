@@ -225,7 +225,7 @@ def test_a_tracked_hand_deploy_of_a_new_kernel_is_not_rebooted(host: Host) -> No
     assert host.snapshot()["reboot_required"] is True
 
 
-def test_failed_kexec_load_is_not_counted_as_the_one_reboot(host: Host) -> None:
+def test_failed_kexec_load_is_a_counted_failure_not_the_one_reboot(host: Host) -> None:
     systems = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
     old, new = systems["old"], systems["new"]
     tracking(host, old, new)
@@ -239,13 +239,20 @@ def test_failed_kexec_load_is_not_counted_as_the_one_reboot(host: Host) -> None:
     assert host.recorded("systemctl") == []
     assert record(host)["reboot_issued_at"] is None
     kexec.write_text(recorder)
+    # It would fail the same way on every run (issue 20): counted, not retried until
+    # upstream changes.
+    assert host.read_json("deploys.json")["totals"] == {"success": 0, "failure": 1}
     retried = deploy(host, "--switch-mode", "boot", "--reboot-mode", "kexec")
-    assert retried.returncode == 0, retried
+    assert retried.returncode == 0 and "not retried" in retried.stderr, retried
+    assert host.recorded("systemctl") == []
+    newer = host.build_one("newer", kernel=NEW_KERNEL)
+    host.publish(newer)
+    assert host.collect().returncode == 0
+    assert deploy(host, "--switch-mode", "boot", "--reboot-mode", "kexec").returncode == 0
     assert host.recorded("systemctl") == [["kexec"]]
-    assert record(host)["reboot_issued_at"] is not None
 
 
-def test_a_failed_reboot_command_is_not_the_one_reboot(host: Host) -> None:
+def test_a_failed_reboot_command_is_a_counted_failure_not_the_one_reboot(host: Host) -> None:
     systems = host.build(SystemSpec("a"), SystemSpec("b", kernel=NEW_KERNEL))
     a, b = systems["a"], systems["b"]
     tracking(host, a, b)
@@ -257,5 +264,7 @@ def test_a_failed_reboot_command_is_not_the_one_reboot(host: Host) -> None:
     assert "Access denied" in error_lines(failed)[0]
     assert record(host)["reboot_issued_at"] is None
     systemctl.write_text(recorder)
-    assert deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot").returncode == 0
-    assert host.recorded("systemctl") == [["reboot"]]
+    assert host.read_json("deploys.json")["totals"] == {"success": 0, "failure": 1}
+    again = deploy(host, "--switch-mode", "boot", "--reboot-mode", "reboot")
+    assert again.returncode == 0 and "not retried" in again.stderr, again
+    assert host.recorded("systemctl") == []

@@ -192,6 +192,51 @@ def test_reboot_waits_for_its_window_then_happens_inside_it(
 # ---- FleetLock -------------------------------------------------------------------------
 
 
+def test_a_dry_run_says_what_its_reboot_would_wait_for_and_takes_no_slot(
+    host: Host, lock_server: FleetLockServer
+) -> None:
+    old, new = pending_reboot_host(host, "3" * 32)
+    assert host.collect().returncode == 0  # a dry run fetches nothing itself
+    before = {p.name: p.read_bytes() for p in host.state_dir.iterdir() if p.is_file()}
+    noon, _ = local_tz("12:00")
+    args = ("--dry-run", "--reboot-window", "02:00-04:00")
+    outside = locked_deploy(host, lock_server, *args, tz=noon)
+    assert outside.returncode == 0, outside
+    lines = outside.stdout.splitlines()
+    assert lines[0].startswith("decision: deploy"), outside
+    assert lines[1].startswith("would wait: reboot waits for window 02:00-04:00 (next opens "), (
+        lines
+    )
+    assert lines[2] == (
+        f"would ask {lock_server.url} for a reboot slot in group default first, and wait "
+        "while it refuses (a dry run takes none)"
+    ), lines
+    assert lines[-1] == "would run: systemctl reboot", lines
+
+    inside = locked_deploy(
+        host, lock_server, "--dry-run", "--reboot-window", "11:00-13:00", tz=noon
+    )
+    assert inside.returncode == 0, inside
+    assert "would not wait: window 11:00-13:00 is open" in inside.stdout.splitlines(), inside
+
+    # Nothing asked of the server, nothing rebooted, nothing written.
+    assert lock_server.calls() == [] and reboots(host) == 0 and host.activations() == []
+    after = {p.name: p.read_bytes() for p in host.state_dir.iterdir() if p.is_file()}
+    assert after == before and host.current() == old.path != new.path
+
+    # A real run the server refused: the next dry run says so, and still asks nothing.
+    lock_server.holders["default"] = ["another host"]
+    refused = locked_deploy(host, lock_server)
+    assert refused.returncode == 0 and reboots(host) == 0, refused
+    asked = len(lock_server.calls())
+    again = locked_deploy(host, lock_server, "--dry-run")
+    assert again.returncode == 0, again
+    last = [line for line in again.stdout.splitlines() if line.startswith("last time: ")]
+    assert last == [f"last time: {waiting(host)['message']}"], again
+    assert "reboot slot refused by fleet lock" in last[0]
+    assert len(lock_server.calls()) == asked and reboots(host) == 0
+
+
 def test_two_hosts_one_slot(host: Host, second_host: Host, lock_server: FleetLockServer) -> None:
     a, b = host, second_host
     _, new_a = pending_reboot_host(a, "a" * 32)
@@ -306,3 +351,107 @@ def test_a_crash_between_taking_the_slot_and_rebooting_converges(
         assert reboots(host) == 0
     assert lock_server.held() == []
     assert host.snapshot()["state"] == "up-to-date"
+
+
+# ---- issue 20 --------------------------------------------------------------------------
+
+
+def test_a_trial_boot_that_fails_gives_its_slot_back_at_once(
+    host: Host, second_host: Host, lock_server: FleetLockServer
+) -> None:
+    # Issue 20, defect 3: the trial was undone with the slot still held, and every later
+    # run took it again and failed again: no other host of the group could reboot.
+    _, new = pending_reboot_host(host, "f" * 32)
+    pending_reboot_host(second_host, "9" * 32)
+    (host.root / "kexec-fails.--load").write_text("kexec_load failed: Operation not permitted\n")
+    args = ("--switch-mode", "boot", "--reboot-mode", "kexec", "--fleet-lock-url", lock_server.url)
+    failed = deploy(host, *args, timeout=None)
+    assert failed.returncode == 1, failed
+    assert "Operation not permitted" in error_lines(failed)[0]
+    assert lock_server.held() == [] and host.snapshot()["reboot"]["slot"] is None
+    assert new.path in host.read_json("deploys.json")["failed"]
+    again = deploy(host, *args, timeout=None)
+    assert again.returncode == 0 and "not retried" in again.stderr, again
+    assert len(lock_server.calls("/v1/pre-reboot")) == 1, "not taken again"
+    # The other host of the one-slot group reboots.
+    assert locked_deploy(second_host, lock_server).returncode == 0
+    assert reboots(second_host) == 1
+
+
+def test_a_plain_kexec_refused_gives_its_slot_back_and_is_counted(
+    host: Host, lock_server: FleetLockServer
+) -> None:
+    # Issue 20, defect 3, the plain reboot path: a switch that changes the kernel, then a
+    # kexec that the kernel refuses.
+    pending_reboot_host(host, "8" * 32)
+    (host.root / "kexec-fails.--load").write_text("kexec_load failed: Operation not permitted\n")
+    args = (
+        "--switch-mode",
+        "switch",
+        "--reboot-mode",
+        "kexec",
+        "--fleet-lock-url",
+        lock_server.url,
+    )
+    failed = deploy(host, *args, timeout=None)
+    assert failed.returncode == 1, failed
+    assert "Operation not permitted" in error_lines(failed)[0]
+    assert lock_server.held() == []
+    assert metric(host.metrics(), "nixos_autodeploy_deployments_total", result="failure") == 1
+    again = deploy(host, *args, timeout=None)
+    assert again.returncode == 0, again
+    assert "the agent's reboot into it failed; not retried" in again.stderr
+    assert len(lock_server.calls("/v1/pre-reboot")) == 1 and lock_server.held() == []
+
+
+@pytest.mark.parametrize("change", ["group", "url"])
+def test_a_slot_goes_back_where_it_was_taken(
+    host: Host, lock_server: FleetLockServer, change: str
+) -> None:
+    # Issue 20, defect 8: the release went to the new settings; the old group kept the slot.
+    _, new = pending_reboot_host(host, "7" * 32)
+    assert locked_deploy(host, lock_server, "--fleet-lock-group", "workers").returncode == 0
+    assert lock_server.held("workers") == [ident(host)]
+    host.reboot()
+    assert host.current() == new.path
+    other = FleetLockServer()
+    other.start()
+    try:
+        url = other.url if change == "url" else lock_server.url
+        group = "web" if change == "group" else "workers"
+        back = rebooting_deploy(host, "--fleet-lock-url", url, "--fleet-lock-group", group)
+    finally:
+        other.stop()
+    assert back.returncode == 0, back
+    assert lock_server.held("workers") == []
+    assert host.snapshot()["reboot"]["slot"] is None
+    assert metric(host.metrics(), "nixos_autodeploy_fleet_lock_held") == 0
+
+
+def test_a_slot_goes_back_after_the_fleet_lock_url_is_removed(
+    host: Host, lock_server: FleetLockServer
+) -> None:
+    pending_reboot_host(host, "6" * 32)
+    assert locked_deploy(host, lock_server).returncode == 0
+    host.reboot()
+    back = rebooting_deploy(host)
+    assert back.returncode == 0, back
+    assert lock_server.held() == [] and host.snapshot()["reboot"]["slot"] is None
+
+
+def test_a_rollback_reboot_does_not_wait_for_the_window(host: Host) -> None:
+    # Decided in issue 20: a failed trial's reboot back ignores maintenance windows (the
+    # host runs a system that failed its checks; waiting would keep it there).
+    old, new = pending_reboot_host(host, "5" * 32)
+    noon, _ = local_tz("12:00")
+    window = ("--reboot-window", "11:00-13:00", "--health-timeout", "1")
+    check = ("--health-check", f'test "$(readlink {host.current_link})" != {new.path}')
+    assert rebooting_deploy(host, *window, *check, tz=noon).returncode == 0
+    assert reboots(host) == 1
+    host.reboot()
+    evening, _ = local_tz("20:00")
+    failed = rebooting_deploy(host, *window, *check, tz=evening)
+    assert failed.returncode == 1, failed
+    assert "failed its health checks after its trial boot" in error_lines(failed)[0]
+    assert reboots(host) == 2, "rebooted back outside the window"
+    assert host.boot_default() == old.path

@@ -10,8 +10,11 @@ systemd: the guest. The checks on their own are in test_health.py.)
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from harness import (
@@ -361,6 +364,32 @@ def test_a_check_passing_late_within_the_deadline_keeps_the_deploy(host: Host) -
     assert deploys["rollbacks"] == 0 and deploys["last_rollback"] is None
     assert host.snapshot()["state"] == "up-to-date"
     assert metric(host.metrics(), "nixos_autodeploy_last_health_check_success") == 1
+
+
+def unit_like_path(host: Host) -> str:
+    """PATH as a NixOS unit has it: the tools, but no shell (systemd puts none on it)."""
+    tools = host.tmp / "unit-path"
+    tools.mkdir()
+    shells = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "busybox"}
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for program in Path(directory).glob("*") if Path(directory).is_dir() else ():
+            target = tools / program.name
+            if program.name not in shells and not target.exists() and os.access(program, os.X_OK):
+                target.symlink_to(program)
+    return f"{host.bin_dir}{os.pathsep}{tools}"
+
+
+def test_a_command_check_passes_under_a_unit_path_without_a_shell(host: Host) -> None:
+    systems = host.build(SystemSpec("a"), SystemSpec("b"))
+    a, b = systems["a"], systems["b"]
+    tracking(host, a, b, collect=True)
+    path = unit_like_path(host)
+    assert shutil.which("sh", path=path) is None
+    result = checked_deploy(host, "--health-check", "true", env={"PATH": path})
+    assert result.returncode == 0, result
+    assert host.activations() == [("switch", b.path)]
+    deploys = host.read_json("deploys.json")
+    assert deploys["health"]["ok"] is True and deploys["rollbacks"] == 0
 
 
 def test_no_health_checks_keeps_a_system_that_would_fail_them(host: Host) -> None:

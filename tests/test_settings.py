@@ -431,6 +431,7 @@ def test_a_value_of_the_wrong_type_is_one_clear_error(
 COMMAND_WORDS = {
     "config": ("--config", "/nonexistent/config.json"),
     "debug": ("--debug",),
+    "quiet": ("--quiet",),
     "json": ("--json",),
     "n": ("-n", "3"),
 }

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import pty
 import re
-import subprocess
-import sys
 
 import pytest
 from harness import (
@@ -113,6 +109,20 @@ def test_status_table_shows_dirty_and_reboot_required(host: Host) -> None:
         assert ("≠ current" in row) is differs, table
     assert "dirty: yes" in table.stdout, table
     assert "reboot required: yes" in table.stdout, table
+
+
+def test_status_table_folds_a_long_store_path_after_its_hash(host: Host) -> None:
+    system = host.build_one("with-a-rather-long-name-that-does-not-fit-narrow-terminals")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    table = host.run_agent("status", env={"COLUMNS": "72"})
+    assert table.returncode == 0, table
+    head = system.path[: system.path.index("-") + 1]  # the store directory and the hash
+    # Each system's row (deployed: none, the host is untracked) holds its whole hash.
+    labels = [line.split("│")[1].strip() for line in table.stdout.splitlines() if head in line]
+    assert labels == ["current", "booted", "profile", "upstream"], table
+    assert system.path not in table.stdout, "too narrow for the whole path on one line"
 
 
 def test_status_table_shows_the_upstream_error(host: Host) -> None:
@@ -240,37 +250,19 @@ def test_status_on_a_dirty_host_says_what_the_hand_deploy_changed(host: Host) ->
     assert json.loads(host.status("--json").stdout)["hand_changes"] is None
 
 
-def status_argv(host: Host) -> list[str]:
-    return [sys.executable, "-m", "collector.cli", "status", "--root", str(host.root)]
-
-
 def test_status_colours_only_on_a_terminal(host: Host) -> None:
     system = host.build_one("a")
     host.install(system)
     host.publish(system)
     assert host.collect().returncode == 0
 
-    piped = subprocess.run(status_argv(host), env=host.agent_env(), capture_output=True)
-    assert piped.returncode == 0
-    assert b"untracked" in piped.stdout
-    assert b"\x1b[" not in piped.stdout
+    piped = host.status()
+    assert piped.returncode == 0, piped
+    assert "untracked" in piped.stdout
+    assert "\x1b[" not in piped.stdout
 
-    main, secondary = pty.openpty()
-    env = {**host.agent_env(), "TERM": "xterm-256color", "COLUMNS": "120"}
-    env.pop("NO_COLOR", None)
-    with subprocess.Popen(status_argv(host), env=env, stdout=secondary, stderr=secondary) as proc:
-        os.close(secondary)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the other side is closed
-                break
-            if not chunk:
-                break
-            output += chunk
-    os.close(main)
-    assert proc.returncode == 0
+    code, output = host.on_a_terminal("status", columns=120)
+    assert code == 0
     assert b"untracked" in output
     assert b"\x1b[" in output
 
@@ -353,6 +345,16 @@ def test_diff_table(host: Host) -> None:
     expected = [[c.name, versions(c.before), versions(c.after), c.kind.value] for c in EXPECTED]
     assert rows == expected
     assert "changes 16 packages" in result.stdout
+
+
+def test_diff_with_nothing_to_show_says_no_changes(host: Host) -> None:
+    system = host.build_one("a")
+    host.install(system)
+    host.publish(system)
+    assert host.collect().returncode == 0
+    result = host.run_agent("diff", env=WIDE)
+    assert result.returncode == 0, result
+    assert result.stdout == f"no changes: {system.basename} → {system.basename}\n", result
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from datetime import UTC, datetime
 
 import pytest
 from harness import (
     NEW_KERNEL,
     AgentResult,
+    FleetLockServer,
     Host,
     System,
     SystemSpec,
@@ -254,10 +256,12 @@ def test_oneshot_trial_boots_the_new_system_once_and_confirms_it(host: Host) -> 
     result = reboot(host)
     assert result.returncode == 0, result
     profile = str(host.profile_link)
-    # A generation (with a boot entry) for new; the profile and the default stay on old.
+    # The entries name their systems (checked first); a generation (with a boot entry) for
+    # new; the profile and the default stay on old.
     assert oneshot_commands(host) == [
         ["--profile", profile, "--set", new.path],
         ["--profile", profile, "--switch-generation", "1"],
+        ["list", "--json=short", "--no-pager"],
         ["list", "--json=short", "--no-pager"],
         ["set-oneshot", "nixos-generation-2.conf"],
     ]
@@ -342,23 +346,30 @@ def test_oneshot_trial_killed_before_its_reboot_is_undone_then_tried_again(host:
     assert_on(host, new, "up-to-date")
 
 
-def test_oneshot_that_bootctl_refuses_changes_nothing_and_reboots_nothing(host: Host) -> None:
-    old, _ = systemd_boot_systems(host)
-    (host.root / "bootctl-fails").write_text(
+def test_oneshot_that_bootctl_refuses_is_counted_and_not_retried(host: Host) -> None:
+    old, new = systemd_boot_systems(host)
+    (host.root / "bootctl-fails.set-oneshot").write_text(
         "Failed to update EFI variable: Read-only file system\n"
     )
     result = reboot(host)
     assert result.returncode == 1, result
     (error,) = error_lines(result)
+    assert error.startswith(f"error: trial boot (oneshot) into {new.basename} failed: "), error
     assert "bootctl" in error and "Read-only file system" in error, error
     assert boots(host) == []
     assert (host.profile(), host.boot_default()) == (old.path, old.path)
     assert journal(host)["phase"] == "rolled-back"
     assert host.snapshot()["dirty"] is False
-    # A passing failure: tried again once bootctl works.
-    (host.root / "bootctl-fails").unlink()
-    assert reboot(host).returncode == 0
-    assert boots(host) == [["reboot"]]
+    # Counted (the failure metric, DeployFailed), and not retried until upstream changes:
+    # it would fail the same way on every run.
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": 0, "failure": 1} and new.path in deploys["failed"]
+    assert metric(host.metrics(), "nixos_autodeploy_deployments_total", result="failure") == 1
+    (host.root / "bootctl-fails.set-oneshot").unlink()
+    again = reboot(host)
+    assert again.returncode == 0, again
+    assert "not retried" in again.stderr
+    assert boots(host) == []
 
 
 def test_dry_run_shows_the_oneshot_steps(host: Host) -> None:
@@ -426,7 +437,8 @@ def test_oneshot_that_would_drop_the_old_entry_is_refused_and_undone(host: Host)
     result = reboot(host)
     assert result.returncode == 1, result
     assert error_lines(result) == [
-        f"error: systemd-boot dropped the entry of {old.basename} when {new.basename} was "
+        f"error: trial boot (oneshot) into {new.basename} failed: "
+        f"systemd-boot dropped the entry of {old.basename} when {new.basename} was "
         "added: a one-time boot needs boot.loader.systemd-boot.configurationLimit >= 2"
     ]
     assert boots(host) == [] and not host.oneshot_path.exists()
@@ -436,6 +448,10 @@ def test_oneshot_that_would_drop_the_old_entry_is_refused_and_undone(host: Host)
     assert (host.profile(), host.boot_default()) == (old.path, old.path)
     assert journal(host)["phase"] == "rolled-back"
     assert host.snapshot()["dirty"] is False
+    # Counted, and not tried again (the limit refuses it each time) until upstream changes.
+    assert host.read_json("deploys.json")["totals"] == {"success": 0, "failure": 1}
+    again = reboot(host)
+    assert again.returncode == 0 and "not retried" in again.stderr, again
 
 
 def test_a_profile_rolled_back_by_hand_gets_a_plain_reboot_trial(host: Host) -> None:
@@ -454,3 +470,192 @@ def test_a_profile_rolled_back_by_hand_gets_a_plain_reboot_trial(host: Host) -> 
     assert journal(host)["trial"] == "reboot"
     assert host.recorded("bootctl") == []
     assert host.boot_default() == new.path
+
+
+# ---- issue 20: trials that cannot boot, that cannot be installed, that were cut short -----
+
+
+def test_reboot_trial_killed_before_its_reboot_is_undone_not_taken_for_success(
+    host: Host,
+) -> None:
+    # Issue 20, defect 7: the next run in the same boot took this boot's mark for success,
+    # recorded new as deployed and rebooted into it unchecked.
+    old, new = systems(host)
+    check = ("--health-check", not_running(host, new))
+    killed = reboot(host, *check, env={STOP_AT: "booting"})
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert boots(host) == []
+    again = reboot(host, *check)
+    assert again.returncode == 0, again
+    assert "the reboot into" in again.stderr and "did not happen; undoing it" in again.stderr
+    # Undone (its default back on old), decided anew: the trial again, as a trial.
+    assert host.activations() == [("boot", new.path), ("boot", old.path), ("boot", new.path)]
+    assert journal(host)["phase"] == "booting"
+    assert not (host.state_dir / "deploys.json").exists(), "nothing counted"
+    assert boots(host) == [["reboot"]]
+    host.reboot()
+    checked = reboot(host, *check)
+    assert checked.returncode == 1, checked
+    assert "failed its health checks after its trial boot" in error_lines(checked)[0]
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+
+
+def test_kexec_refused_by_the_kernel_is_counted_and_not_retried(host: Host) -> None:
+    # Issue 20, defect 3: Secure Boot lockdown refuses kexec --load; nothing was recorded,
+    # and every run tried again.
+    old, new = systems(host)
+    (host.root / "kexec-fails.--load").write_text(
+        "kexec_file_load failed: Operation not permitted\n"
+    )
+    result = kexec(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert error.startswith(f"error: trial boot (kexec) into {new.basename} failed: "), error
+    assert "Operation not permitted" in error
+    assert boots(host) == [] and journal(host)["phase"] == "rolled-back"
+    assert (host.current(), host.profile(), host.boot_default()) == (old.path,) * 3
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": 0, "failure": 1} and new.path in deploys["failed"]
+    assert metric(host.metrics(), "nixos_autodeploy_deployments_total", result="failure") == 1
+    again = kexec(host)
+    assert again.returncode == 0 and "not retried" in again.stderr, again
+    assert [argv[0] for argv in host.recorded("kexec")] == ["--load", "--unload"]
+
+
+def test_undone_kexec_trial_unloads_its_kernel_and_is_never_adopted(host: Host) -> None:
+    # Issue 20, defect 10: `systemctl kexec` failed after `kexec --load`; the kernel stayed
+    # loaded, the next reboot by anyone booted new, and the agent adopted it unchecked.
+    old, new = systems(host)
+    (host.root / "systemctl-fails.kexec").write_text("Failed to kexec: Access denied\n")
+    result = kexec(host)
+    assert result.returncode == 1, result
+    assert "Access denied" in error_lines(result)[0]
+    loaded = ["--load", f"{new}/kernel"]
+    assert [argv[:2] for argv in host.recorded("kexec")] == [loaded, ["--unload"]]
+    assert (host.current(), host.profile(), host.boot_default()) == (old.path,) * 3
+    # Had the unload failed too: a later reboot kexecs new. It is not adopted.
+    (host.root / "systemctl-fails.kexec").unlink()
+    host.kexec_into(new)
+    after = kexec(host)
+    assert after.returncode == 0, after.stderr
+    assert host.read_json("deployed.json")["path"] == old.path
+    assert host.profile() == old.path
+    assert boots(host) == [["kexec"]], "only the one refused"
+
+
+def test_undone_kexec_trial_whose_system_runs_anyway_is_not_adopted(host: Host) -> None:
+    # Issue 20, defect 10, the second half: a trial undone without counting a failure (cut
+    # short before its kexec), its kernel booted all the same.
+    old, new = systems(host)
+    assert kexec(host, env={STOP_AT: "booting"}).returncode == -signal.SIGKILL
+    # The next run, outside its window: undone, not tried again.
+    closed = ("--reboot-window", closed_window())
+    undone = kexec(host, *closed, env={"TZ": "UTC"})
+    assert undone.returncode == 0, undone
+    assert journal(host)["phase"] == "rolled-back"
+    assert [argv[0] for argv in host.recorded("kexec")] == ["--unload"]
+    host.kexec_into(new)
+    after = kexec(host, *closed, env={"TZ": "UTC"})
+    assert after.returncode == 0, after
+    assert "never checked; not adopting it" in after.stderr
+    assert host.read_json("deployed.json")["path"] == old.path
+
+
+def test_confirmed_trial_whose_boot_loader_install_fails_goes_back(host: Host) -> None:
+    # Issue 20, defect 5: new passed its checks after its kexec, its `switch-to-configuration
+    # boot` failed (a full ESP): the journal stayed `checking` for ever, nothing recorded.
+    built = host.build(SystemSpec("newer", kernel=NEW_KERNEL))
+    old, new = systems(host)
+    assert kexec(host).returncode == 0
+    host.kexec_into(new)
+    host.fail_activation(new, "cp: error writing '/boot/EFI/nixos/kernel': No space left")
+    result = kexec(host)
+    assert result.returncode == 1, result
+    (error,) = error_lines(result)
+    assert error.startswith(f"error: {new.basename} passed its checks, but installing it failed")
+    assert "No space left" in error
+    # Consistent: profile and default on old (its boot loader installed again); new, which
+    # runs but is not what the next boot loads, is left by the one rollback reboot.
+    assert host.activations() == [("boot", new.path), ("boot", old.path)]
+    assert (host.profile(), host.boot_default()) == (old.path, old.path)
+    assert boots(host) == [["kexec"], ["reboot"]]
+    assert journal(host)["phase"] == "rolled-back"
+    deploys = host.read_json("deploys.json")
+    assert deploys["totals"] == {"success": 0, "failure": 1} and new.path in deploys["failed"]
+    host.reboot()
+    assert kexec(host).returncode == 0
+    assert_on(host, old, "update-available")
+    # A newer upstream proceeds.
+    host.publish(built["newer"])
+    assert host.collect().returncode == 0
+    assert kexec(host).returncode == 0
+    assert boots(host) == [["kexec"], ["reboot"], ["kexec"]]
+    assert journal(host)["path"] == built["newer"].path
+
+
+def test_kexec_trial_of_a_system_with_initrd_secrets_is_refused(
+    host: Host, lock_server: FleetLockServer
+) -> None:
+    built = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL, initrd_secrets=True))
+    tracking(host, built["old"], built["new"], collect=True)
+    write_machine_id(host)
+    before = host.links()
+    result = kexec(host, "--fleet-lock-url", lock_server.url)
+    assert result.returncode == 1, result
+    assert error_lines(result) == [
+        f"error: {built['new'].basename} sets boot.initrd.secrets, which a kexec'd initrd "
+        "lacks (append-initrd-secrets): use --reboot-mode reboot"
+    ]
+    assert host.links() == before and host.recorded("kexec") == [] and boots(host) == []
+    assert lock_server.calls("/v1/pre-reboot") == []
+
+
+def test_oneshot_trial_on_unified_kernel_images_is_refused(
+    host: Host, lock_server: FleetLockServer
+) -> None:
+    old, _ = systemd_boot_systems(host)
+    (host.root / "boot/uki").touch()  # Lanzaboote: entries carry no init=
+    write_machine_id(host)
+    before = host.links()
+    result = reboot(host, "--fleet-lock-url", lock_server.url)
+    assert result.returncode == 1, result
+    assert error_lines(result) == [
+        f"error: systemd-boot's entries do not name their system (no init={old}/init; "
+        "unified kernel images, e.g. Lanzaboote): a one-time trial boot cannot pick the new "
+        "one; use --reboot-mode kexec"
+    ]
+    assert host.links() == before and boots(host) == []
+    assert lock_server.calls("/v1/pre-reboot") == []
+    assert not (host.state_dir / "journal.json").exists()
+
+
+def test_a_finished_journal_of_a_newer_version_is_read(host: Host) -> None:
+    _, new = systems(host)
+    assert kexec(host).returncode == 0
+    host.kexec_into(new)
+    assert kexec(host).returncode == 0
+    path = host.state_dir / "journal.json"
+    written = json.loads(path.read_text())
+    assert written["finished"] is True
+    # A downgrade: a trial kind, then a finished phase, this version does not know.
+    for changes in ({"trial": "pxe"}, {"phase": "abandoned", "trial": "pxe"}):
+        path.write_text(json.dumps({**written, **changes}))
+        result = kexec(host)
+        assert result.returncode == 0, (changes, result)
+        assert host.snapshot()["state"] == "up-to-date"
+    # An open phase it does not know is still refused: what it left half done is unknown.
+    path.write_text(json.dumps({**written, "phase": "abandoned", "finished": False}))
+    refused = kexec(host)
+    assert refused.returncode == 1, refused
+    assert "is corrupt" in error_lines(refused)[0]
+
+
+def write_machine_id(host: Host) -> None:
+    (host.root / "etc").mkdir(exist_ok=True)
+    (host.root / "etc/machine-id").write_text("e" * 32 + "\n")
+
+
+def closed_window() -> str:
+    """A maintenance window (UTC) that is closed for the next hours."""
+    hour = datetime.now(UTC).hour
+    return f"{(hour + 6) % 24:02d}:00-{(hour + 7) % 24:02d}:00"

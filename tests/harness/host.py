@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -33,25 +34,38 @@ for arg in "$@"; do line="$line$arg\x1f"; done
 printf '%s\\n' "$line" >> '{log}'
 """
 COUNTER = RECORDER + "exec '{real}' \"$@\"\n"
+# A recorded tool fails with the message in <root>/TOOL-fails, or in <root>/TOOL-fails.ARG
+# for calls whose first argument is ARG (kexec refused under Secure Boot lockdown: a
+# `kexec-fails.--load`; `systemctl kexec` refused: a `systemctl-fails.kexec`).
+FAILS = """for fails in '{root}/{name}-fails' "{root}/{name}-fails.$1"; do
+  if [ -e "$fails" ]; then cat "$fails" >&2; exit 1; fi
+done
+"""
 # systemd-boot's LoaderInfo EFI variable (attribute bits, then UTF-16): "systemd-boot booted".
 LOADER_INFO = "sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # bootctl as systemd-boot on this root would answer: one entry per profile generation (as
 # NixOS's systemd-boot-builder writes them; only the newest N with N in <root>/boot/limit,
 # its configurationLimit), the one-time entry kept in <root>/boot/oneshot where the
-# firmware would keep it. `bootctl` fails with the message in <root>/bootctl-fails.
+# firmware would keep it. `bootctl` fails as a recorded tool does (FAILS). With
+# <root>/boot/uki, the entries are unified kernel images (Lanzaboote's): no `init=`.
 BOOTCTL = (
     RECORDER
+    + FAILS
     + """root='{root}'
 profiles="$root/nix/var/nix/profiles"
-if [ -e "$root/bootctl-fails" ]; then cat "$root/bootctl-fails" >&2; exit 1; fi
 case "$1" in
 list)
   limit=$(cat "$root/boot/limit" 2>/dev/null || echo 1000)
   sep=""; printf '['
   numbers=$(ls "$profiles" | sed -n 's/^system-\\([0-9]*\\)-link$/\\1/p' | sort -n)
   for n in $(echo "$numbers" | tail -n "$limit"); do
-    printf '%s{{"id":"nixos-generation-%s.conf","options":"init=%s/init loglevel=4"}}' \\
-      "$sep" "$n" "$(readlink "$profiles/system-$n-link")"
+    if [ -e "$root/boot/uki" ]; then
+      printf '%s{{"id":"nixos-generation-%s.efi","type":"type2","options":"loglevel=4"}}' \\
+        "$sep" "$n"
+    else
+      printf '%s{{"id":"nixos-generation-%s.conf","options":"init=%s/init loglevel=4"}}' \\
+        "$sep" "$n" "$(readlink "$profiles/system-$n-link")"
+    fi
     sep=,
   done
   echo ']' ;;
@@ -307,7 +321,7 @@ class Host:
         info.parent.mkdir(parents=True, exist_ok=True)
         info.write_bytes(b"\x06\0\0\0" + "systemd-boot 252\0".encode("utf-16-le"))
         log = self.log_dir / "bootctl.log"
-        self._write_script("bootctl", BOOTCTL.format(log=log, root=self.root))
+        self._write_script("bootctl", BOOTCTL.format(log=log, root=self.root, name="bootctl"))
 
     @property
     def oneshot_path(self) -> Path:
@@ -414,7 +428,10 @@ class Host:
 
     def _write_recorders(self) -> None:
         for name in RECORDED:
-            self._write_script(name, RECORDER.format(log=self.log_dir / f"{name}.log"))
+            script = RECORDER + FAILS
+            self._write_script(
+                name, script.format(log=self.log_dir / f"{name}.log", root=self.root, name=name)
+            )
         for name in COUNTED:
             real = shutil.which(name)
             if real is None:
@@ -457,6 +474,31 @@ class Host:
                 argv += ["--root", str(self.root)]
             argv += args[1:]
         return argv
+
+    def on_a_terminal(
+        self, *args: str, env: Mapping[str, str] | None = None, columns: int = 160
+    ) -> tuple[int, bytes]:
+        """The agent with stdout and stderr on a pseudo-terminal: its exit status and all it
+        wrote there. NO_COLOR is dropped unless `env` sets it."""
+        main, secondary = pty.openpty()
+        full_env = {**self.agent_env(env), "TERM": "xterm-256color", "COLUMNS": str(columns)}
+        if env is None or "NO_COLOR" not in env:
+            full_env.pop("NO_COLOR", None)
+        with subprocess.Popen(
+            self.agent_argv(*args), env=full_env, stdout=secondary, stderr=secondary, cwd=self.tmp
+        ) as proc:
+            os.close(secondary)
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # EIO: the other side is closed
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        os.close(main)
+        return proc.returncode, output
 
     def start_agent(
         self, *args: str, env: Mapping[str, str] | None = None

@@ -97,6 +97,7 @@ class SystemSpec:
     extra: str = ""  # content of the non-kernel file `extra`
     nixos: bool = True  # False: no bin/switch-to-configuration
     packages: tuple[Package, ...] = ()  # more store paths in its closure
+    initrd_secrets: bool = False  # boot.initrd.secrets set: an `append-initrd-secrets`
 
     def to_json(self) -> dict[str, Any]:
         for value in (self.name, self.kernel, self.initrd or self.kernel, self.tag or self.name):
@@ -110,6 +111,7 @@ class SystemSpec:
             "extra": self.extra,
             "nixos": "1" if self.nixos else "",
             "packages": [p.to_json() for p in self.packages],
+            "initrdSecrets": "1" if self.initrd_secrets else "",
         }
 
 

@@ -4,6 +4,8 @@
 # nixos = "": no bin/switch-to-configuration (a store path that is not a NixOS system).
 # packages (optional): [{"name": store path name, "build": S}], each a store path of the
 # system's closure; the same name and build in two systems is the same path.
+# initrdSecrets (optional): "1" gives the system the `append-initrd-secrets` program that
+# NixOS adds when boot.initrd.secrets is set.
 # Result: one attribute per system name.
 { specJSON }:
 let
@@ -77,6 +79,10 @@ let
     printf '#!/bin/sh\necho "synthetic init of %s"\n' "$out" > "$out/init"
     for p in $packages; do printf '%s\n' "$p"; done > "$out/packages"
     chmod +x "$out/init"
+    if [ -n "$initrdSecrets" ]; then
+      printf '#!/bin/sh\necho "synthetic initrd secrets appender"\n' > "$out/append-initrd-secrets"
+      chmod +x "$out/append-initrd-secrets"
+    fi
     if [ -n "$nixos" ]; then
       { printf "#!/bin/sh\nroot='%s'\nout='%s'\n" "$root" "$out"; printf '%s' "$stc"; } \
         > "$out/bin/switch-to-configuration"
@@ -87,6 +93,7 @@ let
     initrd = initrd s.initrd;
     kernelModules = kernelModules s.kernel;
     inherit (s) tag extra nixos;
+    initrdSecrets = s.initrdSecrets or "";
     packages = map package (s.packages or [ ]);
     root = spec.root;
     stc = switchToConfiguration;

@@ -59,6 +59,7 @@ let
       nix = stubPackage "nix";
       systemd = stubPackage "systemd";
       kexec-tools = stubPackage "kexec-tools";
+      runtimeShell = "/nix/store/${fakeHash}-bash/bin/bash";
     };
   };
 
@@ -140,6 +141,7 @@ let
         dependencies = map (p: p.pname) (package.dependencies or [ ]);
         makeWrapperArgs = package.makeWrapperArgs or [ ];
         preCheck = package.preCheck or "";
+        postPatch = package.postPatch or "";
         attributes = builtins.attrNames package;
       };
     };
