@@ -582,7 +582,8 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
     """The run after a trial boot. Still this boot (the mark): a trial whose reboot did not
     happen is undone (a reboot trial's default goes back too) and decided anew. Booted
     into the new system: checked, then confirmed (kexec, oneshot: only now the profile and
-    the boot default; should installing its boot loader fail, it failed: rolled back and
+    the boot default; should the boot filesystem not take it, refused and left open for the
+    next run; should installing its boot loader fail, it failed: rolled back and
     rebooted back) or failed, rolled back and rebooted back. Came back on another
     system: a kexec or oneshot never issued is undone, one issued failed (recorded, no
     second reboot); a reboot trial is done (pending, not rebooted again)."""
@@ -607,10 +608,8 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
         try:
             # Checked again: the boot filesystem may have filled since the trial began.
             space.make_room(settings, entry.path, (entry.before.current,))
-        except SpaceError as e:  # the profile has not moved; space can be freed: retried
-            fail(
-                settings, entry, f"{entry.path.name} passed its checks, but {e}", blocks_retry=False
-            )
+        except SpaceError as e:
+            _refused_confirmation(settings, entry, e)
         # Its boot loader install may leave the boot loader half written: a rollback
         # installs the old one's again.
         entry = advance(paths, entry, Phase.CHECKING, activation_started=True)
@@ -627,6 +626,18 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
     _prune(settings, entry)
     log.info("trial boot of %s confirmed: %s", entry.path.name, result.summary)
     return entry
+
+
+def _refused_confirmation(settings: Settings, entry: Journal, error: SpaceError) -> NoReturn:
+    """A trial that passed its checks but whose boot loader install the boot filesystem
+    cannot take: nothing moves (the new system runs, the next boot loads the old one) and
+    the trial stays open, so the next run checks and tries again (space can be freed).
+    Counted as a failure that blocks no retry, the metrics and alerts show the refusal;
+    without the journal's id, which would keep the confirmation's result from counting."""
+    message = f"{entry.path.name} passed its checks, but {error}; the next run tries again"
+    result = DeployResult(time.time(), entry.path, entry.activation, False, message)
+    record_result(settings.paths, result)
+    raise ActuatorError(message)
 
 
 def _came_back(settings: Settings, entry: Journal, current: StorePath | None) -> Journal:

@@ -12,8 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, System, SystemSpec, error_lines, metric
-from harness.deploys import assert_links, deploy, history, record, state_files
+from harness import NEW_KERNEL, AgentResult, Host, System, SystemSpec, error_lines, metric
+from harness.deploys import (
+    assert_links,
+    deploy,
+    history,
+    journal,
+    record,
+    state_files,
+    tracking,
+)
 
 pytestmark = pytest.mark.nix
 
@@ -231,3 +239,64 @@ def test_keep_generations_0_never_removes_any(host: Host, small_boot: Path) -> N
     result = deploy(host, "--keep-generations", "0", "--min-free-boot", "0")
     assert result.returncode == 0, result
     assert _generation_numbers(host) == [1, 2, 3, 4]
+
+
+def _kexec(host: Host, *args: str) -> AgentResult:
+    """A kexec trial deploy (the kexec and the reboots are recorders); one check round."""
+    argv = ("--switch-mode", "boot", "--reboot-mode", "kexec", "--health-timeout", "1")
+    return deploy(host, *argv, *args, timeout=5)
+
+
+def _boots(host: Host) -> list[list[str]]:
+    return [argv for argv in host.recorded("systemctl") if argv[:1] in (["reboot"], ["kexec"])]
+
+
+def _kexec_trial_host(host: Host) -> tuple[System, System]:
+    built = host.build(SystemSpec("old"), SystemSpec("new", kernel=NEW_KERNEL))
+    old, new = built["old"], built["new"]
+    tracking(host, old, new, collect=True)
+    return old, new
+
+
+def test_a_kexec_trial_whose_confirmation_cannot_fit_is_never_started(
+    host: Host, small_boot: Path
+) -> None:
+    """The boot loader install comes only at the confirmation; the check comes first."""
+    old, _new = _kexec_trial_host(host)
+    _fill_leaving(small_boot, PAGE)
+    result = _kexec(host, "--min-free-boot", str(PAGE))
+    assert result.returncode == 1, result
+    (line,) = error_lines(result)
+    assert "not enough space on the boot filesystem" in line, line
+    assert host.recorded("kexec") == [] and _boots(host) == []
+    assert (host.current(), host.profile(), host.boot_default()) == (old.path,) * 3
+    assert metric(host.metrics(), "nixos_autodeploy_space_refused", filesystem="boot") == 1
+
+
+def test_a_trial_confirmation_that_cannot_fit_waits_with_nothing_moved_and_is_retried(
+    host: Host, small_boot: Path
+) -> None:
+    old, new = _kexec_trial_host(host)
+    assert _kexec(host, "--min-free-boot", str(PAGE)).returncode == 0
+    assert _boots(host) == [["kexec"]]
+    host.kexec_into(new)
+    _fill_leaving(small_boot, PAGE)  # the boot filesystem filled up meanwhile
+    result = _kexec(host, "--min-free-boot", str(PAGE))
+    assert result.returncode == 1, result
+    (line,) = error_lines(result)
+    assert "passed its checks, but not enough space on the boot filesystem" in line, line
+    # Refused before the profile moved: new runs, the next boot loads old, no reboot.
+    assert host.activations() == []
+    assert (host.current(), host.profile(), host.boot_default()) == (new.path, old.path, old.path)
+    assert _boots(host) == [["kexec"]]
+    assert journal(host)["phase"] == "checking"  # open: the next run tries again
+    assert metric(host.metrics(), "nixos_autodeploy_space_refused", filesystem="boot") == 1
+
+    small_boot.joinpath("filler").unlink()  # space freed: no failure memory
+    confirmed = _kexec(host, "--min-free-boot", str(PAGE))
+    assert confirmed.returncode == 0, confirmed
+    assert host.activations() == [("boot", new.path)]
+    assert (host.current(), host.profile(), host.boot_default()) == (new.path,) * 3
+    assert journal(host)["phase"] == "done"
+    assert _boots(host) == [["kexec"]]
+    assert metric(host.metrics(), "nixos_autodeploy_space_refused", filesystem="boot") == 0
