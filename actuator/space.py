@@ -27,7 +27,7 @@ BOOTSPEC = "org.nixos.bootspec.v1"
 
 
 def boot_dir(paths: Paths) -> str:
-    return paths.under_root("/boot")
+    return paths.boot
 
 
 def boot_files(system: str) -> set[str]:

@@ -46,9 +46,16 @@ class Paths:
     # under root, the original tool's places. The module gives the sandboxed collector a
     # directory of its own and links the old places to it.
     runtime_dir: str | None = None
+    # Where the boot loader copies kernels and initrds: /boot, or the ESP (or XBOOTLDR)
+    # systemd-boot uses; the module reads it from the boot loader's configuration.
+    boot_dir: str = "/boot"
 
     def under_root(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
+
+    @property
+    def boot(self) -> str:
+        return self.under_root(self.boot_dir)
 
     @property
     def current(self) -> str:
@@ -427,6 +434,16 @@ OPTIONS: tuple[Option, ...] = (
         parse=float,
         file_type=NUMBER,
         check=_every,
+    ),
+    Option(
+        "boot_dir",
+        ("--boot-dir",),
+        "the boot filesystem's mount point, where kernels and initrds go (/boot)",
+        FETCHING,
+        metavar="DIR",
+        default="/boot",
+        check=os.path.abspath,
+        field="paths.boot_dir",
     ),
     Option(
         "min_free_store",

@@ -37,7 +37,7 @@ class Room:
 
 def measure(paths: Paths) -> Room:
     """Two statvfs and one listdir: cheap enough for every poll."""
-    boot = paths.under_root("/boot")
+    boot = paths.boot
     profile = os.path.basename(paths.profile)
     try:
         names = os.listdir(os.path.dirname(paths.profile))

@@ -254,6 +254,7 @@ SAMPLES = {
     "prometheus_path": Sample(("--prometheus-path", "/a.prom"), "/a.prom", "/b.prom", "/b.prom"),
     "track": Sample(("--track",), True, True, True),
     "every": Sample(("--every", "30"), 30.0, 45, 45.0),
+    "boot_dir": Sample(("--boot-dir", "/efi"), "/efi", "/boot/efi", "/boot/efi"),
     "min_free_store": Sample(("--min-free-store", "512M"), 512 << 20, "2G", 2 << 30),
     "switch_mode": Sample(("-s", "boot"), SwitchMode.BOOT, "smart", SwitchMode.SMART),
     "reboot_mode": Sample(("-r", "k-exec"), RebootMode.KEXEC, "reboot", RebootMode.REBOOT),
