@@ -219,8 +219,9 @@ def test_keep_generations_prunes_after_a_confirmed_deploy_never_the_booted_or_cu
     result = deploy(host, "--keep-generations", "1", "--prune-foreign")
     assert result.returncode == 0, result
     assert_links(host, current=built["D"], profile=built["D"], booted=built["A"])
-    # 2 goes; 3 stays (what ran before: deployed.json's previous, the rollback's target),
-    # and 1, though foreign ones may go: it is booted.
+    # 2 goes. 3 stays though neither booted, current nor the profile's: the journal needs
+    # it (what ran before, its rollback's target). 1 stays, though foreign ones may go:
+    # it is booted. 4 is current and the profile's.
     assert _generation_numbers(host) == [1, 3, 4]
     assert _ours(host) == [3, 4]
     (removed,) = [e for e in history(host) if e["event"] == "generations-removed"]
