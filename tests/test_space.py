@@ -5,6 +5,7 @@ line and nothing changed, then realises once space is freed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -127,16 +128,21 @@ def test_deploy_refuses_with_nothing_changed_then_deploys_once_space_is_freed(
 # ---- the boot filesystem and the agent's generations ----------------------------------
 
 
-@pytest.fixture
-def small_boot(host: Host) -> Iterator[Path]:
-    """A 64 KiB tmpfs at <root>/boot; fails (never skips) when it cannot be mounted."""
-    mount = host.root / "boot"
+@contextlib.contextmanager
+def _tmpfs_64k(mount: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs at mount; fails (never skips) when it cannot be mounted."""
     mount.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_boot(host: Host) -> Iterator[Path]:
+    with _tmpfs_64k(host.root / "boot") as mount:
+        yield mount
 
 
 PAGE = 4096
@@ -301,3 +307,21 @@ def test_a_trial_confirmation_that_cannot_fit_waits_with_nothing_moved_and_is_re
     assert journal(host)["phase"] == "done"
     assert _boots(host) == [["kexec"]]
     assert metric(host.metrics(), "nixos_autodeploy_space_refused", filesystem="boot") == 0
+
+
+def test_the_boot_dir_names_the_filesystem_checked(host: Host) -> None:
+    """--boot-dir /efi (the module's systemd-boot ESP): /efi is checked and reported, not
+    the roomy /boot."""
+    _three_deploys(host)
+    with _tmpfs_64k(host.root / "efi") as esp:
+        _fill_leaving(esp, PAGE)
+        # One byte more than pruning B would make room for (as in the refusal above).
+        result = deploy(host, "--boot-dir", "/efi", "--min-free-boot", str(PAGE + 1))
+        assert result.returncode == 1, result
+        (line,) = error_lines(result)
+        assert f"not enough space on the boot filesystem {esp} " in line, line
+        assert metric(host.metrics(), "nixos_autodeploy_boot_free_bytes") <= PAGE
+        assert _generation_numbers(host) == [1, 2, 3]
+        result = deploy(host, "--min-free-boot", str(PAGE + 1))  # /boot has room
+        assert result.returncode == 0, result
+        assert _generation_numbers(host) == [1, 2, 3, 4]
