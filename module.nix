@@ -28,6 +28,20 @@ let
   escapeExecArgs = args: lib.concatMapStringsSep " " escapeExecArg args;
 
   isAbsolute = path: lib.hasPrefix "/" path;
+
+  # Where the boot loader copies kernels and initrds: systemd-boot's XBOOTLDR partition or
+  # its ESP; other boot loaders (GRUB, extlinux) copy them to /boot. `or`: older nixpkgs
+  # lack xbootldrMountPoint, and a configuration without boot loader options has none.
+  loader = config.boot.loader or { };
+  systemdBoot = loader.systemd-boot.enable or false;
+  bootLoaderDir =
+    if systemdBoot then
+      (if (loader.systemd-boot.xbootldrMountPoint or null) != null then
+        loader.systemd-boot.xbootldrMountPoint
+      else
+        loader.efi.efiSysMountPoint or "/boot")
+    else
+      "/boot";
   inStore = path: lib.hasPrefix "${builtins.storeDir}/" path;
 
   # Secrets never enter the Nix store or the config file: systemd copies them into
@@ -75,6 +89,8 @@ let
     url = cfg.url;
     timeout = cfg.timeout;
     runtime_dir = runtimeDir;
+    min_free_store = cfg.minFreeStore;
+    boot_dir = cfg.bootDir;
   }
   // optionalAttrs (cfg.extraHeaders != { }) {
     headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
@@ -101,6 +117,11 @@ let
     }
     // optionalAttrs (cfg.rebootMode != null) { reboot_mode = cfg.rebootMode; }
     // optionalAttrs (cfg.maxSnapshotAge != null) { max_snapshot_age = cfg.maxSnapshotAge; }
+    // {
+      min_free_boot = cfg.minFreeBoot;
+      keep_generations = cfg.keepGenerations;
+      prune_foreign = cfg.pruneForeign;
+    }
     // {
       health_checks = health.enable;
       health_commands = health.commands;
@@ -411,6 +432,73 @@ in
         second); the process holds about 31 MiB of memory (RSS). After every activation
         it is reloaded (SIGHUP: collect now), never waited on. `false` keeps the timer
         ({option}`system.autoDeploy.collectInterval`).
+      '';
+    };
+
+    minFreeStore = mkOption {
+      type = types.either types.ints.unsigned types.str;
+      default = "1G";
+      example = "4G";
+      description = ''
+        Space to leave free on the filesystem of the Nix store: before realising a new
+        upstream, the collector asks Nix what it would download and unpack, and refuses
+        (one `error:` line, nothing changed, the reason in `status`, retried at the next
+        poll) when less than this would be left. Bytes, or a number with K, M, G or T.
+        It removes nothing itself: `nix.gc` stays yours.
+      '';
+    };
+
+    minFreeBoot = mkOption {
+      type = types.either types.ints.unsigned types.str;
+      default = "16M";
+      example = "64M";
+      description = ''
+        Space to leave free on the boot filesystem
+        ({option}`system.autoDeploy.bootDir`): before an activation that installs the
+        boot loader (a switch, a boot, a trial boot's confirmation), the actuator
+        compares the kernel and initrd the new system adds with its free space. Not
+        enough: it first removes its own old generations
+        ({option}`system.autoDeploy.keepGenerations`), then refuses before the system
+        profile moves (one `error:` line; retried at the next run).
+      '';
+    };
+
+    bootDir = mkOption {
+      type = types.str;
+      default = bootLoaderDir;
+      defaultText = lib.literalMD ''
+        systemd-boot's `xbootldrMountPoint`, else `boot.loader.efi.efiSysMountPoint`, when
+        `boot.loader.systemd-boot.enable`; else `"/boot"`
+      '';
+      example = "/efi";
+      description = ''
+        The mount point of the filesystem the boot loader copies kernels and initrds
+        to, whose free space {option}`system.autoDeploy.minFreeBoot` guards and the
+        metrics report. Read from the boot loader's configuration.
+      '';
+    };
+
+    keepGenerations = mkOption {
+      type = types.ints.unsigned;
+      default = 10;
+      example = 5;
+      description = ''
+        After a deploy is confirmed (its health checks passed), remove the system
+        profile generations the agent made beyond the newest this many; 0 never removes
+        any. Never removed: the booted, the current and the profile's generation, and
+        those a deploy under way or a pending trial boot needs. The boot loader's menu
+        follows at its next install. Removing generations frees no store space by
+        itself: garbage collection (`nix.gc`) stays yours.
+      '';
+    };
+
+    pruneForeign = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether {option}`system.autoDeploy.keepGenerations` and the boot filesystem check
+        may also remove generations the agent did not make (deployed by hand,
+        `nixos-rebuild`).
       '';
     };
 

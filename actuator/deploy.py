@@ -8,9 +8,10 @@ import logging
 import shlex
 import time
 
+from collector import space
 from collector.collect import assess, collect, observe
 from collector.config import Paths, Settings
-from collector.errors import ActuatorError, AutodeployError, StateError
+from collector.errors import ActuatorError, AutodeployError, SpaceError, StateError
 from collector.history import Event, Kind
 from collector.lock import locked
 from collector.process import run
@@ -71,6 +72,9 @@ def deploy(settings: Settings) -> int:
                 state=snapshot.state.value,
             ),
         )
+        if decision.action is Action.NOTHING and space.refused(snapshot.upstream.error):
+            # The collect this deploy ran refused the realise: a refused deploy, not a no-op.
+            raise SpaceError(str(snapshot.upstream.error))
         reboot.settle(settings, snapshot, decision.action)
         try:
             if cut_short is not None and decision.action is not Action.DEPLOY:

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 
-from . import closure, http, metrics, nix, release, upstream
+from . import closure, http, metrics, nix, release, space, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
@@ -55,6 +55,8 @@ def _refresh_upstream(
         path, accepted, floor_reset_at = _accept(settings, fetched.body, keys, known, now)
     bundle = upstream.bundle_dir(settings.url)
     if not pinned(paths, path):
+        # Only here, when upstream is not pinned yet: a no-change poll runs no Nix for it.
+        space.check_store(paths, path, settings.min_free_store)
         log.info("realising upstream %s", path)
         nix.realise(path, paths.upstream, None if bundle is None else f"file://{bundle}/cache")
     changed = known is None or known.path != path
@@ -176,7 +178,8 @@ def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
         snapshot.deployed.path if snapshot.deployed else None,
     )
     if settings.prometheus_path:
-        metrics.write(settings.prometheus_path, snapshot, deploys, changes)
+        room = space.measure(paths)
+        metrics.write(settings.prometheus_path, snapshot, deploys, changes, room)
     log.info("state %s", summary(snapshot))
 
 

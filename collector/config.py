@@ -46,9 +46,16 @@ class Paths:
     # under root, the original tool's places. The module gives the sandboxed collector a
     # directory of its own and links the old places to it.
     runtime_dir: str | None = None
+    # Where the boot loader copies kernels and initrds: /boot, or the ESP (or XBOOTLDR)
+    # systemd-boot uses; the module reads it from the boot loader's configuration.
+    boot_dir: str = "/boot"
 
     def under_root(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
+
+    @property
+    def boot(self) -> str:
+        return self.under_root(self.boot_dir)
 
     @property
     def current(self) -> str:
@@ -121,6 +128,10 @@ class Settings:
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
     dry_run: bool = False
+    min_free_store: int = 1 << 30  # bytes a realise must leave free (collector/space.py)
+    min_free_boot: int = 16 << 20  # bytes a boot loader install must leave free
+    keep_generations: int = 10  # the agent's profile generations kept; 0: never removed
+    prune_foreign: bool = False  # remove generations the agent did not make too
     health: HealthSettings = HealthSettings()
     # Signed releases (collector/release.py): with keys, only a verified release counts.
     trusted_keys: tuple[str, ...] = ()
@@ -240,6 +251,26 @@ def _every(value: float) -> float:
     if not 0 < value < float("inf"):
         raise ConfigError(f"every must be a positive number of seconds, not {value}")
     return float(value)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value: int | str) -> int:
+    """A size in bytes: a number, or one with K, M, G or T (binary: 1K = 1024) after it."""
+    if isinstance(value, int):
+        found = re.fullmatch(r"(\d+)()", str(value))
+    else:
+        found = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", value.strip(), re.IGNORECASE)
+    if found is None:
+        raise ConfigError(f"not a size: {str(value)[:40]!r} (e.g. 1G, 512M, 1048576)")
+    return int(found.group(1)) * _UNITS[found.group(2).upper()]
+
+
+def _generations(value: int) -> int:
+    if value < 0:
+        raise ConfigError("keep generations must not be negative (0: never remove any)")
+    return value
 
 
 def _one_of(kind: type[E], what: str) -> Callable[[str], E]:
@@ -604,6 +635,26 @@ OPTIONS: tuple[Option, ...] = (
         file_type=NUMBER,
         check=_every,
     ),
+    Option(
+        "boot_dir",
+        ("--boot-dir",),
+        "the boot filesystem's mount point, where kernels and initrds go (/boot)",
+        FETCHING,
+        metavar="DIR",
+        default="/boot",
+        check=os.path.abspath,
+        field="paths.boot_dir",
+    ),
+    Option(
+        "min_free_store",
+        ("--min-free-store",),
+        "leave this much free on the store's filesystem; refuse a realise that would not (1G)",
+        FETCHING,
+        metavar="SIZE",
+        file_type=(int, str),
+        default=1 << 30,
+        check=_size,
+    ),
     # The reports'.
     Option(
         "json",
@@ -720,6 +771,36 @@ OPTIONS: tuple[Option, ...] = (
         file_type=list,
         default=(),
         check=_windows,
+    ),
+    Option(
+        "min_free_boot",
+        ("--min-free-boot",),
+        "leave this much free on the boot filesystem; prune, then refuse a deploy (16M)",
+        DEPLOY,
+        metavar="SIZE",
+        file_type=(int, str),
+        default=16 << 20,
+        check=_size,
+    ),
+    Option(
+        "keep_generations",
+        ("--keep-generations",),
+        "after a confirmed deploy keep the newest N system generations (10; 0: all)",
+        DEPLOY,
+        metavar="N",
+        parse=int,
+        file_type=int,
+        default=10,
+        check=_generations,
+    ),
+    Option(
+        "prune_foreign",
+        ("--prune-foreign",),
+        "remove generations the agent did not make too",
+        DEPLOY,
+        switch=True,
+        file_type=bool,
+        default=False,
     ),
     Option(
         "fleet_lock_url",

@@ -14,6 +14,8 @@ from .reboot import WaitReason, pending_reason
 from .records import Deploys
 from .release import Reason
 from .snapshot import Snapshot
+from .space import Room, boot_refused
+from .space import refused as refused_store
 from .state import State
 from .store import name_of
 
@@ -25,15 +27,20 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Snapshot, deploys: Deploys, changes: Changes) -> None:
+    def __init__(
+        self, snapshot: Snapshot, deploys: Deploys, changes: Changes, room: Room | None
+    ) -> None:
         self.snapshot = snapshot
         self.deploys = deploys
         self.changes = changes
+        self.room = room
 
     def collect(self) -> Iterable[Metric]:
         s = self.snapshot
         # The original tool's three series, names and labels unchanged.
         yield _gauge("dirty", "1 when someone deployed by hand and the agent stands back", s.dirty)
+        if self.room is not None:
+            yield from self._room(self.room)
         yield _gauge(
             "reboot_required",
             "1 when booted and current differ in kernel, initrd or modules, or a boot waits",
@@ -171,6 +178,24 @@ class _SnapshotCollector(Collector):
                 upstream.floor_reset_at,
             )
 
+    def _room(self, room: Room) -> Iterable[Metric]:
+        yield _gauge(
+            "store_free_bytes", "free bytes on the filesystem of the Nix store", room.store_free
+        )
+        if room.boot_free is not None:
+            yield _gauge("boot_free_bytes", "free bytes on the boot filesystem", room.boot_free)
+        yield _gauge("generations", "system profile generations", room.generations)
+        refused = GaugeMetricFamily(
+            P + "space_refused",
+            "1 when the last realise (store) or deploy (boot) was refused for want of space",
+            labels=["filesystem"],
+        )
+        last = self.deploys.last
+        boot = last is not None and not last.ok and boot_refused(last.message)
+        refused.add_metric(["store"], refused_store(self.snapshot.upstream.error))
+        refused.add_metric(["boot"], boot)
+        yield refused
+
     def _changes(self) -> Iterable[Metric]:
         """Only for a difference that was computed: none while it is not known."""
         diff = self.changes.upstream
@@ -217,9 +242,15 @@ class _SnapshotCollector(Collector):
             )
 
 
-def write(path: str, snapshot: Snapshot, deploys: Deploys, changes: Changes | None = None) -> None:
+def write(
+    path: str,
+    snapshot: Snapshot,
+    deploys: Deploys,
+    changes: Changes | None = None,
+    room: Room | None = None,
+) -> None:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes()))
+    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes(), room))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_to_textfile(path, registry)
     # node_exporter's node_textfile_mtime_seconds feeds the stale-collector alert too: the

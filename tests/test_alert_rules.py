@@ -26,6 +26,8 @@ ALERTS = {
     "NixosAutodeployRolloutHalted",
     "NixosAutodeployReleaseRejected",
     "NixosAutodeployReleaseExpiring",
+    "NixosAutodeployLowDiskSpace",
+    "NixosAutodeployDeployRefusedForSpace",
 }
 SEVERITIES = {"info", "warning", "critical"}
 

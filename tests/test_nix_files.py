@@ -571,6 +571,61 @@ def test_actuator_unit_carries_modes_and_extra_args(evaluate: Evaluate) -> None:
 
 
 @pytest.mark.nix
+def test_space_settings_reach_both_units_and_the_boot_dir_follows_the_boot_loader(
+    evaluate: Evaluate,
+) -> None:
+    """minFreeStore and bootDir reach the collector and the actuator (the collector reports
+    both filesystems), the generation settings the actuator; bootDir is systemd-boot's
+    XBOOTLDR or ESP mount point when it is the boot loader, else /boot."""
+    space = {"minFreeStore": "2G", "minFreeBoot": "64M", "keepGenerations": 3}
+    cases = evaluate(
+        BASE | space | {"pruneForeign": True},
+        BASE,
+        BASE | {"_boot": {"loader": {"systemd-boot": {"enable": True}}}},
+        BASE
+        | {
+            "_boot": {
+                "loader": {"systemd-boot": {"enable": True}, "efi": {"efiSysMountPoint": "/efi"}}
+            }
+        },
+        BASE
+        | {
+            "_boot": {
+                "loader": {
+                    "systemd-boot": {"enable": True, "xbootldrMountPoint": "/xboot"},
+                    "efi": {"efiSysMountPoint": "/efi"},
+                }
+            }
+        },
+        BASE | {"_boot": {"loader": {"efi": {"efiSysMountPoint": "/efi"}}}},  # GRUB: /boot
+        BASE | {"bootDir": "/mnt/esp", "_boot": {"loader": {"systemd-boot": {"enable": True}}}},
+    )
+
+    def settings_of(record: dict[str, Any], unit: str) -> Settings:
+        return program_settings(exec_argv(record["services"][unit]["serviceConfig"]["ExecStart"]))
+
+    collector, actuator = (settings_of(cases[0], unit) for unit in (COLLECTOR, ACTUATOR))
+    assert collector.min_free_store == actuator.min_free_store == 2 << 30
+    assert (actuator.min_free_boot, actuator.keep_generations) == (64 << 20, 3)
+    assert actuator.prune_foreign is True
+    defaults = settings_of(cases[1], ACTUATOR)
+    assert (defaults.min_free_store, defaults.min_free_boot) == (1 << 30, 16 << 20)
+    assert (defaults.keep_generations, defaults.prune_foreign) == (10, False)
+    boot_dirs = [
+        (settings_of(c, COLLECTOR).paths.boot_dir, settings_of(c, ACTUATOR).paths.boot_dir)
+        for c in cases[1:]
+    ]
+    assert boot_dirs == [
+        ("/boot", "/boot"),
+        ("/boot", "/boot"),
+        ("/efi", "/efi"),
+        ("/xboot", "/xboot"),
+        ("/boot", "/boot"),
+        ("/mnt/esp", "/mnt/esp"),
+    ]
+
+
+@pytest.mark.nix
 def test_health_checks_reach_the_actuator_and_its_run_at_boot(evaluate: Evaluate) -> None:
     commands = ["curl -f http://127.0.0.1/healthz", "test -e /run/ok"]
     health: dict[str, Any] = {

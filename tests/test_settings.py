@@ -150,8 +150,8 @@ def test_an_option_the_module_uses_missing_from_the_table_is_reported() -> None:
         ),
         (
             r"collectorSettings\s*=",
-            " optionalAttrs true { min_free_store = 1; } //",
-            ["collectorSettings: collect has no config-file key min_free_store"],
+            " optionalAttrs true { no_such_key = 1; } //",
+            ["collectorSettings: collect has no config-file key no_such_key"],
         ),
         (
             r"collectorSettings\s*=",
@@ -263,6 +263,8 @@ SAMPLES = {
     "host_name": Sample(("--host-name", "web1"), "web1", "db1", "db1"),
     "track": Sample(("--track",), True, True, True),
     "every": Sample(("--every", "30"), 30.0, 45, 45.0),
+    "boot_dir": Sample(("--boot-dir", "/efi"), "/efi", "/boot/efi", "/boot/efi"),
+    "min_free_store": Sample(("--min-free-store", "512M"), 512 << 20, "2G", 2 << 30),
     "switch_mode": Sample(("-s", "boot"), SwitchMode.BOOT, "smart", SwitchMode.SMART),
     "reboot_mode": Sample(("-r", "k-exec"), RebootMode.KEXEC, "reboot", RebootMode.REBOOT),
     "reboot_windows": Sample(
@@ -271,6 +273,9 @@ SAMPLES = {
         ["Sat,Sun 01:00-05:00"],
         ("Sat,Sun 01:00-05:00",),
     ),
+    "min_free_boot": Sample(("--min-free-boot", "64M"), 64 << 20, 1024, 1024),
+    "keep_generations": Sample(("--keep-generations", "3"), 3, 0, 0),
+    "prune_foreign": Sample(("--prune-foreign",), True, True, True),
     "fleet_lock_url": Sample(
         ("--fleet-lock-url", "http://airlock:3333"),
         "http://airlock:3333",

@@ -108,6 +108,18 @@ let
         type = types.attrsOf types.anything;
         default = { };
       };
+      boot.loader.systemd-boot.enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      boot.loader.systemd-boot.xbootldrMountPoint = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+      };
+      boot.loader.efi.efiSysMountPoint = mkOption {
+        type = types.str;
+        default = "/boot";
+      };
     };
   };
 
@@ -119,7 +131,9 @@ let
           modules = [
             ../../module.nix
             nixosStubs
-            { system.autoDeploy = settings; }
+            # A case's `_boot`: the boot loader's configuration (config.boot).
+            { system.autoDeploy = builtins.removeAttrs settings [ "_boot" ]; }
+            (lib.optionalAttrs (settings ? _boot) { boot = settings._boot; })
           ];
           specialArgs = { inherit pkgs; };
         })
