@@ -218,7 +218,7 @@ def _selector(text: str) -> str:
     return text.strip()
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def duration(text: str) -> float:
@@ -226,7 +226,7 @@ def duration(text: str) -> float:
     found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)", text.strip())
     if not found or float(found.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"not a duration (like 3600, 30m, 12h, 7d): {text!r}")
-    return float(found.group(1)) * _UNITS[found.group(2) or "s"]
+    return float(found.group(1)) * _SECONDS[found.group(2) or "s"]
 
 
 def _positive(what: str) -> Callable[[float], float]:
@@ -253,7 +253,7 @@ def _every(value: float) -> float:
     return float(value)
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_BYTES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def _size(value: int | str) -> int:
@@ -264,7 +264,7 @@ def _size(value: int | str) -> int:
         found = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", value.strip(), re.IGNORECASE)
     if found is None:
         raise ConfigError(f"not a size: {str(value)[:40]!r} (e.g. 1G, 512M, 1048576)")
-    return int(found.group(1)) * _UNITS[found.group(2).upper()]
+    return int(found.group(1)) * _BYTES[found.group(2).upper()]
 
 
 def _generations(value: int) -> int:
