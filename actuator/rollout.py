@@ -1,7 +1,8 @@
 """The rollout's word on deploying a new release now: the wave (is it this host's turn?) and
 the halt (does the fleet's health, asked of Prometheus, hold it back?). An answer that cannot
 be had holds the host back (fail closed): a fleet whose health cannot be seen is not rolled on.
-Only a new deploy asks: finishing an interrupted one, a rollback or a reboot never do."""
+Only a new deploy asks: finishing an interrupted one, a rollback or a reboot never do, and
+an operator's `deploy --force` overrides both (deploy.py)."""
 
 from __future__ import annotations
 
