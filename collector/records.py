@@ -179,8 +179,9 @@ class Rollback:
             "to": path_of(self.target),
             "ok": self.ok,
             "reason": self.reason,
-            "serial": self.serial,
         }
+        if self.serial is not None:
+            data["serial"] = self.serial
         return data if self.id is None else {"id": self.id, **data}
 
     @classmethod
