@@ -55,7 +55,9 @@ def deploy(settings: Settings) -> int:
         )
         if not settings.force:
             decision = _untried(paths, decision, snapshot)
-        if decision.action is Action.DEPLOY and cut_short is None:
+        if decision.action is Action.DEPLOY and cut_short is None and settings.force:
+            decision = _forced(settings, snapshot, decision)
+        elif decision.action is Action.DEPLOY and cut_short is None:
             decision = _held_back(settings, snapshot, decision)  # an interrupted one goes on
         elif not settings.dry_run:
             records.save_rollout(settings.paths, None)  # no new deploy is in question
@@ -153,6 +155,20 @@ def _held_back(settings: Settings, snapshot: Snapshot, decision: Decision) -> De
     if verdict is not None and verdict.waiting:
         return Decision(Action.NOTHING, f"rollout: {verdict.reason}")
     return decision
+
+
+def _forced(settings: Settings, snapshot: Snapshot, decision: Decision) -> Decision:
+    """An operator's deploy --force overrides the rollout too: neither the wave nor the
+    halt query is asked, and the decision says so."""
+    if not settings.dry_run:
+        records.save_rollout(settings.paths, None)
+    if not rollout.asks(settings, rollout.release_fields(snapshot)):
+        return decision
+    return Decision(
+        decision.action,
+        f"{decision.reason}; --force: the rollout's wave and halt are not asked",
+        decision.activation,
+    )
 
 
 def _reboot_plan(settings: Settings, snapshot: Snapshot) -> reboot.Reboot:

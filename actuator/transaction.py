@@ -140,6 +140,7 @@ class Journal:
     blocks_retry: bool = False  # the system itself failed: not retried until upstream changes
     message: str = ""  # why it failed
     trial: TrialKind | None = None
+    serial: int | None = None  # of the release that named `path` (None: a bare store path)
 
     @property
     def open(self) -> bool:
@@ -171,6 +172,7 @@ class Journal:
             "blocks_retry": self.blocks_retry,
             "message": self.message,
             "trial": self.trial.value if self.trial else None,
+            "serial": self.serial,
             # For a version that does not know this phase: whether it may ignore it.
             "finished": not self.open,
         }
@@ -192,6 +194,7 @@ class Journal:
                 blocks_retry=bool(data["blocks_retry"]),
                 message=str(data["message"]),
                 trial=kind,
+                serial=None if data.get("serial") is None else int(data["serial"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
@@ -311,12 +314,14 @@ def start(
     before = (
         superseded.before if superseded else Before(links.current, links.profile, snapshot.deployed)
     )
+    accepted = snapshot.upstream.release
     entry = _begin(
         paths,
         system,
         activation,
         before,
         tried,
+        serial=None if accepted is None else accepted.serial,
         # A superseded activation may have touched the boot loader: a rollback must reset it.
         activation_started=superseded is not None and superseded.activation_started,
     )
@@ -350,6 +355,7 @@ def _begin(
     before: Before,
     tried: TrialKind | None,
     *,
+    serial: int | None,
     activation_started: bool,
 ) -> Journal:
     """A new deploy, written before anything changes."""
@@ -362,6 +368,7 @@ def _begin(
         started_at=time.time(),
         trial=tried,
         activation_started=activation_started,
+        serial=serial,
     )
     return _write(paths, entry)
 
@@ -529,7 +536,9 @@ def _record_rollback(paths: Paths, entry: Journal, error: str | None) -> None:
     if not entry.blocks_retry:
         return
     reason = entry.message + (f"; rolling back failed: {error}" if error else "")
-    rollback = Rollback(entry.id, time.time(), entry.path, entry.fallback, error is None, reason)
+    rollback = Rollback(
+        entry.id, time.time(), entry.path, entry.fallback, error is None, reason, entry.serial
+    )
     record_rollback(paths, rollback)
 
 

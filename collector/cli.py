@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.serial,
                 args.serial_from,
                 args.expires_in,
+                args.rollout_start,
+                args.rollout_duration,
                 args.system,
                 args.hosts or (),
                 args.output,

@@ -200,6 +200,12 @@ def _serial(text: str) -> int:
     return int(text)
 
 
+def _unix_seconds(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,12}", text):
+        raise argparse.ArgumentTypeError(f"not Unix seconds: {text!r}")
+    return int(text)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -575,6 +581,26 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DURATION",
         parse=duration,
         default=7 * 86400.0,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "rollout_duration",
+        ("--rollout-duration",),
+        "roll the release out over this long (a wave: 12h; s, m, h, d)",
+        ("publish",),
+        metavar="DURATION",
+        parse=duration,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "rollout_start",
+        ("--rollout-start",),
+        "the wave starts at these Unix seconds (default: now)",
+        ("publish",),
+        metavar="UNIX",
+        parse=_unix_seconds,
         file_type=None,
         field=None,
     ),

@@ -240,6 +240,12 @@ class _SnapshotCollector(Collector):
                 "1 when the last rollback brought the previous system back",
                 rollback.ok,
             )
+        if rollback is not None and rollback.serial is not None:
+            yield _gauge(
+                "last_rollback_serial",
+                "Serial of the release whose system the last rollback came back from",
+                rollback.serial,
+            )
 
 
 def write(

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import release
 from .errors import ConfigError, StateError
@@ -64,26 +65,31 @@ def publish(
     serial: int | None,
     counter: str | None,
     expires_in: float,
+    rollout_start: int | None,
+    rollout_duration: float | None,
     default: str | None,
     hosts: Sequence[str],
     output: str | None,
 ) -> int:
     if not key_files:
         raise ConfigError("publish signs with at least one --key-file")
+    if rollout_start is not None and rollout_duration is None:
+        raise ConfigError("--rollout-start needs --rollout-duration")
     keys = [release.SecretKey.read(path) for path in key_files]
     named = systems(default, hosts)
     number = next_serial(serial, counter)
     now = int(time.time())
-    payload = json.dumps(
-        {
-            "version": release.VERSION,
-            "serial": number,
-            "issued": now,
-            "expires": now + int(expires_in),
-            "systems": named,
-        },
-        sort_keys=True,
-    ).encode()
+    document: dict[str, Any] = {
+        "version": release.VERSION,
+        "serial": number,
+        "issued": now,
+        "expires": now + int(expires_in),
+        "systems": named,
+    }
+    if rollout_duration is not None:
+        start = now if rollout_start is None else rollout_start
+        document["rollout"] = {"start": start, "duration": int(rollout_duration)}
+    payload = json.dumps(document, sort_keys=True).encode()
     text = json.dumps(release.envelope_json(payload, keys), indent=2) + "\n"
     if output is None:
         sys.stdout.write(text)

@@ -406,15 +406,26 @@ def test_options_of_the_command_itself_reach_its_arguments() -> None:
         43200.0,
     )
     assert (publish.hosts, publish.output) == (["web1=/nix/store/x"], "release.json")
+    assert (publish.rollout_duration, publish.rollout_start) == (7200.0, 1_800_000_000)
     assert parser.parse_args(["publish"]).expires_in == 7 * 86400
     assert parser.parse_args(["verify", "r.json"]).release_file == "r.json"
 
 
-PUBLISH = ("key_files", "serial", "expires_in", "system", "hosts", "output")
+PUBLISH = (
+    *("key_files", "serial", "expires_in", "rollout_duration", "rollout_start"),
+    *("system", "hosts", "output"),
+)
 
 
 @pytest.mark.parametrize(
-    "words", [["--expires-in", "7x"], ["--expires-in", "0"], ["--serial", "-1"]]
+    "words",
+    [
+        ["--expires-in", "7x"],
+        ["--expires-in", "0"],
+        ["--serial", "-1"],
+        ["--rollout-duration", "0"],
+        ["--rollout-start", "1.5"],
+    ],
 )
 def test_a_bad_publish_word_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], words: list[str]
@@ -489,6 +500,8 @@ COMMAND_WORDS = {
     "serial": ("--serial", "42"),
     "serial_from": ("--serial-from", "/ci/serial"),
     "expires_in": ("--expires-in", "12h"),
+    "rollout_duration": ("--rollout-duration", "2h"),
+    "rollout_start": ("--rollout-start", "1800000000"),
     "system": ("--system", "/nix/store/x"),
     "hosts": ("--host", "web1=/nix/store/x"),
     "output": ("-o", "release.json"),

@@ -95,6 +95,8 @@ def test_publish_collect_deploy_round_trip(host: Host, keys: list[SigningKey]) -
         *("--system", new.path, "--host", f"db1={db.path}", "--expires-in", "2d"),
     )
     assert counter.read_text() == "42\n"
+    payload = json.loads(release.parse_envelope((host.tmp / "release.json").read_bytes()).payload)
+    assert "rollout" not in payload  # no wave asked for: every host at once
 
     checked = host.run_agent(
         "verify", str(host.tmp / "release.json"), *trusting(keys[0]), root=False
@@ -399,6 +401,10 @@ def test_verify_refuses_with_one_line(host: Host, keys: list[SigningKey]) -> Non
         (["--serial", "1"], "give --system or --host"),
         (["--system", "/nix/store/" + "d" * 32 + "-s"], "give one of --serial N"),
         (["--serial", "1", "--host", "web1", "--system", "/nix/store/" + "d" * 32 + "-s"], "NAME="),
+        (
+            ["--serial", "1", "--system", "/nix/store/" + "d" * 32 + "-s", "--rollout-start", "1"],
+            "--rollout-start needs --rollout-duration",
+        ),
     ],
 )
 def test_publish_refuses_bad_input_and_writes_nothing(
@@ -488,3 +494,34 @@ def test_an_accepted_release_that_expired_is_not_deployed(
     host.server.publish_body(signed(keys[0], serial=2, systems={"*": new.path}))
     assert deploy(host, "--max-snapshot-age", "0", *trusting(keys[0])).returncode == 0
     assert host.current() == new.path
+
+
+def test_publish_adds_a_wave(host: Host, keys: list[SigningKey]) -> None:
+    """`--rollout-duration` alone starts the wave now; `--rollout-start` places it."""
+    system = "/nix/store/" + "d" * 32 + "-s"
+    before = int(time.time())
+    args = ("--key-file", str(keys[0].secret_file), "--serial", "1", "--system", system)
+    publish(host, *args, "--rollout-duration", "12h")
+    envelope = release.parse_envelope((host.tmp / "release.json").read_bytes())
+    wave = release.parse_release(envelope.payload).extra["rollout"]
+    assert wave["duration"] == 12 * 3600 and before <= wave["start"] <= int(time.time())
+    publish(host, *args, "--rollout-duration", "90m", "--rollout-start", "1800000000")
+    envelope = release.parse_envelope((host.tmp / "release.json").read_bytes())
+    assert release.parse_release(envelope.payload).extra == {
+        "rollout": {"start": 1_800_000_000, "duration": 5400}
+    }
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [("--rollout-duration", "soon", "not a duration"), ("--rollout-start", "x", "not Unix")],
+)
+def test_publish_refuses_a_bad_wave_as_a_usage_error(
+    host: Host, keys: list[SigningKey], flag: str, value: str, words: str
+) -> None:
+    out = host.tmp / "out.json"
+    args = ("--key-file", str(keys[0].secret_file), "--serial", "1", "--rollout-duration", "1h")
+    result = host.run_agent("publish", *args, flag, value, "-o", str(out), root=False)
+    assert result.returncode == 2
+    assert f"publish: error: argument {flag}: {words}" in result.stderr
+    assert not out.exists()
