@@ -69,6 +69,7 @@
             ps.requests
             ps.prometheus-client
             ps.rich
+            ps.cryptography
             ps.pytest
             ps.hypothesis
             ps.pyyaml

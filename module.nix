@@ -28,6 +28,20 @@ let
   escapeExecArgs = args: lib.concatMapStringsSep " " escapeExecArg args;
 
   isAbsolute = path: lib.hasPrefix "/" path;
+
+  # Where the boot loader copies kernels and initrds: systemd-boot's XBOOTLDR partition or
+  # its ESP; other boot loaders (GRUB, extlinux) copy them to /boot. `or`: older nixpkgs
+  # lack xbootldrMountPoint, and a configuration without boot loader options has none.
+  loader = config.boot.loader or { };
+  systemdBoot = loader.systemd-boot.enable or false;
+  bootLoaderDir =
+    if systemdBoot then
+      (if (loader.systemd-boot.xbootldrMountPoint or null) != null then
+        loader.systemd-boot.xbootldrMountPoint
+      else
+        loader.efi.efiSysMountPoint or "/boot")
+    else
+      "/boot";
   inStore = path: lib.hasPrefix "${builtins.storeDir}/" path;
 
   # Secrets never enter the Nix store or the config file: systemd copies them into
@@ -75,11 +89,18 @@ let
     url = cfg.url;
     timeout = cfg.timeout;
     runtime_dir = runtimeDir;
+    min_free_store = cfg.minFreeStore;
+    boot_dir = cfg.bootDir;
   }
   // optionalAttrs (cfg.extraHeaders != { }) {
     headers = lib.mapAttrsToList (name: value: "${name}: ${value}") cfg.extraHeaders;
   }
   // optionalAttrs (cfg.caFile != null) { ca_file = "${cfg.caFile}"; }
+  // optionalAttrs (cfg.trustedKeys != [ ]) {
+    trusted_keys = cfg.trustedKeys;
+    signatures_required = cfg.signaturesRequired;
+  }
+  // optionalAttrs (cfg.hostName != "") { host_name = cfg.hostName; }
   // optionalAttrs (cfg.prometheusFilePath != null) { prometheus_path = cfg.prometheusFilePath; };
 
   # Without the actuator nothing else records what runs: the collector accepts what an
@@ -96,6 +117,11 @@ let
     }
     // optionalAttrs (cfg.rebootMode != null) { reboot_mode = cfg.rebootMode; }
     // optionalAttrs (cfg.maxSnapshotAge != null) { max_snapshot_age = cfg.maxSnapshotAge; }
+    // {
+      min_free_boot = cfg.minFreeBoot;
+      keep_generations = cfg.keepGenerations;
+      prune_foreign = cfg.pruneForeign;
+    }
     // {
       health_checks = health.enable;
       health_commands = health.commands;
@@ -346,6 +372,41 @@ in
       description = "CA bundle to verify the upstream URL's TLS certificate with, instead of the system's.";
     };
 
+    trustedKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "release-1:Bx4sfDqWCnmB1aG9CW7Pz0Fyl8f7iNSZmA0T2tmD8cU=" ];
+      description = ''
+        Public keys (Nix's `name:base64` format, as
+        `nix-store --generate-binary-cache-key` writes them) whose signed releases
+        this host accepts. With keys, the URL must serve a signed release: a bare
+        store path, an unsigned, expired or older release, or one without this
+        host's entry is refused and changes nothing. Without keys, a bare store path
+        works as before and an unsigned release is accepted unverified.
+      '';
+    };
+
+    signaturesRequired = mkOption {
+      type = types.ints.positive;
+      default = 1;
+      example = 2;
+      description = ''
+        How many valid signatures from distinct keys of
+        {option}`system.autoDeploy.trustedKeys` a release needs.
+      '';
+    };
+
+    hostName = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = lib.literalExpression "config.networking.hostName";
+      example = "web1";
+      description = ''
+        This host's entry in the `systems` of a signed release (`"*"` is taken for a
+        host the release does not name).
+      '';
+    };
+
     collectInterval = mkOption {
       type = types.str;
       default = "*:0/5";
@@ -371,6 +432,73 @@ in
         second); the process holds about 31 MiB of memory (RSS). After every activation
         it is reloaded (SIGHUP: collect now), never waited on. `false` keeps the timer
         ({option}`system.autoDeploy.collectInterval`).
+      '';
+    };
+
+    minFreeStore = mkOption {
+      type = types.either types.ints.unsigned types.str;
+      default = "1G";
+      example = "4G";
+      description = ''
+        Space to leave free on the filesystem of the Nix store: before realising a new
+        upstream, the collector asks Nix what it would download and unpack, and refuses
+        (one `error:` line, nothing changed, the reason in `status`, retried at the next
+        poll) when less than this would be left. Bytes, or a number with K, M, G or T.
+        It removes nothing itself: `nix.gc` stays yours.
+      '';
+    };
+
+    minFreeBoot = mkOption {
+      type = types.either types.ints.unsigned types.str;
+      default = "16M";
+      example = "64M";
+      description = ''
+        Space to leave free on the boot filesystem
+        ({option}`system.autoDeploy.bootDir`): before an activation that installs the
+        boot loader (a switch, a boot, a trial boot's confirmation), the actuator
+        compares the kernel and initrd the new system adds with its free space. Not
+        enough: it first removes its own old generations
+        ({option}`system.autoDeploy.keepGenerations`), then refuses before the system
+        profile moves (one `error:` line; retried at the next run).
+      '';
+    };
+
+    bootDir = mkOption {
+      type = types.str;
+      default = bootLoaderDir;
+      defaultText = lib.literalMD ''
+        systemd-boot's `xbootldrMountPoint`, else `boot.loader.efi.efiSysMountPoint`, when
+        `boot.loader.systemd-boot.enable`; else `"/boot"`
+      '';
+      example = "/efi";
+      description = ''
+        The mount point of the filesystem the boot loader copies kernels and initrds
+        to, whose free space {option}`system.autoDeploy.minFreeBoot` guards and the
+        metrics report. Read from the boot loader's configuration.
+      '';
+    };
+
+    keepGenerations = mkOption {
+      type = types.ints.unsigned;
+      default = 10;
+      example = 5;
+      description = ''
+        After a deploy is confirmed (its health checks passed), remove the system
+        profile generations the agent made beyond the newest this many; 0 never removes
+        any. Never removed: the booted, the current and the profile's generation, and
+        those a deploy under way or a pending trial boot needs. The boot loader's menu
+        follows at its next install. Removing generations frees no store space by
+        itself: garbage collection (`nix.gc`) stays yours.
+      '';
+    };
+
+    pruneForeign = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether {option}`system.autoDeploy.keepGenerations` and the boot filesystem check
+        may also remove generations the agent did not make (deployed by hand,
+        `nixos-rebuild`).
       '';
     };
 
@@ -695,6 +823,16 @@ in
   config = mkIf cfg.enable (mkMerge [
     {
       assertions = [
+        {
+          assertion = lib.all (
+            key: builtins.match "[^:[:space:]]+:[A-Za-z0-9+/]{43}=" key != null
+          ) cfg.trustedKeys;
+          message = "system.autoDeploy.trustedKeys must be Nix public keys (name:base64 of 32 bytes, as in trusted-public-keys), got: ${builtins.toJSON cfg.trustedKeys}";
+        }
+        {
+          assertion = cfg.trustedKeys == [ ] || cfg.signaturesRequired <= lib.length cfg.trustedKeys;
+          message = "system.autoDeploy.signaturesRequired (${toString cfg.signaturesRequired}) is more than the ${toString (lib.length cfg.trustedKeys)} trustedKeys: no release could ever be accepted";
+        }
         {
           assertion = builtins.match "[a-zA-Z][a-zA-Z0-9+.-]*://.+" cfg.url != null;
           message = "system.autoDeploy.url must be the URL where CI publishes this host's store path (like https://ci.example.org/hosts/web1), got: \"${cfg.url}\"";

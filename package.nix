@@ -48,6 +48,7 @@ python3Packages.buildPythonApplication {
     requests
     prometheus-client
     rich
+    cryptography
   ];
 
   # The agent runs nix-store, nix-env, systemd-run, systemctl, bootctl and kexec.

@@ -8,9 +8,10 @@ import logging
 import shlex
 import time
 
+from collector import space
 from collector.collect import assess, collect, observe
 from collector.config import Paths, Settings
-from collector.errors import ActuatorError, AutodeployError, StateError
+from collector.errors import ActuatorError, AutodeployError, SpaceError, StateError
 from collector.history import Event, Kind
 from collector.lock import locked
 from collector.process import run
@@ -45,11 +46,18 @@ def deploy(settings: Settings) -> int:
         deploys = load_deploys(paths)
         snapshot = _current_snapshot(settings, deploys)
         decision = decide(
-            snapshot, deploys, settings.switch_mode, settings.force, settings.reboot_mode
+            snapshot,
+            deploys,
+            settings.switch_mode,
+            settings.force,
+            settings.reboot_mode,
+            time.time(),
         )
         if not settings.force:
             decision = _untried(paths, decision, snapshot)
-        if decision.action is Action.DEPLOY and cut_short is None:
+        if decision.action is Action.DEPLOY and cut_short is None and settings.force:
+            decision = _forced(settings, snapshot, decision)
+        elif decision.action is Action.DEPLOY and cut_short is None:
             decision = _held_back(settings, snapshot, decision)  # an interrupted one goes on
         elif not settings.dry_run:
             records.save_rollout(settings.paths, None)  # no new deploy is in question
@@ -66,6 +74,9 @@ def deploy(settings: Settings) -> int:
                 state=snapshot.state.value,
             ),
         )
+        if decision.action is Action.NOTHING and space.refused(snapshot.upstream.error):
+            # The collect this deploy ran refused the realise: a refused deploy, not a no-op.
+            raise SpaceError(str(snapshot.upstream.error))
         reboot.settle(settings, snapshot, decision.action)
         try:
             if cut_short is not None and decision.action is not Action.DEPLOY:
@@ -144,6 +155,20 @@ def _held_back(settings: Settings, snapshot: Snapshot, decision: Decision) -> De
     if verdict is not None and verdict.waiting:
         return Decision(Action.NOTHING, f"rollout: {verdict.reason}")
     return decision
+
+
+def _forced(settings: Settings, snapshot: Snapshot, decision: Decision) -> Decision:
+    """An operator's deploy --force overrides the rollout too: neither the wave nor the
+    halt query is asked, and the decision says so."""
+    if not settings.dry_run:
+        records.save_rollout(settings.paths, None)
+    if not rollout.asks(settings, rollout.release_fields(snapshot)):
+        return decision
+    return Decision(
+        decision.action,
+        f"{decision.reason}; --force: the rollout's wave and halt are not asked",
+        decision.activation,
+    )
 
 
 def _reboot_plan(settings: Settings, snapshot: Snapshot) -> reboot.Reboot:

@@ -7,6 +7,7 @@ from enum import StrEnum
 
 from collector.config import RebootMode, SwitchMode
 from collector.records import Deploys
+from collector.release import utc
 from collector.snapshot import Snapshot
 from collector.state import Activation, State, boot_differs, profile_moved
 from collector.store import StorePath, name_of
@@ -63,10 +64,18 @@ _REBOOT_FAILED = (
 
 
 def decide(
-    snapshot: Snapshot, deploys: Deploys, mode: SwitchMode, force: bool, reboot: RebootMode | None
+    snapshot: Snapshot,
+    deploys: Deploys,
+    mode: SwitchMode,
+    force: bool,
+    reboot: RebootMode | None,
+    now: float | None = None,
 ) -> Decision:
+    """now: the time an accepted release's expiry is judged at (default: when the snapshot
+    was collected)."""
     links, upstream = snapshot.links, snapshot.links.upstream
-    if snapshot.upstream.error:
+    # A refused release leaves the last accepted one in force: that one may be deployed.
+    if snapshot.upstream.error and snapshot.upstream.rejected is None:
         return Decision(
             Action.NOTHING, f"the last upstream fetch failed: {snapshot.upstream.error}"
         )
@@ -130,6 +139,14 @@ def decide(
             Action.NOTHING,
             f"{upstream.name} failed before (its activation, health checks or trial boot); "
             "not retried until upstream changes (--force overrides)",
+        )
+    accepted = snapshot.upstream.release
+    if accepted is not None and accepted.expired(snapshot.collected_at if now is None else now):
+        # A frozen answer must not deploy late what its publisher meant for then.
+        return Decision(
+            Action.NOTHING,
+            f"release serial {accepted.serial} expired at {utc(accepted.expires)}: not "
+            f"deploying {upstream.name} until a newer release is published",
         )
     activation = activation_for(mode, links.current, upstream)
     why = "dirty, deploying anyway because of --force" if state is State.DIRTY else state.value

@@ -13,6 +13,8 @@ from collector.errors import NixError, ProcessError
 from collector.process import run
 from collector.store import StorePath
 
+from .records import record_generations
+
 
 def set_argv(paths: Paths, system: StorePath) -> list[str]:
     """A new generation of the profile pointing at system (or the existing newest one,
@@ -30,10 +32,21 @@ def delete_generations_argv(paths: Paths, generations: Iterable[int]) -> list[st
 
 
 def set_to(paths: Paths, system: StorePath) -> None:
+    """Point the profile at system; the generation it now points at is the agent's."""
     try:
         run(set_argv(paths, system), stream_stderr=True)
     except ProcessError as e:
         raise NixError(f"cannot set {paths.profile} to {system}: {e.message}") from None
+    record_generations(paths, made=generation(paths))
+
+
+def delete(paths: Paths, generations: Iterable[int]) -> None:
+    numbers = sorted(generations)
+    try:
+        run(delete_generations_argv(paths, numbers), stream_stderr=True)
+    except ProcessError as e:
+        raise NixError(f"cannot remove generations of {paths.profile}: {e.message}") from None
+    record_generations(paths, removed=numbers)
 
 
 def _link_pattern(paths: Paths) -> str:

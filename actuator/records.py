@@ -11,11 +11,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 
 from collector import history
 from collector.collect import observe
 from collector.config import Paths, Settings
-from collector.fsutil import atomic_write, atomic_write_json
+from collector.errors import StateError
+from collector.fsutil import atomic_write, atomic_write_json, read_json
 from collector.history import Event, Kind
 from collector.reboot import FILE as REBOOT_FILE
 from collector.reboot import RebootState
@@ -102,6 +104,35 @@ def record_result(paths: Paths, result: DeployResult, *, blocks_retry: bool = Fa
             id=result.id,
         ),
     )
+
+
+GENERATIONS_FILE = "generations.json"
+
+
+def our_generations(paths: Paths) -> tuple[int, ...]:
+    """The system profile generations the agent made, the ones it may prune (a hand
+    deploy's are not here). Unreadable: none, so nothing is pruned that may not be ours."""
+    try:
+        data = read_json(paths.state(GENERATIONS_FILE))
+        return () if data is None else tuple(sorted(int(n) for n in data["ours"]))
+    except (StateError, KeyError, TypeError, ValueError) as e:
+        log.warning(
+            "warning: %s is unreadable (%s); no generation counts as the agent's",
+            GENERATIONS_FILE,
+            e,
+        )
+        return ()
+
+
+def record_generations(paths: Paths, made: int | None = None, removed: Iterable[int] = ()) -> None:
+    """Which profile generations are the agent's: one it made, those it removed. Its own
+    file: deploys.json holds results, and setting the profile is none yet."""
+    known = our_generations(paths)
+    gone = set(removed)
+    kept = [n for n in known if n not in gone and n != made]
+    ours = tuple(sorted(kept if made is None else [*kept, made]))
+    if ours != known:
+        atomic_write_json(paths.state(GENERATIONS_FILE), {"version": 1, "ours": list(ours)})
 
 
 def record_health(paths: Paths, result: HealthResult) -> None:

@@ -1,7 +1,8 @@
 """The rollout's word on deploying a new release now: the wave (is it this host's turn?) and
 the halt (does the fleet's health, asked of Prometheus, hold it back?). An answer that cannot
 be had holds the host back (fail closed): a fleet whose health cannot be seen is not rolled on.
-Only a new deploy asks: finishing an interrupted one, a rollback or a reboot never do."""
+Only a new deploy asks: finishing an interrupted one, a rollback or a reboot never do, and
+an operator's `deploy --force` overrides both (deploy.py)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ SHOWN = 3  # firing samples named in the reason; the rest are counted
 
 
 def release_fields(snapshot: Snapshot) -> Mapping[str, Any]:
-    """The accepted release's extra top-level fields, where its `rollout` lives. The one seam
-    to the signed release document (issue 21): until the snapshot keeps a release, no
-    upstream carries a wave and every host's turn is now, as before."""
-    del snapshot
-    return {}
+    """The accepted release's extra top-level fields, where its `rollout` lives; none for a
+    bare store path (no wave: every host's turn is now)."""
+    accepted = snapshot.upstream.release
+    return {} if accepted is None else accepted.extra
+
+
+def asks(settings: Settings, release: Mapping[str, Any]) -> bool:
+    """Whether a deploy of this release would ask the wave or the halt query."""
+    return release.get("rollout") is not None or bool(settings.halt_query)
 
 
 def verdict(

@@ -29,8 +29,9 @@ from enum import StrEnum
 from typing import Any, NoReturn
 
 from collector import nix
+from collector import space as store_space
 from collector.config import Paths, Settings
-from collector.errors import ActuatorError, AutodeployError, StateError
+from collector.errors import ActuatorError, AutodeployError, SpaceError, StateError
 from collector.fsutil import atomic_write_json, read_json
 from collector.history import Event, Kind
 from collector.process import run
@@ -46,7 +47,7 @@ from collector.state import (
 )
 from collector.store import StorePath, path_of
 
-from . import commands, health, profile, reboot, trial
+from . import commands, health, profile, reboot, space, trial
 from .records import (
     forget_deployed,
     note,
@@ -148,6 +149,7 @@ class Journal:
     blocks_retry: bool = False  # the system itself failed: not retried until upstream changes
     message: str = ""  # why it failed
     trial: TrialKind | None = None
+    serial: int | None = None  # of the release that named `path` (None: a bare store path)
 
     @property
     def open(self) -> bool:
@@ -179,6 +181,7 @@ class Journal:
             "blocks_retry": self.blocks_retry,
             "message": self.message,
             "trial": self.trial.value if self.trial else None,
+            "serial": self.serial,
             # For a version that does not know this phase: whether it may ignore it.
             "finished": not self.open,
         }
@@ -200,6 +203,7 @@ class Journal:
                 blocks_retry=bool(data["blocks_retry"]),
                 message=str(data["message"]),
                 trial=kind,
+                serial=None if data.get("serial") is None else int(data["serial"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
@@ -282,6 +286,7 @@ def start(
     what = f"deploying {system.name} ({activation.value})"
     try:
         if not pinned(paths, system):
+            store_space.check_store(paths, system, settings.min_free_store)
             nix.realise(system, paths.upstream)
     except AutodeployError as e:  # nothing changed: a passing failure, retried next run
         message = f"{what} failed: {e}"
@@ -298,6 +303,16 @@ def start(
     tried = trial.kind(settings, activation)
     if tried is not None:
         trial.check(paths, tried, system)  # a trial that cannot work, before any slot
+    # A kexec or oneshot trial installs the boot loader only once confirmed; checked now
+    # too, so that no trial boot starts whose confirmation cannot fit.
+    try:
+        space.make_room(settings, system, (superseded.before.current if superseded else None,))
+    except AutodeployError as e:  # before the profile moves: retried next run
+        if superseded is not None:
+            undo(settings, superseded)
+        message = f"{what} refused: {e}"
+        record_result(paths, DeployResult(time.time(), system, activation, False, message))
+        raise ActuatorError(message) from None
     if tried is not None and reboot.clear_to_reboot(settings, snapshot) is None:
         # A trial boot waits for its window and reboot slot before anything changes: the
         # boot loader's default never moves to an untried system outside a window.
@@ -308,12 +323,14 @@ def start(
     before = (
         superseded.before if superseded else Before(links.current, links.profile, snapshot.deployed)
     )
+    accepted = snapshot.upstream.release
     entry = _begin(
         paths,
         system,
         activation,
         before,
         tried,
+        serial=None if accepted is None else accepted.serial,
         # A superseded activation may have touched the boot loader: a rollback must reset it.
         activation_started=superseded is not None and superseded.activation_started,
     )
@@ -357,6 +374,7 @@ def _begin(
     before: Before,
     tried: TrialKind | None,
     *,
+    serial: int | None,
     activation_started: bool,
 ) -> Journal:
     """A new deploy, written before anything changes."""
@@ -369,6 +387,7 @@ def _begin(
         started_at=time.time(),
         trial=tried,
         activation_started=activation_started,
+        serial=serial,
     )
     return _write(paths, entry)
 
@@ -423,7 +442,18 @@ def _confirm(settings: Settings, entry: Journal) -> Journal:
         if not result.ok:
             message = f"{entry.path.name} failed its health checks: {result.summary}"
             fail(settings, entry, message, blocks_retry=True)
-    return complete(settings.paths, entry)
+    entry = complete(settings.paths, entry)
+    _prune(settings, entry)
+    return entry
+
+
+def _prune(settings: Settings, entry: Journal) -> None:
+    """After a confirmed deploy: the agent's generations beyond --keep-generations go. A
+    failure to remove them is no failure of the deploy."""
+    try:
+        space.prune(settings, (entry.path, entry.before.current))
+    except AutodeployError as e:
+        log.warning("warning: %s", e)
 
 
 def complete(paths: Paths, entry: Journal) -> Journal:
@@ -564,7 +594,9 @@ def _record_rollback(paths: Paths, entry: Journal, error: str | None) -> None:
     if not entry.blocks_retry:
         return
     reason = entry.message + (f"; rolling back failed: {error}" if error else "")
-    rollback = Rollback(entry.id, time.time(), entry.path, entry.fallback, error is None, reason)
+    rollback = Rollback(
+        entry.id, time.time(), entry.path, entry.fallback, error is None, reason, entry.serial
+    )
     record_rollback(paths, rollback)
 
 
@@ -639,7 +671,8 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
     """The run after a trial boot. Still this boot (the mark): a trial whose reboot did not
     happen is undone (a reboot trial's default goes back too) and decided anew. Booted
     into the new system: checked, then confirmed (kexec, oneshot: only now the profile and
-    the boot default; should installing its boot loader fail, it failed: rolled back and
+    the boot default; should the boot filesystem not take it, refused and left open for the
+    next run; should installing its boot loader fail, it failed: rolled back and
     rebooted back) or failed, rolled back and rebooted back. Came back on another
     system: a kexec or oneshot never issued is undone, one issued failed (recorded, no
     second reboot); a reboot trial is done (pending, not rebooted again)."""
@@ -661,6 +694,11 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
         message = f"{entry.path.name} failed its health checks after its trial boot: "
         fail(settings, entry, message + result.summary, blocks_retry=True)
     if kind.one_time:  # only now does the new system become what the next boot loads
+        try:
+            # Checked again: the boot filesystem may have filled since the trial began.
+            space.make_room(settings, entry.path, (entry.before.current,))
+        except SpaceError as e:
+            _refused_confirmation(settings, entry, e)
         # Its boot loader install may leave the boot loader half written: a rollback
         # installs the old one's again.
         entry = advance(paths, entry, Phase.CHECKING, activation_started=True)
@@ -674,8 +712,21 @@ def _after_boot(settings: Settings, entry: Journal) -> Journal | None:
             fail(settings, entry, message, blocks_retry=True)
     entry = complete(paths, entry)
     note(paths, Event(Kind.TRIAL_CONFIRMED, path=entry.path.path))
+    _prune(settings, entry)
     log.info("trial boot of %s confirmed: %s", entry.path.name, result.summary)
     return entry
+
+
+def _refused_confirmation(settings: Settings, entry: Journal, error: SpaceError) -> NoReturn:
+    """A trial that passed its checks but whose boot loader install the boot filesystem
+    cannot take: nothing moves (the new system runs, the next boot loads the old one) and
+    the trial stays open, so the next run checks and tries again (space can be freed).
+    Counted as a failure that blocks no retry, the metrics and alerts show the refusal;
+    without the journal's id, which would keep the confirmation's result from counting."""
+    message = f"{entry.path.name} passed its checks, but {error}; the next run tries again"
+    result = DeployResult(time.time(), entry.path, entry.activation, False, message)
+    record_result(settings.paths, result)
+    raise ActuatorError(message)
 
 
 def _came_back(settings: Settings, entry: Journal, current: StorePath | None) -> Journal:

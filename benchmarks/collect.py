@@ -10,12 +10,15 @@ waited for, from GNU time), peak RSS, Nix processes spawned, and body bytes the 
 Then the resident collector, driven poll by poll with SIGHUP (each poll's end is its
 STATUS= notification): CPU per poll from its own /proc/PID/stat (its children included)
 over N changed polls and M no-change polls, Nix processes and body bytes per poll, and
-its RSS after 100 and after M no-change polls."""
+its RSS after 100 and after M no-change polls. Then the same with a trusted key and
+signed releases (N changed polls, each a new serial verified, and M no-change polls),
+and the CPU of judging one signed release in-process (parse, Ed25519, rules)."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import signal
@@ -32,7 +35,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import Host, System, SystemSpec, standalone_host  # noqa: E402
+sys.path.insert(0, str(REPO))
+
+from harness import Host, SigningKey, System, SystemSpec, standalone_host  # noqa: E402
+
+from collector import release  # noqa: E402
 
 NIX_TOOLS = ("nix-store", "nix-env", "nix")
 
@@ -221,7 +228,7 @@ def measure_all(host: Host, runs: int, polls: int) -> None:
     host.server.keep_alive = True
     # A fresh system for every "changed" run of each side and every changed resident poll,
     # all built in one nix-build.
-    systems = host.build(*(SystemSpec(f"s{i}", extra=str(i)) for i in range(3 * runs + 1)))
+    systems = host.build(*(SystemSpec(f"s{i}", extra=str(i)) for i in range(4 * runs + 1)))
     base = systems["s0"]
     host.install(base)
     host.write_deployed(base)
@@ -246,6 +253,8 @@ def measure_all(host: Host, runs: int, polls: int) -> None:
     for label in sorted(results, key=lambda k: (k.split(", ")[1], k)):
         report(label, results[label])
     measure_resident(host, ours, [systems[f"s{2 * runs + 1 + i}"] for i in range(runs)], polls)
+    signed = [systems[f"s{3 * runs + 1 + i}"] for i in range(runs)]
+    measure_signed(host, ours, signed, polls)
 
 
 def measure_resident(host: Host, ours: list[str], changes: list[System], polls: int) -> None:
@@ -270,6 +279,42 @@ def measure_resident(host: Host, ours: list[str], changes: list[System], polls: 
         f"{'rss':<28} after 100 no-change polls {first.rss_kib / 1024:5.1f} MiB,"
         f" after {total}: {rest.rss_kib / 1024:5.1f} MiB"
     )
+
+
+def signed_release(key: release.SecretKey, serial: int, system: System) -> bytes:
+    now = int(time.time())
+    payload = {"version": 1, "serial": serial, "issued": now, "expires": now + 86400}
+    data = json.dumps({**payload, "systems": {"*": str(system)}}).encode()
+    return json.dumps(release.envelope_json(data, [key])).encode()
+
+
+def measure_signed(host: Host, ours: list[str], changes: list[System], polls: int) -> None:
+    """The resident collector trusting one key: each change a new signed serial."""
+    (host.tmp / "release-key").mkdir()
+    key = SigningKey.generate(host.tmp / "release-key", "release-bench-1")
+    secret = release.SecretKey.read(str(key.secret_file))
+    (host.tmp / "notify").unlink()  # the first resident's socket
+    trusting = [*ours, "--trusted-key", key.public, "--host-name", "bench"]
+    resident = Resident(host, trusting)
+    bodies = [signed_release(secret, n, system) for n, system in enumerate(changes, 1)]
+    try:
+        changed = [
+            resident.polls(1, body, functools.partial(host.server.publish_body, body))
+            for body in bodies
+        ]
+        unchanged = resident.polls(polls, bodies[-1], lambda: None)
+    finally:
+        resident.stop()
+    print("the same, trusting one key, every change a signed release:")
+    report_polls("release changed, verified", changed)
+    report_polls("nothing changed", [unchanged])
+    keys = [release.Key.parse(key.public)]
+    rounds = 1000
+    started = time.process_time()
+    for _ in range(rounds):
+        release.judge(bodies[-1], keys, 1, "bench", None, time.time())
+    each = (time.process_time() - started) / rounds
+    print(f"{'judging one release':<28} cpu {each * 1000:7.3f} ms (in-process, {rounds} rounds)")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ _ABOUT = {
     "log": "what the actuator decided and did, newest last",
     "deploy": "deploy upstream when the gate allows it",
     "fleet": "the fleet's hosts from Prometheus, worst first; --wait-serial: the promotion gate",
+    "publish": "sign a release for the fleet (CI)",
+    "verify": "check a signed release as a host would (CI)",
 }
 
 
@@ -47,7 +49,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS if command is None else (command,):
-        add_options(commands.add_parser(name, help=_ABOUT[name]), name)
+        # No abbreviations: publish's --host is no prefix of collect's --host-name.
+        add_options(commands.add_parser(name, help=_ABOUT[name], allow_abbrev=False), name)
     return parser
 
 
@@ -58,7 +61,10 @@ def _collect(settings: Settings) -> int:
 
         then = adopt_untracked
     if settings.every is not None:
+        from .release import trusted_keys
         from .resident import run
+
+        trusted_keys(settings)  # a bad key stops it before the first poll
 
         return run(settings, settings.every, then)
     from .collect import collect_locked  # requests and prometheus_client: not for `status`
@@ -178,6 +184,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _log(settings, args.n, args.json)
         if args.command == "fleet":
             return _fleet(settings, args)
+        if args.command == "publish":
+            from .publish import publish
+
+            return publish(
+                args.key_files or (),
+                args.serial,
+                args.serial_from,
+                args.expires_in,
+                args.rollout_start,
+                args.rollout_duration,
+                args.system,
+                args.hosts or (),
+                args.output,
+            )
+        if args.command == "verify":
+            from . import release
+            from .publish import verify
+
+            keys = release.trusted_keys(settings)
+            required = settings.signatures_required
+            return verify(args.release_file, keys, required, settings.host_name)
         from actuator.deploy import deploy
 
         return deploy(settings)

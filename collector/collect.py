@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 
-from . import closure, http, metrics, nix, upstream
+from . import closure, http, metrics, nix, release, space, upstream
 from .config import Settings
 from .errors import AutodeployError, ConfigError, LockHeld, StateError
 from .lock import locked
@@ -24,7 +25,7 @@ from .state import (
     read_links,
     reboot_required,
 )
-from .store import name_of
+from .store import StorePath, name_of
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +33,40 @@ log = logging.getLogger(__name__)
 def _refresh_upstream(
     settings: Settings, known: Upstream | None, now: float, session: http.Session | None
 ) -> Upstream:
-    """Fetch (conditionally) and make sure the result is realised and pinned; only then is
-    the fetch record updated, so a failure leaves everything as it was."""
+    """Fetch (conditionally), judge the answer, and make sure its system is realised and
+    pinned; only then is the fetch record updated, so a failure or a refused release
+    leaves everything as it was."""
     assert settings.url is not None
     paths = settings.paths
     url_sha256 = upstream.digest(settings.url)  # validators belong to this exact URL
+    keys = release.trusted_keys(settings)
+    trust = release.trust_digest(settings, keys)
     validators = None
     if (
         known is not None
         and known.path is not None
         and known.url_sha256 == url_sha256
+        and known.trust_sha256 == trust  # other keys or host name: judge the answer anew
         and known.validated_sha256 is not None
         and (known.etag or known.last_modified)
     ):
         validators = upstream.Validators(known.etag, known.last_modified, known.validated_sha256)
     fetched = upstream.fetch(settings, validators, session)
-    path = fetched.path or (known.path if known else None)
-    assert path is not None  # fetch accepts a 304 only in answer to our validators
+    accepted = known.release if known else None
+    floor_reset_at = known.floor_reset_at if known else None
+    if fetched.body is None:  # 304: the answer judged before still holds
+        assert known is not None and known.path is not None
+        path = known.path
+    elif not keys and not release.looks_like_envelope(fetched.body):
+        path, accepted = upstream.parse_body(fetched.body, fetched.shown_url), None
+    else:
+        path, accepted, floor_reset_at = _accept(settings, fetched.body, keys, known, now)
+    bundle = upstream.bundle_dir(settings.url)
     if not pinned(paths, path):
+        # Only here, when upstream is not pinned yet: a no-change poll runs no Nix for it.
+        space.check_store(paths, path, settings.min_free_store)
         log.info("realising upstream %s", path)
-        nix.realise(path, paths.upstream)
+        nix.realise(path, paths.upstream, None if bundle is None else f"file://{bundle}/cache")
     changed = known is None or known.path != path
     if changed:
         log.info("upstream is now %s", path)
@@ -64,11 +79,43 @@ def _refresh_upstream(
         changed_at=known.changed_at if known is not None and not changed else now,
         url_sha256=url_sha256,
         validated_sha256=fetched.url,
+        release=accepted,
+        trust_sha256=trust,
+        floor_reset_at=floor_reset_at,
     )
     # On the no-change path only fetched_at moved; the snapshot carries that.
     if known is None or dataclasses.replace(known, fetched_at=now, error=None) != record:
         save_upstream(paths, record)
     return record
+
+
+def _accept(
+    settings: Settings,
+    body: bytes,
+    keys: tuple[release.Key, ...],
+    known: Upstream | None,
+    now: float,
+) -> tuple[StorePath, release.Release, float | None]:
+    """The release in body, judged against the floor, and the floor raised to it (stored
+    before anything acts on it); release.Rejected names the rule it breaks."""
+    paths = settings.paths
+    floor = release.load_floor(paths)
+    host = release.host_name(settings)
+    accepted, path = release.judge(body, keys, settings.signatures_required, host, floor, now)
+    # A missing floor on a host that ran the agent before: the state dir was wiped.
+    ran_before = known is not None or os.path.lexists(paths.upstream)
+    stored = release.raise_floor(paths, accepted, floor, now, ran_before)
+    if floor is None and stored.reset_at is not None:
+        log.warning(
+            "warning: the release serial floor was reset (no %s in %s although this host "
+            "ran before); accepting serial %d",
+            release.FLOOR_FILE,
+            paths.state_dir,
+            accepted.serial,
+        )
+    if accepted.expired(now + 86400):
+        log.warning("warning: release serial %d expires within a day", accepted.serial)
+    return path, accepted, stored.reset_at
 
 
 def _known_upstream(settings: Settings) -> Upstream | None:
@@ -139,7 +186,8 @@ def report(settings: Settings, snapshot: Snapshot, deploys: Deploys) -> None:
         snapshot.deployed.path if snapshot.deployed else None,
     )
     if settings.prometheus_path:
-        metrics.write(settings.prometheus_path, snapshot, deploys, changes)
+        room = space.measure(paths)
+        metrics.write(settings.prometheus_path, snapshot, deploys, changes, room)
     log.info("state %s", summary(snapshot))
 
 
@@ -182,6 +230,7 @@ def collect(
     collector passes its kept-alive HTTP session."""
     if not settings.url:
         raise ConfigError("no upstream URL: give --url or set url in the config file")
+    release.trusted_keys(settings)  # a bad key is a bad configuration: nothing written
     started = time.monotonic()
     known = _known_upstream(settings)
     try:
@@ -189,7 +238,10 @@ def collect(
     except (AutodeployError, OSError) as e:
         last = known or Upstream(url=http.shown(settings.url))
         record = dataclasses.replace(
-            last, fetched_at=_last_fetched_at(settings, last), error=str(e)
+            last,
+            fetched_at=_last_fetched_at(settings, last),
+            error=str(e),
+            rejected=e.reason.value if isinstance(e, release.Rejected) else None,
         )
     snapshot = observe(settings, record, time.monotonic() - started)
     return snapshot if then is None else then(settings, snapshot)

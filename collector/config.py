@@ -46,9 +46,16 @@ class Paths:
     # under root, the original tool's places. The module gives the sandboxed collector a
     # directory of its own and links the old places to it.
     runtime_dir: str | None = None
+    # Where the boot loader copies kernels and initrds: /boot, or the ESP (or XBOOTLDR)
+    # systemd-boot uses; the module reads it from the boot loader's configuration.
+    boot_dir: str = "/boot"
 
     def under_root(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
+
+    @property
+    def boot(self) -> str:
+        return self.under_root(self.boot_dir)
 
     @property
     def current(self) -> str:
@@ -121,13 +128,23 @@ class Settings:
     every: float | None = None  # collect: stay resident, poll every so many seconds
     force: bool = False
     dry_run: bool = False
+    min_free_store: int = 1 << 30  # bytes a realise must leave free (collector/space.py)
+    min_free_boot: int = 16 << 20  # bytes a boot loader install must leave free
+    keep_generations: int = 10  # the agent's profile generations kept; 0: never removed
+    prune_foreign: bool = False  # remove generations the agent did not make too
     health: HealthSettings = HealthSettings()
+    # Signed releases (collector/release.py): with keys, only a verified release counts.
+    trusted_keys: tuple[str, ...] = ()
+    trusted_keys_file: str | None = None
+    signatures_required: int = 1
+    host_name: str | None = None
 
 
 # ---- the options ---------------------------------------------------------------------
 
-COMMANDS = ("collect", "status", "diff", "log", "deploy", "fleet")
+COMMANDS = ("collect", "status", "diff", "log", "deploy", "fleet", "publish", "verify")
 FETCHING = ("collect", "deploy")  # they fetch upstream
+JUDGING = (*FETCHING, "verify")  # they judge a signed release
 REPORTS = ("status", "diff", "log", "fleet")
 DEPLOY = ("deploy",)
 PROMETHEUS = ("deploy", "fleet")  # the commands that ask the fleet's Prometheus
@@ -183,6 +200,12 @@ def _serial(text: str) -> int:
     return int(text)
 
 
+def _unix_seconds(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,12}", text):
+        raise argparse.ArgumentTypeError(f"not Unix seconds: {text!r}")
+    return int(text)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -193,23 +216,23 @@ def _fraction(text: str) -> float:
     return value
 
 
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(text: str) -> float:
-    """Seconds, or a number with s, m, h or d: 90, 90s, 15m, 2h, 1d."""
-    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", text)
-    if not found or float(found.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"not a duration (like 90s, 15m, 2h): {text!r}")
-    return float(found.group(1)) * _UNITS[found.group(2)]
-
-
 def _selector(text: str) -> str:
     if not text:  # every series (argparse passes the default through here too)
         return text
     if not re.fullmatch(r"\{.*\}", text.strip(), re.S):
         raise argparse.ArgumentTypeError(f"not a label selector like '{{job=\"node\"}}': {text!r}")
     return text.strip()
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> float:
+    """`3600`, `90s`, `30m`, `12h`, `7d`, `2w`: seconds."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)", text.strip())
+    if not found or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration (like 3600, 30m, 12h, 7d): {text!r}")
+    return float(found.group(1)) * _SECONDS[found.group(2) or "s"]
 
 
 def _positive(what: str) -> Callable[[float], float]:
@@ -234,6 +257,26 @@ def _every(value: float) -> float:
     if not 0 < value < float("inf"):
         raise ConfigError(f"every must be a positive number of seconds, not {value}")
     return float(value)
+
+
+_BYTES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value: int | str) -> int:
+    """A size in bytes: a number, or one with K, M, G or T (binary: 1K = 1024) after it."""
+    if isinstance(value, int):
+        found = re.fullmatch(r"(\d+)()", str(value))
+    else:
+        found = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", value.strip(), re.IGNORECASE)
+    if found is None:
+        raise ConfigError(f"not a size: {str(value)[:40]!r} (e.g. 1G, 512M, 1048576)")
+    return int(found.group(1)) * _BYTES[found.group(2).upper()]
+
+
+def _generations(value: int) -> int:
+    if value < 0:
+        raise ConfigError("keep generations must not be negative (0: never remove any)")
+    return value
 
 
 def _one_of(kind: type[E], what: str) -> Callable[[str], E]:
@@ -271,6 +314,23 @@ def _health_urls(values: Sequence[object]) -> tuple[str, ...]:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
             raise ConfigError(f"health URL {url[:80]!r} is not an http or https URL")
     return urls
+
+
+def _trusted_keys(values: Sequence[object]) -> tuple[str, ...]:
+    # Their format is checked where they are used (collector/release.py), one line each.
+    return _strings(values, "trusted_keys must be a list of 'NAME:BASE64' strings", False)
+
+
+def _signatures_required(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"signatures required must be a positive integer, not {value!r}")
+    return value
+
+
+def _host_name(value: str) -> str:
+    if not re.fullmatch(r"[^\s/]{1,253}", value) or value == "*":
+        raise ConfigError(f"host name {value[:40]!r} is not a host name")
+    return value
 
 
 def _fleet_lock_url(value: str) -> str:
@@ -445,6 +505,142 @@ OPTIONS: tuple[Option, ...] = (
         file_type=None,
         field=None,
     ),
+    # Signed releases: what upstream must be signed by, and which entry is this host's.
+    Option(
+        "trusted_keys",
+        ("--trusted-key",),
+        "accept only releases signed by this Nix public key (repeatable)",
+        JUDGING,
+        metavar="NAME:BASE64",
+        repeat=True,
+        file_type=list,
+        default=(),
+        check=_trusted_keys,
+    ),
+    Option(
+        "trusted_keys_file",
+        ("--trusted-keys-file",),
+        "more trusted keys, one a line",
+        JUDGING,
+        metavar="FILE",
+    ),
+    Option(
+        "signatures_required",
+        ("--signatures-required",),
+        "valid signatures from distinct trusted keys a release needs (1)",
+        JUDGING,
+        metavar="N",
+        parse=_count,
+        file_type=int,
+        default=1,
+        check=_signatures_required,
+    ),
+    Option(
+        "host_name",
+        ("--host-name",),
+        "this host's entry in a release (the hostname under --root)",
+        JUDGING,
+        metavar="NAME",
+        check=_host_name,
+    ),
+    # publish's (CI's): orders for one run, not settings.
+    Option(
+        "key_files",
+        ("--key-file",),
+        "sign with this Nix secret key (repeatable)",
+        ("publish",),
+        metavar="FILE",
+        repeat=True,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "serial",
+        ("--serial",),
+        "the release's serial, higher than every one before",
+        ("publish",),
+        metavar="N",
+        parse=_serial,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "serial_from",
+        ("--serial-from",),
+        "read the last serial from FILE, publish the next one, write it back",
+        ("publish",),
+        metavar="FILE",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "expires_in",
+        ("--expires-in",),
+        "how long the release is valid (7d; s, m, h, d)",
+        ("publish",),
+        metavar="DURATION",
+        parse=duration,
+        default=7 * 86400.0,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "rollout_duration",
+        ("--rollout-duration",),
+        "roll the release out over this long (a wave: 12h; s, m, h, d)",
+        ("publish",),
+        metavar="DURATION",
+        parse=duration,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "rollout_start",
+        ("--rollout-start",),
+        "the wave starts at these Unix seconds (default: now)",
+        ("publish",),
+        metavar="UNIX",
+        parse=_unix_seconds,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "system",
+        ("--system",),
+        "the system of every host not named by --host",
+        ("publish",),
+        metavar="PATH",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "hosts",
+        ("--host",),
+        "this host's system (repeatable)",
+        ("publish",),
+        metavar="NAME=PATH",
+        repeat=True,
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "output",
+        ("-o", "--output"),
+        "write the signed release here (atomically), not to stdout",
+        ("publish",),
+        metavar="FILE",
+        file_type=None,
+        field=None,
+    ),
+    Option(
+        "release_file",
+        (),
+        "the signed release to check",
+        ("verify",),
+        metavar="FILE",
+        file_type=None,
+        field=None,
+    ),
     # collect's.
     Option(
         "track",
@@ -464,6 +660,26 @@ OPTIONS: tuple[Option, ...] = (
         parse=float,
         file_type=NUMBER,
         check=_every,
+    ),
+    Option(
+        "boot_dir",
+        ("--boot-dir",),
+        "the boot filesystem's mount point, where kernels and initrds go (/boot)",
+        FETCHING,
+        metavar="DIR",
+        default="/boot",
+        check=os.path.abspath,
+        field="paths.boot_dir",
+    ),
+    Option(
+        "min_free_store",
+        ("--min-free-store",),
+        "leave this much free on the store's filesystem; refuse a realise that would not (1G)",
+        FETCHING,
+        metavar="SIZE",
+        file_type=(int, str),
+        default=1 << 30,
+        check=_size,
     ),
     # The reports'.
     Option(
@@ -536,7 +752,7 @@ OPTIONS: tuple[Option, ...] = (
         "with --wait-serial: give up after this long (1h; 90s, 15m, 2h)",
         FLEET,
         metavar="DURATION",
-        parse=_duration,
+        parse=duration,
         default=3600.0,
         file_type=None,
         field=None,
@@ -547,7 +763,7 @@ OPTIONS: tuple[Option, ...] = (
         "with --wait-serial: ask Prometheus every SECONDS (10)",
         FLEET,
         metavar="SECONDS",
-        parse=_duration,
+        parse=duration,
         default=10.0,
         file_type=None,
         field=None,
@@ -581,6 +797,36 @@ OPTIONS: tuple[Option, ...] = (
         file_type=list,
         default=(),
         check=_windows,
+    ),
+    Option(
+        "min_free_boot",
+        ("--min-free-boot",),
+        "leave this much free on the boot filesystem; prune, then refuse a deploy (16M)",
+        DEPLOY,
+        metavar="SIZE",
+        file_type=(int, str),
+        default=16 << 20,
+        check=_size,
+    ),
+    Option(
+        "keep_generations",
+        ("--keep-generations",),
+        "after a confirmed deploy keep the newest N system generations (10; 0: all)",
+        DEPLOY,
+        metavar="N",
+        parse=int,
+        file_type=int,
+        default=10,
+        check=_generations,
+    ),
+    Option(
+        "prune_foreign",
+        ("--prune-foreign",),
+        "remove generations the agent did not make too",
+        DEPLOY,
+        switch=True,
+        file_type=bool,
+        default=False,
     ),
     Option(
         "fleet_lock_url",

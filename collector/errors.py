@@ -18,6 +18,11 @@ class NixError(AutodeployError):
     """A Nix command failed; the message carries Nix's own words."""
 
 
+class SpaceError(AutodeployError):
+    """A filesystem cannot take what the agent would write (collector/space.py); nothing
+    was changed, and the next poll tries again (space can be freed meanwhile)."""
+
+
 class StateError(AutodeployError):
     """A file in the state directory is corrupt or of an unknown version."""
 

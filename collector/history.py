@@ -33,6 +33,7 @@ class Kind(StrEnum):
     REBOOT_WAIT = "reboot-wait"  # reason, message
     FLEET_LOCK = "fleet-lock"  # group, id
     FLEET_UNLOCK = "fleet-unlock"  # group, id
+    GENERATIONS_REMOVED = "generations-removed"  # message (which), reason
 
     @property
     def reboots(self) -> bool:
@@ -151,6 +152,8 @@ def describe(e: Event) -> str:
             return f"{path}, back to {_basename(e.to)}"
         case Kind.HEALTH if e.ok is not None:
             return f"{'passed' if e.ok else 'failed'} on {path}: {e.summary or ''}"
+        case Kind.GENERATIONS_REMOVED if e.message is not None:
+            return f"{e.message}: {e.reason or ''}"
         case Kind.COMPLETED_INTERRUPTED_DEPLOY | Kind.TRIAL_CONFIRMED if e.path is not None:
             return path
         case kind if isinstance(kind, Kind) and kind.reboots and e.path is not None:

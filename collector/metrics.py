@@ -12,7 +12,10 @@ from prometheus_client.registry import Collector
 from .closure import Changes
 from .reboot import WaitReason, pending_reason
 from .records import Deploys
+from .release import Reason
 from .snapshot import Snapshot
+from .space import Room, boot_refused
+from .space import refused as refused_store
 from .state import HandChange, State
 from .store import name_of
 
@@ -24,15 +27,20 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Snapshot, deploys: Deploys, changes: Changes) -> None:
+    def __init__(
+        self, snapshot: Snapshot, deploys: Deploys, changes: Changes, room: Room | None
+    ) -> None:
         self.snapshot = snapshot
         self.deploys = deploys
         self.changes = changes
+        self.room = room
 
     def collect(self) -> Iterable[Metric]:
         s = self.snapshot
         # The original tool's three series, names and labels unchanged.
         yield _gauge("dirty", "1 when someone deployed by hand and the agent stands back", s.dirty)
+        if self.room is not None:
+            yield from self._room(self.room)
         yield _gauge(
             "reboot_required",
             "1 when booted and current differ in kernel, initrd or modules, or a boot waits",
@@ -93,7 +101,8 @@ class _SnapshotCollector(Collector):
         yield _gauge(
             "upstream_fetch_success",
             "1 when the last fetch and realisation of upstream succeeded",
-            s.upstream.error is None,
+            # A refused release was fetched well: nixos_autodeploy_release_rejected says it.
+            s.upstream.error is None or s.upstream.rejected is not None,
         )
         yield _gauge(
             "last_collect_timestamp_seconds", "When the collector last ran", s.collected_at
@@ -141,6 +150,57 @@ class _SnapshotCollector(Collector):
         yield totals
         yield from self._changes()
         yield from self._health()
+        yield from self._release()
+
+    def _release(self) -> Iterable[Metric]:
+        """The accepted release (none for a bare store path) and why the last answer was
+        refused: one series per reason, all 0 while the answer is accepted."""
+        upstream = self.snapshot.upstream
+        accepted = upstream.release
+        if accepted is not None:
+            yield _gauge("release_serial", "Serial of the accepted release", accepted.serial)
+            yield _gauge(
+                "release_expiry_timestamp_seconds",
+                "When the accepted release expires",
+                accepted.expires,
+            )
+            yield _gauge(
+                "release_verified",
+                "1 when the accepted release is signed by enough trusted keys, 0 unverified",
+                accepted.verified,
+            )
+        rejected = GaugeMetricFamily(
+            P + "release_rejected",
+            "1 for the rule the last upstream answer broke (the last accepted one stays)",
+            labels=["reason"],
+        )
+        for reason in Reason:
+            rejected.add_metric([reason.value], reason.value == upstream.rejected)
+        yield rejected
+        if upstream.floor_reset_at is not None:
+            yield _gauge(
+                "release_floor_reset_timestamp_seconds",
+                "When the serial floor started over on a host that ran before (wiped state)",
+                upstream.floor_reset_at,
+            )
+
+    def _room(self, room: Room) -> Iterable[Metric]:
+        yield _gauge(
+            "store_free_bytes", "free bytes on the filesystem of the Nix store", room.store_free
+        )
+        if room.boot_free is not None:
+            yield _gauge("boot_free_bytes", "free bytes on the boot filesystem", room.boot_free)
+        yield _gauge("generations", "system profile generations", room.generations)
+        refused = GaugeMetricFamily(
+            P + "space_refused",
+            "1 when the last realise (store) or deploy (boot) was refused for want of space",
+            labels=["filesystem"],
+        )
+        last = self.deploys.last
+        boot = last is not None and not last.ok and boot_refused(last.message)
+        refused.add_metric(["store"], refused_store(self.snapshot.upstream.error))
+        refused.add_metric(["boot"], boot)
+        yield refused
 
     def _changes(self) -> Iterable[Metric]:
         """Only for a difference that was computed: none while it is not known."""
@@ -186,11 +246,23 @@ class _SnapshotCollector(Collector):
                 "1 when the last rollback brought the previous system back",
                 rollback.ok,
             )
+        if rollback is not None and rollback.serial is not None:
+            yield _gauge(
+                "last_rollback_serial",
+                "Serial of the release whose system the last rollback came back from",
+                rollback.serial,
+            )
 
 
-def write(path: str, snapshot: Snapshot, deploys: Deploys, changes: Changes | None = None) -> None:
+def write(
+    path: str,
+    snapshot: Snapshot,
+    deploys: Deploys,
+    changes: Changes | None = None,
+    room: Room | None = None,
+) -> None:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes()))
+    registry.register(_SnapshotCollector(snapshot, deploys, changes or Changes(), room))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_to_textfile(path, registry)
     # node_exporter's node_textfile_mtime_seconds feeds the stale-collector alert too: the

@@ -9,10 +9,12 @@ from .process import run
 from .store import StorePath
 
 
-def realise(path: StorePath, gc_root: str) -> None:
+def realise(path: StorePath, gc_root: str, substituter: str | None = None) -> None:
     """Substitute path from the binary caches (Nix checks the signatures against the
-    host's trusted keys) and pin it with an indirect GC root at gc_root."""
-    argv = ["nix-store", "--realise", path.path, "--add-root", gc_root]
+    host's trusted keys) and pin it with an indirect GC root at gc_root. substituter: one
+    more cache to ask (an offline bundle's)."""
+    extra = [] if substituter is None else ["--option", "extra-substituters", substituter]
+    argv = ["nix-store", "--realise", path.path, "--add-root", gc_root, *extra]
     try:
         with progress.realising(path.name) as on_line:
             run(argv, stream_stderr=True, on_line=on_line)

@@ -170,15 +170,18 @@ class Rollback:
     target: StorePath | None  # what the next boot loads again
     ok: bool
     reason: str
+    serial: int | None = None  # of the release that named `source` (None: a bare path)
 
     def to_json(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
             "at": self.at,
             "from": self.source.path,
             "to": path_of(self.target),
             "ok": self.ok,
             "reason": self.reason,
         }
+        if self.serial is not None:
+            data["serial"] = self.serial
         return data if self.id is None else {"id": self.id, **data}
 
     @classmethod
@@ -192,6 +195,7 @@ class Rollback:
             target=None if target is None else StorePath.parse(target),
             ok=_flag(data["ok"], "last rollback's result"),
             reason=_text(data["reason"], "last rollback's reason"),
+            serial=None if data.get("serial") is None else int(data["serial"]),
         )
 
 

@@ -11,6 +11,7 @@ from .errors import StateError
 from .fsutil import atomic_write_json, read_json
 from .reboot import RebootState
 from .records import DeployResult, HealthResult, Rollback
+from .release import Release
 from .rollout import Rollout
 from .state import Deployed, HandChange, Links, State, dirty_reason
 from .store import StorePath, path_of
@@ -39,6 +40,15 @@ class Upstream:
     # the one that answered the validators, after redirects.
     url_sha256: str | None = None
     validated_sha256: str | None = None
+    # The signed (or, without trusted keys, unverified) release that named `path`; None
+    # for a bare store path. rejected: why the last answer was refused (release.Reason);
+    # the release and path stay those last accepted.
+    release: Release | None = None
+    rejected: str | None = None
+    # What the answer was judged by (release.trust_digest): other keys re-judge it.
+    trust_sha256: str | None = None
+    # When the serial floor started over on a host that had run before (a wiped state dir).
+    floor_reset_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +61,10 @@ class Upstream:
             "error": self.error,
             "url_sha256": self.url_sha256,
             "validated_sha256": self.validated_sha256,
+            "release": self.release.to_json() if self.release else None,
+            "rejected": self.rejected,
+            "trust_sha256": self.trust_sha256,
+            "floor_reset_at": self.floor_reset_at,
         }
 
     @classmethod
@@ -65,6 +79,10 @@ class Upstream:
             error=d.get("error"),
             url_sha256=d.get("url_sha256"),
             validated_sha256=d.get("validated_sha256"),
+            release=Release.from_json(d["release"]) if d.get("release") else None,
+            rejected=d.get("rejected"),
+            trust_sha256=d.get("trust_sha256"),
+            floor_reset_at=d.get("floor_reset_at"),
         )
 
 

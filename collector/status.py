@@ -16,6 +16,7 @@ from .closure import Change, Changes, Diff
 from .closure import Kind as ChangeKind
 from .history import Event, Kind, describe
 from .reboot import WaitReason, pending_reason
+from .release import utc
 from .snapshot import Snapshot
 from .state import State
 from .store import path_of, store_dir
@@ -86,6 +87,7 @@ def as_json(s: Snapshot, changes: Changes | None = None) -> dict[str, Any]:
         "reboot_wait": _reboot_wait(s),
         "fleet_lock_held": s.reboot.slot is not None,
         "rollout": _rollout(s),
+        "release": _release(s, time.time()),
     }
 
 
@@ -117,6 +119,62 @@ def _clock(at: float) -> str:
     """Local HH:MM, with the date when it is not within the next day."""
     shown = "%H:%M" if 0 <= at - time.time() < 86400 else "%Y-%m-%d %H:%M"
     return time.strftime(shown, time.localtime(at))
+
+
+def verdict(s: Snapshot, now: float) -> str | None:
+    """What the host made of upstream's release: rejected (the last answer; the accepted
+    one stays), expired (accepted, not to be deployed), verified or unverified; None for a
+    bare store path."""
+    accepted = s.upstream.release
+    if s.upstream.rejected is not None:
+        return "rejected"
+    if accepted is None:
+        return None
+    if accepted.expired(now):
+        return "expired"
+    return "verified" if accepted.verified else "unverified"
+
+
+def _release(s: Snapshot, now: float) -> dict[str, Any] | None:
+    judged = verdict(s, now)
+    if judged is None:
+        return None
+    accepted = s.upstream.release
+    return {
+        "verdict": judged,
+        "rejected": s.upstream.rejected,
+        "serial": accepted.serial if accepted else None,
+        "issued": accepted.issued if accepted else None,
+        "expires": accepted.expires if accepted else None,
+        "signers": list(accepted.signers) if accepted else [],
+        "host": accepted.host if accepted else None,
+        "floor_reset_at": s.upstream.floor_reset_at,
+    }
+
+
+def _release_facts(s: Snapshot, now: float) -> list[str]:
+    shown = _release(s, now)
+    if shown is None:
+        return []
+    style = {"verified": "green", "unverified": "yellow"}.get(shown["verdict"], "red")
+    what = f"[{style}]{shown['verdict']}[/{style}]"
+    if shown["rejected"]:
+        what += f" ({shown['rejected']}; the last accepted release stays)"
+    facts = [f"release: {what}"]
+    if shown["serial"] is not None:
+        signers = ", ".join(shown["signers"]) or "none"
+        facts.append(
+            f"release serial {shown['serial']}: issued {utc(shown['issued'])}, "
+            f"expires {utc(shown['expires'])}, signed by {signers}"
+        )
+    if shown["verdict"] == "expired":
+        facts.append("release expired: [red]not deployed until a newer one is published[/red]")
+    if shown["floor_reset_at"] is not None:
+        facts.append(
+            f"release serial floor: [red]reset {utc(shown['floor_reset_at'])}[/red] "
+            "(the state dir was wiped; older releases were acceptable once)"
+        )
+    return facts
 
 
 def _reboot_wait(s: Snapshot) -> dict[str, Any] | None:
@@ -280,6 +338,7 @@ def render(s: Snapshot, console: Console, changes: Changes | None = None) -> Non
             + (f": {d.message}" if d.message else "")
         )
     facts += _health_facts(s)
+    facts += _release_facts(s, time.time())
     for fact in facts:
         console.print(fact, highlight=False)
     shown = current_changes(s, changes or Changes())

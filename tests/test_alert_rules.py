@@ -24,6 +24,10 @@ ALERTS = {
     "NixosAutodeployRolledBack",
     "NixosAutodeployRebootWaiting",
     "NixosAutodeployRolloutHalted",
+    "NixosAutodeployReleaseRejected",
+    "NixosAutodeployReleaseExpiring",
+    "NixosAutodeployLowDiskSpace",
+    "NixosAutodeployDeployRefusedForSpace",
 }
 SEVERITIES = {"info", "warning", "critical"}
 

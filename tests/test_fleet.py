@@ -1,8 +1,9 @@
 """`fleet --wait-serial`, the promotion gate, against a real Prometheus scraping real
-node_exporters. The release serial (nixos_autodeploy_release_serial) is the signed-release
-issue's metric, which the agent does not export yet: each host here is a textfile directory
-holding what such a host exports, written atomically as the collector writes it. The fleet
-view over real sandbox hosts is in tests/test_rollout_halt.py.
+node_exporters. Most hosts here are textfile directories holding what an agent exports,
+written atomically as the collector writes it, so that each change comes when the test says;
+one test runs real agents (sandbox hosts with real Nix) on a release `publish` signed, and
+the README's rollback halt query over them. The fleet view over real sandbox hosts is in
+tests/test_rollout_halt.py.
 
 Nothing is timed: the gate is read line by line, and a host changes only after the gate
 said what it saw before."""
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import REPO
-from harness.prometheus import Prometheus, node_exporter, prometheus
+from harness import REPO, Host, SigningKey, SystemSpec, metric, sandbox_fleet
+from harness.deploys import deploy
+from harness.prometheus import Prometheus, node_exporter, prometheus, readme_promql
 
 from collector.fleet import Progress, assemble
 from collector.prometheus import Sample
@@ -82,9 +84,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield result
 
 
-def start_gate(prom: Prometheus, *args: str) -> subprocess.Popen[str]:
+def start_gate(prom: Prometheus, *args: str, serial: int = SERIAL) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "collector.cli", "fleet", "--prometheus-url", prom.url]
-    argv += ["--wait-serial", str(SERIAL), "--interval", "0.2", *args]
+    argv += ["--wait-serial", str(serial), "--interval", "0.2", *args]
     return subprocess.Popen(
         argv,
         cwd=REPO,
@@ -151,6 +153,85 @@ def test_the_gate_times_out(fleet: Fleet) -> None:
     assert code == 1
     assert out == "serial 12: 0 of 3 hosts up to date, 3 needed\n"
     assert err == "error: timed out after 1s: serial 12: 0 of 3 hosts up to date, 3 needed\n"
+
+
+# ---- real agents ---------------------------------------------------------------------------
+
+UP_TO_DATE = 'nixos_autodeploy_state{state="up-to-date"} == 1'
+# Any host that rolled back from the newest serial the fleet accepted: the README's.
+ROLLED_BACK_ON_NEW_SERIAL = readme_promql()[1]
+
+
+def count(prom: Prometheus, expr: str) -> int:
+    return len(prom.query(expr)["data"]["result"])
+
+
+@pytest.mark.nix
+def test_the_gate_and_the_rollback_halt_query_over_real_agents(
+    tmp_path: Path, nix_build_store: Path, signing_key: SigningKey
+) -> None:
+    """Two sandbox hosts collect and deploy what `publish` signed; their own textfiles
+    carry the serial the gate waits for, and the serial of the last rollback that the
+    README's query halts the fleet on."""
+    (tmp_path / "release-key").mkdir()
+    key = SigningKey.generate(tmp_path / "release-key", "release-1")
+    names = ("canary", "web1")
+    with sandbox_fleet(tmp_path, nix_build_store, signing_key, names) as hosts, ExitStack() as up:
+        built = {}
+        for name, host in zip(names, hosts, strict=True):
+            built[name] = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+            host.install(built[name]["a"])
+            host.write_deployed(built[name]["a"], previous=built[name]["a"])
+
+        def release(serial: int, system: str) -> None:
+            named = [w for name in names for w in ("--host", f"{name}={built[name][system]}")]
+            body = hosts[0].sign_release(
+                "--key-file", str(key.secret_file), "--serial", str(serial), *named
+            )
+            for host in hosts:
+                host.server.publish_body(body)
+
+        def agent(host: Host, name: str, *args: str) -> int:
+            """The collector's run, then the actuator's."""
+            trusted = ("--trusted-key", key.public, "--host-name", name)
+            assert host.collect(*trusted).returncode == 0
+            return deploy(host, *trusted, *args, timeout=5).returncode
+
+        def rolled_back_on_new() -> bool:
+            return count(prom, ROLLED_BACK_ON_NEW_SERIAL) > 0
+
+        release(SERIAL, "b")
+        assert [agent(host, name) for name, host in zip(names, hosts, strict=True)] == [0, 0]
+        targets = [
+            up.enter_context(node_exporter(host.metrics_path.parent, host.tmp / "ne.log"))
+            for host in hosts
+        ]
+        prom = up.enter_context(prometheus(targets, tmp_path, "node"))
+        on_serial = f"nixos_autodeploy_release_serial == {SERIAL} and on(instance) {UP_TO_DATE}"
+        prom.wait_for("both hosts up to date on the serial", lambda: count(prom, on_serial) == 2)
+        assert finish(start_gate(prom)) == (0, "serial 12: 2 of 2 hosts up to date, 2 needed\n", "")
+        assert not rolled_back_on_new()  # no rollback yet
+
+        # Serial 13 fails its health check on the canary, which rolls back from it: the
+        # gate waiting on it fails, and the README's query holds web1 back.
+        release(SERIAL + 1, "c")
+        gate = start_gate(prom, serial=SERIAL + 1)
+        assert next_line(gate) == "serial 13: 0 of 2 hosts up to date, 2 needed"
+        canary, web1 = hosts
+        assert agent(canary, "canary", "--health-check", "false", "--health-timeout", "1") == 1
+        assert canary.current() == built["canary"]["b"].path
+        code, _, err = finish(gate)
+        assert (code, err) == (1, f"error: serial 13 was rolled back on {targets[0]}\n")
+        assert metric(canary.metrics(), "nixos_autodeploy_last_rollback_serial") == SERIAL + 1
+        prom.wait_for("the rollback to reach the query", rolled_back_on_new)
+        halt = ("--prometheus-url", prom.url, "--halt-query", ROLLED_BACK_ON_NEW_SERIAL)
+        assert agent(web1, "web1", *halt) == 0
+        assert web1.activations() == [("switch", built["web1"]["b"].path)]
+        assert web1.snapshot()["rollout"]["halted"] is True
+        # CI publishes serial 14 (back to b): the canary's rollback from 13 no longer halts.
+        release(SERIAL + 2, "b")
+        assert canary.collect("--trusted-key", key.public, "--host-name", "canary").returncode == 0
+        prom.wait_for("a newer serial to quiet the query", lambda: not rolled_back_on_new())
 
 
 def test_a_gate_with_no_prometheus_fails(tmp_path: Path) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from harness import system_path
 
 from actuator.gate import Action, decide
 from collector.config import RebootMode, SwitchMode
 from collector.records import DeployResult, Deploys
+from collector.release import Release
 from collector.snapshot import Snapshot, Upstream
 from collector.state import Activation, Deployed, Links, State, classify
 from collector.store import StorePath
@@ -199,3 +202,37 @@ def test_smart_mode_boots_when_boot_files_cannot_be_compared() -> None:
     # Store paths missing on disk: booting is the side that cannot break the running system.
     decision = decide(snapshot(A, rec(A), B), Deploys(), SMART, False, None)
     assert decision.activation == "boot"
+
+
+def accepted_release(expires: int) -> Release:
+    return Release(serial=7, issued=0, expires=expires, systems={"*": B}, sha256="0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("now", "action", "words"),
+    [
+        (99.0, Action.DEPLOY, "deploying"),
+        (100.0, Action.NOTHING, "release serial 7 expired at 1970-01-01 00:01:40Z"),
+    ],
+)
+def test_an_expired_release_is_not_deployed(now: float, action: Action, words: str) -> None:
+    s = snapshot(A, rec(A), B)
+    s = dataclasses.replace(
+        s, upstream=dataclasses.replace(s.upstream, release=accepted_release(100))
+    )
+    decision = decide(s, Deploys(), SWITCH, False, None, now)
+    assert decision.action is action and words in decision.reason
+
+
+def test_a_refused_release_leaves_the_accepted_one_deployable() -> None:
+    refused = "release rejected (replay): serial 6 is lower than 7"
+    s = snapshot(A, rec(A), B, error=refused)
+    upstream = dataclasses.replace(s.upstream, release=accepted_release(100), rejected="replay")
+    assert (
+        decide(
+            dataclasses.replace(s, upstream=upstream), Deploys(), SWITCH, False, None, 50.0
+        ).action
+        is Action.DEPLOY
+    )
+    # Any other failure of the fetch still holds everything back.
+    assert decide(s, Deploys(), SWITCH, False, None, 50.0).action is Action.NOTHING

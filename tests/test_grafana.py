@@ -149,3 +149,37 @@ def test_fleet_stats_count_hosts_by_state_dirty_reboot_fetch_failure_and_stalene
         "nixos_autodeploy_last_collect_timestamp_seconds",
     ):
         assert metric in joined, metric
+
+
+def test_the_fleet_table_shows_each_hosts_release() -> None:
+    (table,) = [p for p in all_panels(load_dashboard("fleet.json")) if p["type"] == "table"]
+    exprs = "\n".join(t["expr"] for t in table["targets"])
+    for metric in (
+        "nixos_autodeploy_release_serial",
+        "nixos_autodeploy_release_expiry_timestamp_seconds",
+        "nixos_autodeploy_release_verified",
+        "nixos_autodeploy_release_rejected",
+    ):
+        assert metric in exprs, metric
+    (organize,) = [t["options"] for t in table["transformations"] if t["id"] == "organize"]
+    shown = set(organize["renameByName"].values())
+    assert {"Release serial", "Release expires", "Release", "Release rejected"} <= shown
+    overrides = {
+        o["matcher"]["options"]: o["properties"] for o in table["fieldConfig"]["overrides"]
+    }
+    (mapping,) = [p["value"][0]["options"] for p in overrides["Release"] if p["id"] == "mappings"]
+    assert (mapping["1"]["text"], mapping["0"]["text"]) == ("verified", "unverified")
+
+
+def test_the_host_dashboard_shows_its_release() -> None:
+    panels = {p["title"]: p for p in all_panels(load_dashboard("host.json"))}
+    expected = {
+        "Release serial": "nixos_autodeploy_release_serial",
+        "Release expires": "nixos_autodeploy_release_expiry_timestamp_seconds",
+        "Release": "nixos_autodeploy_release_verified",
+        "Release rejected": "nixos_autodeploy_release_rejected",
+    }
+    for title, metric in expected.items():
+        assert metric in panels[title]["targets"][0]["expr"], title
+    assert panels["Release expires"]["fieldConfig"]["defaults"]["unit"] == "dateTimeFromNow"
+    assert panels["Release rejected"]["targets"][0]["legendFormat"] == "{{reason}}"

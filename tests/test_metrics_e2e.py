@@ -21,6 +21,8 @@ from harness import Host, SystemSpec
 from harness.grafana import RULES, all_panels, load_dashboard
 from harness.prometheus import Prometheus, node_exporter, prometheus
 
+from collector import release
+
 pytestmark = [pytest.mark.prometheus, pytest.mark.nix]
 
 DASHBOARDS = ("fleet.json", "host.json")
@@ -81,7 +83,8 @@ def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
     host.install(ours)
     host.write_deployed(ours)
     host.deploy_by_hand(systems["theirs"], "switch")
-    host.publish(ci)
+    # CI publishes an unsigned release (this host trusts no keys: accepted unverified).
+    host.server.publish_body(release_body(2, ci.path))
     deploys = {
         "version": 1,
         "last": {
@@ -125,6 +128,18 @@ def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
     collected = host.collect()
     assert collected.returncode == 0, collected
     assert host.snapshot()["state"] == "dirty"
+    # Then someone replays an older one: refused, the accepted release stays.
+    host.server.publish_body(release_body(1, ours.path))
+    refused = host.collect()
+    assert refused.returncode == 1 and "release rejected (replay)" in refused.stderr, refused
+    assert host.snapshot()["state"] == "dirty"
+
+
+def release_body(serial: int, system: str) -> bytes:
+    now = int(time.time())
+    payload = {"version": 1, "serial": serial, "issued": now, "expires": now + 7 * 86400}
+    data = json.dumps({**payload, "systems": {"*": system}}).encode()
+    return json.dumps(release.envelope_json(data, [])).encode()
 
 
 # ---- the test ---------------------------------------------------------------
@@ -240,4 +255,5 @@ def check_alert_rules(prom: Prometheus, ours: str) -> None:
         "NixosAutodeployDeployFailed": "firing",  # no `for`: fires at once
         "NixosAutodeployDirty": "pending",  # for 1h
         "NixosAutodeployRebootRequired": "pending",  # for 1d
+        "NixosAutodeployReleaseRejected": "pending",  # for 10m
     }

@@ -442,6 +442,29 @@ def test_collector_unit_carries_url_metrics_path_and_secrets(evaluate: Evaluate)
     assert record["tmpfiles"] == ["d /var/lib/node-exporter/text - - - -", *OWN_LINKS]
 
 
+KEY_1 = "release-1:" + "A" * 42 + "E="
+KEY_2 = "release-2:" + "B" * 42 + "E="
+
+
+@pytest.mark.nix
+def test_trusted_keys_and_host_name_reach_collector_and_actuator(evaluate: Evaluate) -> None:
+    signed, default = evaluate(
+        BASE | {"trustedKeys": [KEY_1, KEY_2], "signaturesRequired": 2, "hostName": "web1"},
+        BASE,
+    )
+    assert signed["failedAssertions"] == []
+    for name in (COLLECTOR, ACTUATOR):
+        argv = exec_argv(signed["services"][name]["serviceConfig"]["ExecStart"])
+        settings = program_settings(argv)
+        assert settings.trusted_keys == (KEY_1, KEY_2)
+        assert (settings.signatures_required, settings.host_name) == (2, "web1")
+        # Without keys, nothing about signatures; the host name is networking.hostName's.
+        argv = exec_argv(default["services"][name]["serviceConfig"]["ExecStart"])
+        settings = program_settings(argv)
+        assert (settings.trusted_keys, settings.host_name) == ((), "nixos")
+        assert "signatures_required" not in config_file(argv)
+
+
 @pytest.mark.nix
 def test_resident_collector_is_a_notify_service_with_a_watchdog(evaluate: Evaluate) -> None:
     default, custom = evaluate(BASE, BASE | {"collector": {"pollInterval": 300}, "timeout": 30})
@@ -545,6 +568,61 @@ def test_actuator_unit_carries_modes_and_extra_args(evaluate: Evaluate) -> None:
         "FixedRandomDelay": True,
         "Persistent": True,
     }
+
+
+@pytest.mark.nix
+def test_space_settings_reach_both_units_and_the_boot_dir_follows_the_boot_loader(
+    evaluate: Evaluate,
+) -> None:
+    """minFreeStore and bootDir reach the collector and the actuator (the collector reports
+    both filesystems), the generation settings the actuator; bootDir is systemd-boot's
+    XBOOTLDR or ESP mount point when it is the boot loader, else /boot."""
+    space = {"minFreeStore": "2G", "minFreeBoot": "64M", "keepGenerations": 3}
+    cases = evaluate(
+        BASE | space | {"pruneForeign": True},
+        BASE,
+        BASE | {"_boot": {"loader": {"systemd-boot": {"enable": True}}}},
+        BASE
+        | {
+            "_boot": {
+                "loader": {"systemd-boot": {"enable": True}, "efi": {"efiSysMountPoint": "/efi"}}
+            }
+        },
+        BASE
+        | {
+            "_boot": {
+                "loader": {
+                    "systemd-boot": {"enable": True, "xbootldrMountPoint": "/xboot"},
+                    "efi": {"efiSysMountPoint": "/efi"},
+                }
+            }
+        },
+        BASE | {"_boot": {"loader": {"efi": {"efiSysMountPoint": "/efi"}}}},  # GRUB: /boot
+        BASE | {"bootDir": "/mnt/esp", "_boot": {"loader": {"systemd-boot": {"enable": True}}}},
+    )
+
+    def settings_of(record: dict[str, Any], unit: str) -> Settings:
+        return program_settings(exec_argv(record["services"][unit]["serviceConfig"]["ExecStart"]))
+
+    collector, actuator = (settings_of(cases[0], unit) for unit in (COLLECTOR, ACTUATOR))
+    assert collector.min_free_store == actuator.min_free_store == 2 << 30
+    assert (actuator.min_free_boot, actuator.keep_generations) == (64 << 20, 3)
+    assert actuator.prune_foreign is True
+    defaults = settings_of(cases[1], ACTUATOR)
+    assert (defaults.min_free_store, defaults.min_free_boot) == (1 << 30, 16 << 20)
+    assert (defaults.keep_generations, defaults.prune_foreign) == (10, False)
+    boot_dirs = [
+        (settings_of(c, COLLECTOR).paths.boot_dir, settings_of(c, ACTUATOR).paths.boot_dir)
+        for c in cases[1:]
+    ]
+    assert boot_dirs == [
+        ("/boot", "/boot"),
+        ("/boot", "/boot"),
+        ("/efi", "/efi"),
+        ("/xboot", "/xboot"),
+        ("/boot", "/boot"),
+        ("/mnt/esp", "/mnt/esp"),
+    ]
 
 
 @pytest.mark.nix
@@ -824,6 +902,7 @@ def test_the_generated_config_files_hold_only_options_of_the_table(evaluate: Eva
             "prometheusUrl": "http://prometheus.example.org:9090",
             "caFile": "/etc/ssl/prometheus-ca.pem",
         },
+        "trustedKeys": [KEY_1],
     }
     full, monitoring = evaluate(everything, everything | {"actuator": {"enable": False}})
     generated = {}
@@ -1114,6 +1193,11 @@ def test_every_option_combination_evaluates(evaluate: Evaluate) -> None:
             {"actuator": {"enable": False}, "rebootWindows": ["02:00-04:00"]},
             "system.autoDeploy.rebootWindows and fleetLock govern the actuator's reboots",
         ),
+        ({"trustedKeys": ["release-1"]}, "system.autoDeploy.trustedKeys must be Nix public keys"),
+        (
+            {"trustedKeys": [KEY_1], "signaturesRequired": 2},
+            "system.autoDeploy.signaturesRequired (2) is more than the 1 trustedKeys",
+        ),
     ],
 )
 def test_assertions_explain_what_is_wrong(
@@ -1137,6 +1221,7 @@ def test_assertions_explain_what_is_wrong(
         ({"halt": {"query": " ", "prometheusUrl": "http://p"}}, "system.autoDeploy.halt.query"),
         ({"rolloutWariness": 1.5}, "system.autoDeploy.rolloutWariness"),
         ({"healthChecks": {"timeout": 0}}, "system.autoDeploy.healthChecks.timeout"),
+        ({"trustedKeys": [KEY_1], "signaturesRequired": 0}, "system.autoDeploy.signaturesRequired"),
     ],
 )
 def test_invalid_values_are_rejected(

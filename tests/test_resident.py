@@ -60,7 +60,11 @@ def test_polls_with_one_connection_and_tells_systemd(host: Host) -> None:
     assert [bool(r.headers.get("if-none-match")) for r in requests] == [False] + [True] * (
         len(requests) - 1
     )
-    assert len(host.recorded("nix-store")) == 1  # realised once, on the first poll
+    # Realised once, on the first poll, after its space check (the dry run); no Nix after.
+    assert [argv[:2] for argv in host.recorded("nix-store")] == [
+        ["--realise", "--dry-run"],
+        ["--realise", system.path],
+    ]
     # One log line per change of state, not one per poll.
     assert state_lines(stderr) == [f"state up-to-date; current {system.basename}, "
                                    f"upstream {system.basename}"]  # fmt: skip

@@ -7,15 +7,13 @@ Prometheus that is gone holds them back too (fail closed)."""
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import NEW_KERNEL, REPO, Host, SigningKey, SystemSpec, metric, require_tool
+from harness import NEW_KERNEL, Host, SigningKey, SystemSpec, metric, sandbox_fleet
 from harness.deploys import (
     assert_links,
     decisions,
@@ -24,50 +22,21 @@ from harness.deploys import (
     history,
     tracking,
 )
-from harness.nix import NixBuilder
-from harness.prometheus import Prometheus, free_port, node_exporter, prometheus
-from harness.server import TestServer
+from harness.prometheus import Prometheus, free_port, node_exporter, prometheus, readme_promql
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.nix]
 
 JOB = "nixos-autodeploy-fleet"
 
-
-def readme_default_halt_query() -> str:
-    """The README's default halt query: its first promql block."""
-    found = re.search(r"```promql\n(.+?)\n```", (REPO / "README.md").read_text(), re.S)
-    assert found, "README.md has no promql block"
-    return found.group(1).strip()
-
-
-# Any rollback anywhere in the fleet in the last hour.
-HALT = readme_default_halt_query()
+# Any rollback anywhere in the fleet in the last hour: the README's default.
+HALT = readme_promql()[0]
 
 
 @pytest.fixture
 def fleet(tmp_path: Path, nix_build_store: Path, signing_key: SigningKey) -> Iterator[list[Host]]:
     """Three hosts sharing the build store and key (so the same systems), each with its
     own root, cache and server."""
-    for tool in ("nix-store", "nix-env", "nix"):
-        require_tool(tool)
-    salt = uuid.uuid4().hex[:12]
-    with ExitStack() as stack:
-        hosts = []
-        for name in ("canary", "web1", "web2"):
-            tmp = tmp_path / name
-            (tmp / "cache").mkdir(parents=True)
-            server = TestServer(cache_dir=tmp / "cache")
-            server.start()
-            stack.callback(server.stop)
-            builder = NixBuilder(
-                build_store=nix_build_store,
-                cache_dir=tmp / "cache",
-                key=signing_key,
-                root=tmp / "root",
-                salt=salt,
-                cache_home=tmp / "xdg-cache",
-            )
-            hosts.append(Host(tmp=tmp, builder=builder, server=server))
+    with sandbox_fleet(tmp_path, nix_build_store, signing_key, ("canary", "web1", "web2")) as hosts:
         yield hosts
 
 

@@ -142,16 +142,16 @@ def test_an_option_the_module_uses_missing_from_the_table_is_reported() -> None:
         # subcommand, or one the file may not set; a flag no subcommand has.
         (
             r"upstreamSettings\s*=\s*{",
-            " trusted_keys = [ ];",
+            " release_keys = [ ];",
             [
-                "upstreamSettings: collect has no config-file key trusted_keys",
-                "upstreamSettings: deploy has no config-file key trusted_keys",
+                "upstreamSettings: collect has no config-file key release_keys",
+                "upstreamSettings: deploy has no config-file key release_keys",
             ],
         ),
         (
             r"collectorSettings\s*=",
-            " optionalAttrs true { min_free_store = 1; } //",
-            ["collectorSettings: collect has no config-file key min_free_store"],
+            " optionalAttrs true { no_such_key = 1; } //",
+            ["collectorSettings: collect has no config-file key no_such_key"],
         ),
         (
             r"collectorSettings\s*=",
@@ -165,10 +165,10 @@ def test_an_option_the_module_uses_missing_from_the_table_is_reported() -> None:
         ),
         (
             r"credentialArgs\s*=",
-            ' [ "--trusted-key" "%d/key" ] ++',
+            ' [ "--release-key" "%d/key" ] ++',
             [
-                "credentialArgs: collect has no flag --trusted-key",
-                "credentialArgs: deploy has no flag --trusted-key",
+                "credentialArgs: collect has no flag --release-key",
+                "credentialArgs: deploy has no flag --release-key",
             ],
         ),
         (
@@ -252,8 +252,19 @@ SAMPLES = {
     ),
     "ca_file": Sample(("--ca-file", "/a/ca.pem"), "/a/ca.pem", "/b/ca.pem", "/b/ca.pem"),
     "prometheus_path": Sample(("--prometheus-path", "/a.prom"), "/a.prom", "/b.prom", "/b.prom"),
+    "trusted_keys": Sample(
+        ("--trusted-key", "ci-1:AAAA", "--trusted-key", "ci-2:BBBB"),
+        ("ci-1:AAAA", "ci-2:BBBB"),
+        ["ci-3:CCCC"],
+        ("ci-3:CCCC",),
+    ),
+    "trusted_keys_file": Sample(("--trusted-keys-file", "/a/k"), "/a/k", "/b/k", "/b/k"),
+    "signatures_required": Sample(("--signatures-required", "2"), 2, 3, 3),
+    "host_name": Sample(("--host-name", "web1"), "web1", "db1", "db1"),
     "track": Sample(("--track",), True, True, True),
     "every": Sample(("--every", "30"), 30.0, 45, 45.0),
+    "boot_dir": Sample(("--boot-dir", "/efi"), "/efi", "/boot/efi", "/boot/efi"),
+    "min_free_store": Sample(("--min-free-store", "512M"), 512 << 20, "2G", 2 << 30),
     "switch_mode": Sample(("-s", "boot"), SwitchMode.BOOT, "smart", SwitchMode.SMART),
     "reboot_mode": Sample(("-r", "k-exec"), RebootMode.KEXEC, "reboot", RebootMode.REBOOT),
     "reboot_windows": Sample(
@@ -262,6 +273,9 @@ SAMPLES = {
         ["Sat,Sun 01:00-05:00"],
         ("Sat,Sun 01:00-05:00",),
     ),
+    "min_free_boot": Sample(("--min-free-boot", "64M"), 64 << 20, 1024, 1024),
+    "keep_generations": Sample(("--keep-generations", "3"), 3, 0, 0),
+    "prune_foreign": Sample(("--prune-foreign",), True, True, True),
     "fleet_lock_url": Sample(
         ("--fleet-lock-url", "http://airlock:3333"),
         "http://airlock:3333",
@@ -385,6 +399,40 @@ def test_options_of_the_command_itself_reach_its_arguments() -> None:
     ]
     assert parser.parse_args(["collect", "http://a/x"]).url_argument == "http://a/x"
     assert parsed_settings(["deploy", "http://a/x"]).url == "http://a/x"
+    publish = parser.parse_args(["publish", *(w for n in PUBLISH for w in COMMAND_WORDS[n])])
+    assert (publish.key_files, publish.serial, publish.expires_in) == (
+        ["/ci/key", "/ci/key2"],
+        42,
+        43200.0,
+    )
+    assert (publish.hosts, publish.output) == (["web1=/nix/store/x"], "release.json")
+    assert (publish.rollout_duration, publish.rollout_start) == (7200.0, 1_800_000_000)
+    assert parser.parse_args(["publish"]).expires_in == 7 * 86400
+    assert parser.parse_args(["verify", "r.json"]).release_file == "r.json"
+
+
+PUBLISH = (
+    *("key_files", "serial", "expires_in", "rollout_duration", "rollout_start"),
+    *("system", "hosts", "output"),
+)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["--expires-in", "7x"],
+        ["--expires-in", "0"],
+        ["--serial", "-1"],
+        ["--rollout-duration", "0"],
+        ["--rollout-start", "1.5"],
+    ],
+)
+def test_a_bad_publish_word_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], words: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["publish", *words])
+    assert exit_.value.code == 2 and words[1] in capsys.readouterr().err
 
 
 # ---- bad config files -----------------------------------------------------------------
@@ -448,6 +496,15 @@ COMMAND_WORDS = {
     "fraction": ("--fraction", "0.5"),
     "wait_timeout": ("--timeout", "90"),  # a word the fetch's --timeout takes too
     "interval": ("--interval", "5"),
+    "key_files": ("--key-file", "/ci/key", "--key-file", "/ci/key2"),
+    "serial": ("--serial", "42"),
+    "serial_from": ("--serial-from", "/ci/serial"),
+    "expires_in": ("--expires-in", "12h"),
+    "rollout_duration": ("--rollout-duration", "2h"),
+    "rollout_start": ("--rollout-start", "1800000000"),
+    "system": ("--system", "/nix/store/x"),
+    "hosts": ("--host", "web1=/nix/store/x"),
+    "output": ("-o", "release.json"),
 }
 
 

@@ -15,6 +15,7 @@ from .host import (
     point_link,
     read_link,
     resolve_link,
+    sandbox_fleet,
     standalone_host,
 )
 from .nix import (
@@ -61,6 +62,7 @@ __all__ = [
     "require_tool",
     "resolve_link",
     "run_checked",
+    "sandbox_fleet",
     "standalone_host",
     "store_paths",
     "system_path",

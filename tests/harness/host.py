@@ -354,6 +354,13 @@ class Host:
         """CI publishes `system`: the upstream URL answers its store path + newline."""
         self.server.publish_body((str(system) + "\n").encode(), path)
 
+    def sign_release(self, *args: str) -> bytes:
+        """CI's `nixos-autodeploy publish ARGS`: the release it wrote, not yet served."""
+        out = self.tmp / "release.json"
+        result = self.run_agent("publish", *args, "-o", str(out), root=False)
+        assert result.returncode == 0, result
+        return out.read_bytes()
+
     def fail_activation(self, system: System | str, message: str = "activation failed") -> None:
         """system's switch-to-configuration fails at once, changing nothing."""
         (self.root / "fail-activation").write_text(f"{system}\n{message}")
@@ -571,3 +578,35 @@ def standalone_host(work: Path, key_name: str) -> Iterator[Host]:
         yield Host(tmp=work, builder=builder, server=server)
     finally:
         server.stop()
+
+
+@contextmanager
+def sandbox_fleet(
+    tmp: Path, build_store: Path, key: SigningKey, names: tuple[str, ...]
+) -> Iterator[list[Host]]:
+    """Sandbox hosts sharing one build store, key and salt (so the same systems), each with
+    its own root, binary cache and server under tmp/NAME; the servers stop on the way out."""
+    for tool in ("nix-store", "nix-env", "nix"):
+        require_tool(tool)
+    salt = uuid.uuid4().hex[:12]
+    servers: list[TestServer] = []
+    try:
+        hosts = []
+        for name in names:
+            (tmp / name / "cache").mkdir(parents=True)
+            server = TestServer(cache_dir=tmp / name / "cache")
+            server.start()
+            servers.append(server)
+            builder = NixBuilder(
+                build_store=build_store,
+                cache_dir=tmp / name / "cache",
+                key=key,
+                root=tmp / name / "root",
+                salt=salt,
+                cache_home=tmp / name / "xdg-cache",
+            )
+            hosts.append(Host(tmp=tmp / name, builder=builder, server=server))
+        yield hosts
+    finally:
+        for server in servers:
+            server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -18,9 +19,17 @@ from typing import Any
 import pytest
 
 from .grafana import RULES
+from .host import REPO
 from .nix import require_tool
 
 READY_DEADLINE = 60.0  # seconds; a bound on waiting, not an assertion about speed
+
+
+def readme_promql() -> list[str]:
+    """The README's promql blocks, in order: the halt queries it recommends."""
+    found = re.findall(r"```promql\n(.+?)\n```", (REPO / "README.md").read_text(), re.S)
+    assert found, "README.md has no promql block"
+    return [query.strip() for query in found]
 
 
 def free_port() -> int:

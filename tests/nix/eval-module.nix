@@ -27,6 +27,7 @@ let
       "requests"
       "prometheus-client"
       "rich"
+      "cryptography"
       "pytestCheckHook"
       "pyyaml"
       "hypothesis"
@@ -76,6 +77,10 @@ let
         type = types.listOf types.package;
         default = [ ];
       };
+      networking.hostName = mkOption {
+        type = types.str;
+        default = "nixos";
+      };
       networking.proxy.envVars = mkOption {
         type = types.attrsOf types.str;
         default = { };
@@ -104,6 +109,18 @@ let
         type = types.attrsOf types.anything;
         default = { };
       };
+      boot.loader.systemd-boot.enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      boot.loader.systemd-boot.xbootldrMountPoint = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+      };
+      boot.loader.efi.efiSysMountPoint = mkOption {
+        type = types.str;
+        default = "/boot";
+      };
     };
   };
 
@@ -115,7 +132,9 @@ let
           modules = [
             ../../module.nix
             nixosStubs
-            { system.autoDeploy = settings; }
+            # A case's `_boot`: the boot loader's configuration (config.boot).
+            { system.autoDeploy = builtins.removeAttrs settings [ "_boot" ]; }
+            (lib.optionalAttrs (settings ? _boot) { boot = settings._boot; })
           ];
           specialArgs = { inherit pkgs; };
         })
