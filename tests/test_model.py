@@ -45,7 +45,7 @@ from harness import (
     resolve_link,
     run_checked,
 )
-from harness.deploys import deploy, journal, record
+from harness.deploys import deploy, journal, kill_agent_at_nix_call, record
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -158,22 +158,9 @@ def read_state(host: Host, name: str) -> Any:
 def killed_at_nix_call(host: Host, n: int, after: bool) -> Iterator[None]:
     """The agent killed (kill -9) at its n-th nix-store or nix-env call that changes
     something, before it acts or once it has; the wrappers are put back afterwards."""
-    counter = host.tmp / "nix-calls"
-    counter.unlink(missing_ok=True)
-    kept = {}
-    for tool in ("nix-store", "nix-env"):
-        wrapper = host.bin_dir / tool
-        kept[tool] = wrapper.read_text()
-        shebang, _, rest = kept[tool].partition("\n")
-        act = f"'{host.real_tools[tool]}' \"$@\"; " if after else ""
-        trap = (
-            'if [ "$1" != --query ]; then\n'
-            f"count=$(( $(cat '{counter}' 2>/dev/null || echo 0) + 1 )); "
-            f"echo \"$count\" > '{counter}'\n"
-            f'if [ "$count" = {n} ]; then {act}kill -9 "$PPID"; exit 137; fi\n'
-            "fi\n"
-        )
-        wrapper.write_text(f"{shebang}\n{trap}{rest}")
+    (host.tmp / "nix-calls").unlink(missing_ok=True)
+    kept = {tool: (host.bin_dir / tool).read_text() for tool in ("nix-store", "nix-env")}
+    kill_agent_at_nix_call(host, n, after=after)
     try:
         yield
     finally:
