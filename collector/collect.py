@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def _refresh_upstream(
-    settings: Settings, known: Upstream | None, now: float, session: http.Session | None
+    settings: Settings,
+    keys: tuple[release.Key, ...],
+    known: Upstream | None,
+    now: float,
+    session: http.Session | None,
 ) -> Upstream:
     """Fetch (conditionally), judge the answer, and make sure its system is realised and
     pinned; only then is the fetch record updated, so a failure or a refused release
@@ -39,7 +43,6 @@ def _refresh_upstream(
     assert settings.url is not None
     paths = settings.paths
     url_sha256 = upstream.digest(settings.url)  # validators belong to this exact URL
-    keys = release.trusted_keys(settings)
     trust = release.trust_digest(settings, keys)
     validators = None
     if (
@@ -230,11 +233,11 @@ def collect(
     collector passes its kept-alive HTTP session."""
     if not settings.url:
         raise ConfigError("no upstream URL: give --url or set url in the config file")
-    release.trusted_keys(settings)  # a bad key is a bad configuration: nothing written
+    keys = release.trusted_keys(settings)  # a bad key is a bad configuration: nothing written
     started = time.monotonic()
     known = _known_upstream(settings)
     try:
-        record = _refresh_upstream(settings, known, time.time(), session)
+        record = _refresh_upstream(settings, keys, known, time.time(), session)
     except (AutodeployError, OSError) as e:
         last = known or Upstream(url=http.shown(settings.url))
         record = dataclasses.replace(
