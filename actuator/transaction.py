@@ -609,8 +609,33 @@ Handler = Callable[[Settings, Journal], Journal | None]
 
 def _superseded(settings: Settings, entry: Journal) -> Journal | None:
     """Cut short before it took effect: the run's own decision takes its place (a deploy
-    keeps its `before`); any other decision rolls it back first."""
-    return None
+    keeps its `before`); any other decision rolls it back first. Should its system run all
+    the same (someone finished it by hand: `test`, or `test` and `boot`, of that very
+    system), it goes on as `activated`, the profile and boot default following it.
+
+    The in-flight record names that system, so the collector already reads it as the
+    agent's: left half done, the next deploy would take `before` for what runs."""
+    paths = settings.paths
+    links = read_links(paths)
+    record = load_deployed(paths)
+    if (
+        entry.trial is not None
+        or links.current != entry.path
+        or record is None
+        or record.path != entry.path
+        or profile_moved(links, record) is not None  # a hand `boot` of another: theirs
+    ):
+        return None
+    log.info("%s runs (activated by someone else): the deploy goes on", entry.path.name)
+    if links.profile != entry.path:
+        profile.set_to(paths, entry.path)
+    save_deployed(paths, dataclasses.replace(record, generation=profile.generation(paths)))
+    entry = advance(paths, entry, Phase.ACTIVATING, activation_started=True)
+    try:
+        run(commands.switch(paths, entry.path, Activation.BOOT), stream_stderr=True)
+    except AutodeployError as e:
+        fail(settings, entry, f"deploying {entry.path.name} failed: {e}", blocks_retry=True)
+    return advance(paths, entry, Phase.ACTIVATED)
 
 
 def _activating(settings: Settings, entry: Journal) -> Journal | None:

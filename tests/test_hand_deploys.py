@@ -234,3 +234,42 @@ def test_a_hand_switch_after_a_rollback_was_cut_short_is_left_alone(host: Host) 
     assert_links(host, current=c, profile=c)
     assert host.boot_default() == c.path
     dirty_because(host, "hand-switch")
+
+
+@pytest.mark.parametrize("hand", [("test",), ("test", "boot")], ids=["test", "test-and-boot"])
+def test_a_cut_short_deploy_finished_by_hand_goes_on_as_the_agents(
+    host: Host, hand: tuple[str, ...]
+) -> None:
+    """Killed once its profile was set; the operator then activates that very system by
+    hand (`test`, or `test` and `boot`). The in-flight record names it, so the collector
+    reads it as the agent's: the next run finishes that deploy (profile, boot default,
+    checks, record), and a boot-mode deploy of the next upstream then waits for its
+    reboot instead of reading dirty."""
+    systems = host.build(SystemSpec("a"), SystemSpec("b"), SystemSpec("c"))
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    tracking(host, a, b, collect=True)
+    kill_agent_at_nix_call(host, 1, after=True)  # 1: nix-env --set b
+    killed = deploy(host)
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert (journal(host)["phase"], host.profile(), host.current()) == (
+        "profile-set",
+        b.path,
+        a.path,
+    )
+    for action in hand:
+        host.deploy_by_hand(b, action)
+    host.publish(c)
+    result = deploy(host, "--switch-mode", "boot", "--health-check", "true")
+    assert result.returncode == 0, result
+    finished = [e["path"] for e in events_named(host, "completed-interrupted-deploy")]
+    assert finished == [b.path]
+    deployed = record(host)
+    assert (deployed["path"], deployed["previous"]) == (c.path, b.path)
+    assert_links(host, current=b, profile=c)
+    assert host.boot_default() == c.path
+    assert host.collect().returncode == 0
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["dirty"]) == ("pending-reboot", False)
+    host.reboot()
+    assert host.collect().returncode == 0
+    assert host.snapshot()["state"] == "up-to-date"
