@@ -150,6 +150,7 @@ class Journal:
     message: str = ""  # why it failed
     trial: TrialKind | None = None
     serial: int | None = None  # of the release that named `path` (None: a bare store path)
+    forced: bool = False  # by --force: a run without it does not carry it on
 
     @property
     def open(self) -> bool:
@@ -182,6 +183,7 @@ class Journal:
             "message": self.message,
             "trial": self.trial.value if self.trial else None,
             "serial": self.serial,
+            "forced": self.forced,
             # For a version that does not know this phase: whether it may ignore it.
             "finished": not self.open,
         }
@@ -204,6 +206,7 @@ class Journal:
                 message=str(data["message"]),
                 trial=kind,
                 serial=None if data.get("serial") is None else int(data["serial"]),
+                forced=bool(data.get("forced", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source} is corrupt: {e}") from None
@@ -331,6 +334,7 @@ def start(
         before,
         tried,
         serial=None if accepted is None else accepted.serial,
+        forced=settings.force,
         # A superseded activation may have touched the boot loader: a rollback must reset it.
         activation_started=superseded is not None and superseded.activation_started,
     )
@@ -376,6 +380,7 @@ def _begin(
     *,
     serial: int | None,
     activation_started: bool,
+    forced: bool,
 ) -> Journal:
     """A new deploy, written before anything changes."""
     entry = Journal(
@@ -388,6 +393,7 @@ def _begin(
         trial=tried,
         activation_started=activation_started,
         serial=serial,
+        forced=forced,
     )
     return _write(paths, entry)
 
@@ -843,7 +849,8 @@ def _finish(settings: Settings, entry: Journal) -> Journal:
 def recover(settings: Settings) -> Journal | None:
     """Finish what an open journal left, before anything is decided anew. A deploy cut
     short before its activation took effect is returned: the run's decision supersedes it
-    (see deploy)."""
+    (see deploy); one that --force started is undone unless this run is forced too (it may
+    have been overriding a hand deploy: that is for the operator to decide again)."""
     entry = load(settings.paths)
     if entry is None or not entry.open:
         return None
@@ -860,7 +867,13 @@ def recover(settings: Settings) -> Journal | None:
             f"finishing the interrupted deploy of {entry.path.name}; "
             f"rolling back failed too (the next run tries again): {e}"
         ) from None
-    return entry if entry.open and entry.phase in CUT_SHORT else None
+    if not (entry.open and entry.phase in CUT_SHORT):
+        return None
+    if entry.forced and not settings.force:
+        log.info("the deploy of %s was forced; this run is not: undoing it", entry.path.name)
+        undo(settings, entry)
+        return None
+    return entry
 
 
 def contract_table() -> str:

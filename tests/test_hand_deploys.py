@@ -273,3 +273,32 @@ def test_a_cut_short_deploy_finished_by_hand_goes_on_as_the_agents(
     host.reboot()
     assert host.collect().returncode == 0
     assert host.snapshot()["state"] == "up-to-date"
+
+
+@pytest.mark.parametrize("kill", ["profile-set", "nix-env --set"])
+def test_a_forced_deploy_cut_short_is_not_carried_on_without_force(host: Host, kill: str) -> None:
+    """--force over a hand switch, killed before its switch (before or after its
+    `nix-env --set`): the timer's next run, not forced, rolls it back and leaves the hand
+    deploy alone; only another --force deploys over it."""
+    systems = deployed_by_agent(host, "a", "b", "x")
+    b, x = systems["b"], systems["x"]
+    host.deploy_by_hand(x, "switch")
+    if kill == "profile-set":
+        deploy_killed_at(host, "profile-set", "--force")
+    else:
+        kill_agent_at_nix_call(host, 1, after=True)
+        killed = deploy(host, "--force")
+        assert killed.returncode == -signal.SIGKILL, killed
+        assert host.profile() == b.path
+    activations = host.activations()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.activations() == activations, "nothing activated over the hand deploy"
+    assert_links(host, current=x, profile=x)
+    assert host.boot_default() == x.path
+    assert journal(host)["phase"] == "rolled-back"
+    assert "was forced; this run is not: undoing it" in result.stderr
+    dirty_because(host, "hand-switch")
+    forced = deploy(host, "--force")
+    assert forced.returncode == 0, forced
+    assert_links(host, current=b, profile=b)
