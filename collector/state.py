@@ -205,7 +205,9 @@ def classify(links: Links, deployed: Deployed | None, failed: Collection[StorePa
             # came back on the old generation: the agent left it so, it is not dirty.
             # Should upstream have moved on meanwhile, the newer system goes first.
             return State.PENDING_REBOOT if upstream == deployed.path else State.UPDATE_AVAILABLE
-    if current == upstream:
+    if current == upstream and (links.profile in (current, None) or current in failed):
+        # Not a hand `test` of upstream (the profile elsewhere: the next boot leaves it);
+        # one left running by its own failed activation is, and the gate holds off.
         return State.UNTRACKED
     if current in failed:
         # Left running by an activation that failed under the agent: its doing, not a hand

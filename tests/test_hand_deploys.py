@@ -302,3 +302,27 @@ def test_a_forced_deploy_cut_short_is_not_carried_on_without_force(host: Host, k
     forced = deploy(host, "--force")
     assert forced.returncode == 0, forced
     assert_links(host, current=b, profile=b)
+
+
+def test_a_hand_test_of_upstream_is_left_alone_and_deployed_after_the_reboot(host: Host) -> None:
+    """`nixos-rebuild test` of what CI published: the next boot still loads the agent's
+    system, so it is not tracked (status would call the host up to date while its next
+    boot goes back); left alone until the reboot, then deployed properly."""
+    systems = deployed_by_agent(host, "a", "b", "c")
+    b, c = systems["b"], systems["c"]
+    host.deploy_by_hand(c, "test")
+    host.publish(c)
+    dirty_because(host, "hand-activation")
+    activations = host.activations()
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert host.activations() == activations, "nothing activated over the hand test"
+    assert record(host)["path"] == b.path, "the hand test was tracked"
+    assert_links(host, current=c, profile=b)
+    host.reboot()
+    assert_links(host, current=b, profile=b)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_links(host, current=c, profile=c)
+    assert host.boot_default() == c.path
+    assert (record(host)["path"], host.snapshot()["state"]) == (c.path, "up-to-date")

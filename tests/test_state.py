@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,10 +15,12 @@ from collector.records import FAILED_MAX, DeployResult, Deploys, load_deploys
 from collector.state import (
     Activation,
     Deployed,
+    HandChange,
     Links,
     State,
     boot_differs,
     classify,
+    dirty_reason,
     reboot_required,
 )
 from collector.store import StorePath
@@ -231,3 +234,13 @@ def test_deploy_results_from_before_the_per_path_memory_are_read(tmp_path: Path)
     assert deploys.failed == {B: 5.0}
     written = deploys.to_json()
     assert written["failed"] == {B.path: 5.0} and "failed_path" not in written
+
+
+def test_a_hand_test_of_upstream_is_dirty_not_untracked() -> None:
+    # `nixos-rebuild test` of what CI published: the profile (the next boot) still names a.
+    ours = dataclasses.replace(switched(A), generation=3)
+    tested = Links(current=B, booted=A, profile=A, upstream=B, profile_generation=3)
+    assert classify(tested, ours) is State.DIRTY
+    assert dirty_reason(tested, ours, State.DIRTY) is HandChange.RUNNING
+    switched_by_hand = Links(current=B, booted=A, profile=B, upstream=B, profile_generation=4)
+    assert classify(switched_by_hand, ours) is State.UNTRACKED
