@@ -323,9 +323,11 @@ def start(
             undo(settings, superseded)
         return
     links = read_links(paths)
-    before = (
-        superseded.before if superseded else Before(links.current, links.profile, snapshot.deployed)
-    )
+    before = Before(links.current, links.profile, snapshot.deployed)
+    if superseded is not None:
+        # What the superseded deploy found (the record, the profile), and what runs now: a
+        # hand switch since then is what a failure switches back to.
+        before = dataclasses.replace(superseded.before, current=links.current)
     accepted = snapshot.upstream.release
     entry = _begin(
         paths,
@@ -527,9 +529,12 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
     if entry.phase is not Phase.ROLLING_BACK:
         entry = advance(paths, entry, Phase.ROLLING_BACK)
     before = entry.before
+    # Failed: never the failed system. Undone (cut short, never failed): as if it had not
+    # started, the profile as it was, even naming this system (a boot-mode deploy of it
+    # waiting for its reboot, or a hand `boot` that a forced deploy found).
     target = entry.fallback
-    if target is None and not entry.blocks_retry:
-        target = before.profile  # undoing a deploy of what ran before: its profile back
+    if not entry.blocks_retry and before.profile is not None:
+        target = before.profile
     links = read_links(paths)
     record = load_deployed(paths)
     ours = record if record is not None and record.path == entry.path else None
@@ -564,11 +569,17 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
     elif not restored:
         save_deployed(paths, before.deployed)
     # Also a profile a superseded deploy of the agent's set (neither this one's nor target).
-    if target is not None and links.profile != target and not by_hand:
+    set_back = target is not None and links.profile != target and not by_hand
+    if set_back:
+        assert target is not None
         profile.set_to(paths, target)
         if before.deployed is not None:  # the generation just made is the agent's
             back = dataclasses.replace(before.deployed, generation=profile.generation(paths))
             save_deployed(paths, back)
+    elif ours is not None and before.deployed is not None and not by_hand:
+        # The profile as this deploy found it: so is the record, with the generation it
+        # knew (a hand `boot` a forced deploy found stays a hand deploy).
+        save_deployed(paths, before.deployed)
     if entry.trial is TrialKind.ONESHOT:
         trial.forget(paths, entry.path)
     booted_target = False
@@ -584,7 +595,11 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
         how = commands.TEST if by_hand else Activation.SWITCH.value
         run(commands.switch(paths, running, how), stream_stderr=True)
         booted_target = running == target
-    if entry.activation_started and target is not None and not booted_target and not by_hand:
+    # The boot loader follows the profile: after an activation that may have touched it,
+    # and after the profile went back (a hand `boot` of this system, taken for the
+    # agent's own `nix-env --set`, moved the boot default too).
+    touched = entry.activation_started or set_back
+    if touched and target is not None and not booted_target and not by_hand:
         run(commands.switch(paths, target, Activation.BOOT), stream_stderr=True)
     stays_up = links.current == entry.path or trial.marked(paths, entry.id)
     reboots_back = entry.trial is not None and entry.blocks_retry and stays_up
