@@ -124,9 +124,10 @@ def _reboot_once(settings: Settings, plan: reboot.Reboot, snapshot: Snapshot) ->
 def _untried(paths: Paths, decision: Decision, snapshot: Snapshot) -> Decision:
     """Never adopt a system that runs without having been tried: its trial was undone (a
     kernel kexec'd after all, one a failed trial left loaded), so no health check passed,
-    and the profile and the boot loader still name the old system."""
+    and the profile and the boot loader still name the old system. (It reads dirty, the
+    profile elsewhere; this says why.)"""
     current = snapshot.links.current
-    if decision.action is not Action.TRACK or current is None:
+    if decision.action not in (Action.TRACK, Action.NOTHING) or current is None:
         return decision
     entry = transaction.load(paths)
     if (

@@ -290,10 +290,11 @@ def test_a_forced_deploy_cut_short_is_not_carried_on_without_force(host: Host, k
         killed = deploy(host, "--force")
         assert killed.returncode == -signal.SIGKILL, killed
         assert host.profile() == b.path
-    activations = host.activations()
+    activations = len(host.activations())
     result = deploy(host)
     assert result.returncode == 0, result
-    assert host.activations() == activations, "nothing activated over the hand deploy"
+    # At most the boot loader installed again for x (the profile set back after b's set).
+    assert {path for _, path in host.activations()[activations:]} <= {x.path}
     assert_links(host, current=x, profile=x)
     assert host.boot_default() == x.path
     assert journal(host)["phase"] == "rolled-back"
