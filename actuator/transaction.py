@@ -325,9 +325,12 @@ def start(
     links = read_links(paths)
     before = Before(links.current, links.profile, snapshot.deployed)
     if superseded is not None:
-        # What the superseded deploy found (the record, the profile), and what runs now: a
-        # hand switch since then is what a failure switches back to.
-        before = dataclasses.replace(superseded.before, current=links.current)
+        # What the superseded deploy found (the record; the profile, unless moved by hand
+        # since), and what runs now: a hand deploy since then (a --force run goes over it)
+        # is what a failure goes back to.
+        moved = profile_moved(links, snapshot.deployed) is not None
+        profile_before = links.profile if moved else superseded.before.profile
+        before = Before(links.current, profile_before, superseded.before.deployed)
     accepted = snapshot.upstream.release
     entry = _begin(
         paths,

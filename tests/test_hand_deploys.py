@@ -327,3 +327,24 @@ def test_a_hand_test_of_upstream_is_left_alone_and_deployed_after_the_reboot(hos
     assert_links(host, current=c, profile=c)
     assert host.boot_default() == c.path
     assert (record(host)["path"], host.snapshot()["state"]) == (c.path, "up-to-date")
+
+
+def test_a_forced_deploy_over_a_cut_short_one_goes_back_to_the_hand_switch_between(
+    host: Host,
+) -> None:
+    """A deploy of b cut short; someone switches to x by hand; --force deploys b in its
+    place, and b fails its checks: what comes back is x (running, profile, next boot), not
+    what ran before the first deploy."""
+    systems = deployed_by_agent(host, "a", "b", "x", "c")
+    c, x = systems["c"], systems["x"]
+    host.publish(c)
+    assert host.collect().returncode == 0
+    deploy_killed_at(host, "profile-set")
+    host.deploy_by_hand(x, "switch")
+    check = ("--health-check", f'[ "$(readlink {host.current_link})" != {c.path} ]')
+    failed = deploy(host, "--force", *check, "--health-timeout", "1")
+    assert failed.returncode == 1, failed
+    assert f"{c.basename} failed its health checks" in failed.stderr
+    assert_links(host, current=x, profile=x)
+    assert host.boot_default() == x.path
+    assert journal(host)["phase"] == "rolled-back"
