@@ -576,9 +576,13 @@ def roll_back(settings: Settings, entry: Journal) -> Journal:
     if set_back:
         assert target is not None
         profile.set_to(paths, target)
-        if before.deployed is not None:  # the generation just made is the agent's
+        if before.deployed is not None and before.profile == before.deployed.path:
+            # The generation just made is the agent's: the profile was its own.
             back = dataclasses.replace(before.deployed, generation=profile.generation(paths))
             save_deployed(paths, back)
+        elif before.deployed is not None:
+            # A hand deploy's profile (a --force run went over it) put back: still theirs.
+            save_deployed(paths, before.deployed)
     elif ours is not None and before.deployed is not None and not by_hand:
         # The profile as this deploy found it: so is the record, with the generation it
         # knew (a hand `boot` a forced deploy found stays a hand deploy).

@@ -348,3 +348,32 @@ def test_a_forced_deploy_over_a_cut_short_one_goes_back_to_the_hand_switch_betwe
     assert_links(host, current=x, profile=x)
     assert host.boot_default() == x.path
     assert journal(host)["phase"] == "rolled-back"
+
+
+def test_a_failed_forced_deploy_over_a_hand_switch_leaves_it_the_operators(host: Host) -> None:
+    """The operator switched by hand to x, a system that failed under the agent before;
+    --force deploys c, which fails too: x comes back, and is still a hand deploy (dirty),
+    not the agent's failed system to replace with the next upstream."""
+    systems = deployed_by_agent(host, "a", "b", "x", "c", "d")
+    b, x, c, d = systems["b"], systems["x"], systems["c"], systems["d"]
+    now = f"$(readlink {host.current_link})"
+    check = ("--health-check", f'[ "{now}" != {x.path} ] && [ "{now}" != {c.path} ]')
+    check += ("--health-timeout", "1")
+    host.publish(x)
+    assert host.collect().returncode == 0
+    assert deploy(host, *check).returncode == 1
+    assert_links(host, current=b, profile=b)
+    host.deploy_by_hand(x, "switch")  # the operator insists
+    host.publish(c)
+    assert host.collect().returncode == 0
+    failed = deploy(host, "--force", *check)
+    assert failed.returncode == 1, failed
+    assert_links(host, current=x, profile=x)
+    assert host.boot_default() == x.path
+    dirty_because(host, "hand-switch")
+    host.publish(d)
+    activations = host.activations()
+    result = deploy(host, "--max-snapshot-age", "0", *check)
+    assert result.returncode == 0, result
+    assert host.activations() == activations, "d deployed over the hand switch"
+    assert_links(host, current=x, profile=x)
