@@ -205,6 +205,10 @@ def classify(links: Links, deployed: Deployed | None, failed: Collection[StorePa
             # came back on the old generation: the agent left it so, it is not dirty.
             # Should upstream have moved on meanwhile, the newer system goes first.
             return State.PENDING_REBOOT if upstream == deployed.path else State.UPDATE_AVAILABLE
+    if deployed is not None and not deployed.complete and current == links.booted:
+        # A deploy cut short, then a reboot: nothing was activated since the boot, what the
+        # boot loader loaded runs (a hand `test` before the reboot is gone with it).
+        return State.UPDATE_AVAILABLE
     if current == upstream and (links.profile in (current, None) or current in failed):
         # Not a hand `test` of upstream (the profile elsewhere: the next boot leaves it);
         # one left running by its own failed activation is, and the gate holds off.

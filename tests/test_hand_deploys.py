@@ -377,3 +377,25 @@ def test_a_failed_forced_deploy_over_a_hand_switch_leaves_it_the_operators(host:
     assert result.returncode == 0, result
     assert host.activations() == activations, "d deployed over the hand switch"
     assert_links(host, current=x, profile=x)
+
+
+def test_a_reboot_after_a_cut_short_deploy_is_no_hand_deploy(host: Host) -> None:
+    """--force over a hand `test`, cut short before its activation; the machine reboots
+    into its boot loader's default: nothing was activated since, so it is not dirty (the
+    in-flight record's `previous` names the tested system, gone with the reboot), and the
+    next run deploys."""
+    systems = deployed_by_agent(host, "a", "b", "x", "c")
+    b, x, c = systems["b"], systems["x"], systems["c"]
+    host.deploy_by_hand(x, "test")
+    host.publish(c)
+    assert host.collect().returncode == 0
+    deploy_killed_at(host, "activating", "--switch-mode", "boot", "--force")
+    host.reboot()
+    assert_links(host, current=b, profile=c)
+    assert host.collect().returncode == 0
+    snapshot = host.snapshot()
+    assert (snapshot["state"], snapshot["dirty"]) == ("update-available", False)
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert_links(host, current=c, profile=c)
+    assert host.boot_default() == c.path

@@ -402,14 +402,20 @@ class HostModel(RuleBasedStateMachine):
         """nixos-rebuild ACTION: the links it moved are the operator's."""
         before = self.links()
         deployed = record(self.host)
+        entry = journal(self.host)
         self.host.deploy_by_hand(self.systems[name], action)
         now = self.links()
         ours = deployed["path"] if deployed else None
+        # A deploy cut short in its activation, which may have gone on without the agent: a
+        # hand `test` of what ran before it is indistinguishable from an activation that
+        # never happened (the profile and current alike), and the agent goes on with it.
+        went_on = entry is not None and entry["phase"] == Phase.ACTIVATING.value
+        back = went_on and action == "test" and now["current"] == entry["before"]["current"]
         for link, value in now.items():
             if value == before[link]:
                 continue
             target = self.host.profile() if link == "profile" else value
-            if target == ours:
+            if target == ours or (link == "current" and back):
                 self.hand.pop(link, None)  # back on what the agent deployed
             else:
                 assert value is not None
