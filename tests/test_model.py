@@ -58,15 +58,7 @@ from hypothesis.stateful import (
 
 from actuator.transaction import FINISHED, STOP_AT, Phase
 
-pytestmark = [
-    pytest.mark.nix,
-    # Opt-in until the two sequences it still fails on (issue 20's closing note) are fixed:
-    # a red suite would hide every other result.
-    pytest.mark.skipif(
-        os.environ.get("MODEL_RUN") != "1",
-        reason="the model test runs with MODEL_RUN=1 (known failing sequences: issue 20)",
-    ),
-]
+pytestmark = pytest.mark.nix
 
 NAMES = ("a", "b", "c", "d")
 EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "40"))
