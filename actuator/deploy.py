@@ -15,7 +15,7 @@ from collector.errors import ActuatorError, AutodeployError, SpaceError, StateEr
 from collector.history import Event, Kind
 from collector.lock import locked
 from collector.process import run
-from collector.records import DeployResult, Deploys, load_deploys
+from collector.records import Deploys, load_deploys
 from collector.snapshot import Snapshot, load_snapshot
 from collector.state import read_links
 from collector.upstream import digest
@@ -54,7 +54,7 @@ def deploy(settings: Settings) -> int:
             time.time(),
         )
         if not settings.force:
-            decision = _untried(paths, decision, snapshot)
+            decision = transaction.untried(paths, decision, snapshot)
         if decision.action is Action.DEPLOY and cut_short is None and settings.force:
             decision = _forced(settings, snapshot, decision)
         elif decision.action is Action.DEPLOY and cut_short is None:
@@ -101,48 +101,8 @@ def deploy(settings: Settings) -> int:
         ):
             cleared = reboot.clear_to_reboot(settings, snapshot)
             if cleared is not None:
-                _reboot_once(settings, _reboot_plan(settings, cleared), cleared)
+                reboot.after_deploy(settings, cleared)
     return 0
-
-
-def _reboot_once(settings: Settings, plan: reboot.Reboot, snapshot: Snapshot) -> None:
-    """The reboot a finished deploy needs. When it fails (`kexec --load` refused under
-    Secure Boot lockdown), nothing went down: its slot goes back, and the failure is counted
-    and blocks this reboot until upstream changes (it would fail the same way each run)."""
-    try:
-        reboot.reboot(settings, plan, snapshot)
-    except AutodeployError as e:
-        reboot.release(settings)
-        message = f"{plan.saying} failed: {e}"
-        assert snapshot.deployed is not None
-        result = DeployResult(time.time(), plan.system, snapshot.deployed.mode, False, message)
-        records.record_result(settings.paths, result, blocks_retry=True)
-        observe(settings, snapshot.upstream, snapshot.duration_seconds, snapshot.collected_at)
-        raise ActuatorError(message) from None
-
-
-def _untried(paths: Paths, decision: Decision, snapshot: Snapshot) -> Decision:
-    """Never adopt a system that runs without having been tried: its trial was undone (a
-    kernel kexec'd after all, one a failed trial left loaded), so no health check passed,
-    and the profile and the boot loader still name the old system. (It reads dirty, the
-    profile elsewhere; this says why.)"""
-    current = snapshot.links.current
-    if decision.action not in (Action.TRACK, Action.NOTHING) or current is None:
-        return decision
-    entry = transaction.load(paths)
-    if (
-        entry is None
-        or entry.trial is None
-        or entry.path != current
-        or entry.phase is not transaction.Phase.ROLLED_BACK
-        or snapshot.links.profile == current
-    ):
-        return decision
-    return Decision(
-        Action.NOTHING,
-        f"{current.name} runs, but its trial boot was undone and it was never checked; "
-        "not adopting it (reboot into the profile's system, or --force deploys it)",
-    )
 
 
 def _held_back(settings: Settings, snapshot: Snapshot, decision: Decision) -> Decision:
@@ -170,14 +130,6 @@ def _forced(settings: Settings, snapshot: Snapshot, decision: Decision) -> Decis
         f"{decision.reason}; --force: the rollout's wave and halt are not asked",
         decision.activation,
     )
-
-
-def _reboot_plan(settings: Settings, snapshot: Snapshot) -> reboot.Reboot:
-    """The one reboot a finished deploy still needs, into the deployed system."""
-    assert snapshot.deployed is not None and settings.reboot_mode is not None
-    how = reboot.How(settings.reboot_mode.value)
-    event = Kind.KEXEC if how is reboot.How.KEXEC else Kind.REBOOT
-    return reboot.Reboot(how, snapshot.deployed.path, event)
 
 
 def _current_snapshot(settings: Settings, deploys: Deploys) -> Snapshot:
@@ -266,7 +218,7 @@ def _dry_run(settings: Settings, snapshot: Snapshot, decision: Decision) -> None
         elif tried is not None:  # a trial boot waits for the same window and slot
             waits = reboot.would_wait(settings, snapshot)
     elif decision.action is Action.REBOOT and snapshot.deployed is not None:
-        commands_run = reboot.argvs(_reboot_plan(settings, snapshot))
+        commands_run = reboot.argvs(reboot.plan_after_deploy(settings, snapshot))
         waits = reboot.would_wait(settings, snapshot)
     print(f"decision: {decision.action.value}: {decision.reason}")
     for line in waits:

@@ -56,7 +56,7 @@ def may_reboot(snapshot: Snapshot, reboot_mode: RebootMode | None) -> bool:
     )
 
 
-# A reboot whose preparation failed (deploy._reboot_once) is not tried again.
+# A reboot whose preparation failed (reboot.after_deploy) is not tried again.
 _REBOOT_FAILED = (
     "the agent's reboot into it failed; not retried until upstream changes, the operator "
     "reboots (--force overrides)"

@@ -17,21 +17,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from collector.collect import report
+from collector.collect import observe, report
 from collector.config import Paths, Settings
 from collector.errors import ActuatorError, AutodeployError
 from collector.history import Event, Kind
 from collector.http import shown
 from collector.process import run
 from collector.reboot import RebootState, SlotHeld, Waiting, WaitReason, load_reboot_state
-from collector.records import load_deploys
+from collector.records import DeployResult, load_deploys
 from collector.snapshot import Snapshot
 from collector.state import load_deployed, read_links
 from collector.store import StorePath
 
 from . import commands, fleetlock, profile, window
 from .gate import Action, may_reboot
-from .records import note, save_deployed, save_reboot_state
+from .records import note, record_result, save_deployed, save_reboot_state
 
 log = logging.getLogger(__name__)
 
@@ -403,3 +403,28 @@ def reboot(settings: Settings, plan: Reboot, snapshot: Snapshot | None = None) -
             if snapshot is not None:
                 report(settings, snapshot, load_deploys(paths))
         raise
+
+
+def plan_after_deploy(settings: Settings, snapshot: Snapshot) -> Reboot:
+    """The one reboot a finished deploy still needs, into the deployed system."""
+    assert snapshot.deployed is not None and settings.reboot_mode is not None
+    how = How(settings.reboot_mode.value)
+    event = Kind.KEXEC if how is How.KEXEC else Kind.REBOOT
+    return Reboot(how, snapshot.deployed.path, event)
+
+
+def after_deploy(settings: Settings, snapshot: Snapshot) -> None:
+    """The reboot a finished deploy needs. When it fails (`kexec --load` refused under
+    Secure Boot lockdown), nothing went down: its slot goes back, and the failure is counted
+    and blocks this reboot until upstream changes (it would fail the same way each run)."""
+    plan = plan_after_deploy(settings, snapshot)
+    try:
+        reboot(settings, plan, snapshot)
+    except AutodeployError as e:
+        release(settings)
+        message = f"{plan.saying} failed: {e}"
+        assert snapshot.deployed is not None
+        result = DeployResult(time.time(), plan.system, snapshot.deployed.mode, False, message)
+        record_result(settings.paths, result, blocks_retry=True)
+        observe(settings, snapshot.upstream, snapshot.duration_seconds, snapshot.collected_at)
+        raise ActuatorError(message) from None

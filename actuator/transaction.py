@@ -48,6 +48,7 @@ from collector.state import (
 from collector.store import StorePath, path_of
 
 from . import commands, health, profile, reboot, space, trial
+from .gate import Action, Decision
 from .records import (
     forget_deployed,
     note,
@@ -465,6 +466,30 @@ def _prune(settings: Settings, entry: Journal) -> None:
         space.prune(settings, (entry.path, entry.before.current))
     except AutodeployError as e:
         log.warning("warning: %s", e)
+
+
+def untried(paths: Paths, decision: Decision, snapshot: Snapshot) -> Decision:
+    """Never adopt a system that runs without having been tried: its trial was undone (a
+    kernel kexec'd after all, one a failed trial left loaded), so no health check passed,
+    and the profile and the boot loader still name the old system. (It reads dirty, the
+    profile elsewhere; this says why.)"""
+    current = snapshot.links.current
+    if decision.action not in (Action.TRACK, Action.NOTHING) or current is None:
+        return decision
+    entry = load(paths)
+    if (
+        entry is None
+        or entry.trial is None
+        or entry.path != current
+        or entry.phase is not Phase.ROLLED_BACK
+        or snapshot.links.profile == current
+    ):
+        return decision
+    return Decision(
+        Action.NOTHING,
+        f"{current.name} runs, but its trial boot was undone and it was never checked; "
+        "not adopting it (reboot into the profile's system, or --force deploys it)",
+    )
 
 
 def complete(paths: Paths, entry: Journal) -> Journal:

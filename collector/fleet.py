@@ -57,6 +57,7 @@ class Host:
     health_ok: bool | None = None
     rollbacks: int = 0
     last_rollback_ok: bool | None = None
+    last_rollback_serial: int | None = None  # of the release the last rollback left
     reboot: str | None = None  # why a required reboot waits
     halted: bool = False
     turn_at: float | None = None
@@ -144,6 +145,7 @@ _NUMBERS: dict[str, tuple[str, Callable[[float], object]]] = {
     "last_health_check_success": ("health_ok", lambda v: v == 1),
     "rollbacks_total": ("rollbacks", int),
     "last_rollback_success": ("last_rollback_ok", lambda v: v == 1),
+    "last_rollback_serial": ("last_rollback_serial", int),
     "rollout_halted": ("halted", lambda v: v == 1),
     "rollout_turn_timestamp_seconds": ("turn_at", float),
     "last_collect_timestamp_seconds": ("collected_at", float),
@@ -210,6 +212,15 @@ def _yes_no(value: bool | None, good: str = "ok", bad: str = "failed") -> str:
     return "-" if value is None else f"[green]{good}[/green]" if value else f"[red]{bad}[/red]"
 
 
+def _rollbacks(host: Host) -> str:
+    """How many, and the serial the last one left (a rollback of the newest serial is the
+    one that matters to a rollout)."""
+    said = str(host.rollbacks)
+    if host.last_rollback_serial is not None:
+        said += f" (serial {host.last_rollback_serial})"
+    return said + ("" if host.last_rollback_ok is not False else " [red](failed)[/red]")
+
+
 def _rollout(host: Host, at: float) -> str:
     if host.halted:
         return "[red]halted[/red]"
@@ -251,7 +262,7 @@ def show(fleet: Fleet, as_json: bool) -> None:
             "-" if h.pending is None else str(h.pending),
             deployed,
             _yes_no(h.health_ok),
-            str(h.rollbacks) + ("" if h.last_rollback_ok is not False else " [red](failed)[/red]"),
+            _rollbacks(h),
             escape(h.reboot or ""),
             _rollout(h, fleet.at),
         )

@@ -224,6 +224,10 @@ def test_the_gate_and_the_rollback_halt_query_over_real_agents(
         assert (code, err) == (1, f"error: serial 13 was rolled back on {targets[0]}\n")
         assert metric(canary.metrics(), "nixos_autodeploy_last_rollback_serial") == SERIAL + 1
         prom.wait_for("the rollback to reach the query", rolled_back_on_new)
+        view = canary.run_agent("fleet", "--prometheus-url", prom.url, env={"COLUMNS": "300"})
+        assert view.returncode == 0, view
+        (row,) = [line for line in view.stdout.splitlines() if targets[0] in line]
+        assert "1 (serial 13)" in row, view.stdout  # the rollbacks column: from which release
         halt = ("--prometheus-url", prom.url, "--halt-query", ROLLED_BACK_ON_NEW_SERIAL)
         assert agent(web1, "web1", *halt) == 0
         assert web1.activations() == [("switch", built["web1"]["b"].path)]

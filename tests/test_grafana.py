@@ -159,11 +159,13 @@ def test_the_fleet_table_shows_each_hosts_release() -> None:
         "nixos_autodeploy_release_expiry_timestamp_seconds",
         "nixos_autodeploy_release_verified",
         "nixos_autodeploy_release_rejected",
+        "nixos_autodeploy_last_rollback_serial",
     ):
         assert metric in exprs, metric
     (organize,) = [t["options"] for t in table["transformations"] if t["id"] == "organize"]
     shown = set(organize["renameByName"].values())
-    assert {"Release serial", "Release expires", "Release", "Release rejected"} <= shown
+    columns = {"Release serial", "Release expires", "Release", "Release rejected"}
+    assert columns | {"Rolled back from serial"} <= shown
     overrides = {
         o["matcher"]["options"]: o["properties"] for o in table["fieldConfig"]["overrides"]
     }
@@ -178,6 +180,7 @@ def test_the_host_dashboard_shows_its_release() -> None:
         "Release expires": "nixos_autodeploy_release_expiry_timestamp_seconds",
         "Release": "nixos_autodeploy_release_verified",
         "Release rejected": "nixos_autodeploy_release_rejected",
+        "Rolled back from serial": "nixos_autodeploy_last_rollback_serial",
     }
     for title, metric in expected.items():
         assert metric in panels[title]["targets"][0]["expr"], title

@@ -110,6 +110,7 @@ def make_dirty_host_with_a_failed_deploy(host: Host) -> None:
             "to": ours.path,
             "ok": True,
             "reason": "check 'systemd' failed: failed units: web.service",
+            "serial": 2,
         },
     }
     (host.state_dir / "deploys.json").write_text(json.dumps(deploys))
