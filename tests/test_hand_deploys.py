@@ -357,8 +357,8 @@ def test_a_failed_forced_deploy_over_a_hand_switch_leaves_it_the_operators(host:
     systems = deployed_by_agent(host, "a", "b", "x", "c", "d")
     b, x, c, d = systems["b"], systems["x"], systems["c"], systems["d"]
     now = f"$(readlink {host.current_link})"
-    check = ("--health-check", f'[ "{now}" != {x.path} ] && [ "{now}" != {c.path} ]')
-    check += ("--health-timeout", "1")
+    failing = f'[ "{now}" != {x.path} ] && [ "{now}" != {c.path} ]'
+    check = ("--health-check", failing, "--health-timeout", "1")
     host.publish(x)
     assert host.collect().returncode == 0
     assert deploy(host, *check).returncode == 1
