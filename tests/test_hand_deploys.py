@@ -399,3 +399,21 @@ def test_a_reboot_after_a_cut_short_deploy_is_no_hand_deploy(host: Host) -> None
     assert result.returncode == 0, result
     assert_links(host, current=c, profile=c)
     assert host.boot_default() == c.path
+
+
+def test_undoing_a_forced_deploy_keeps_the_hand_boot_it_found(host: Host) -> None:
+    """A hand `boot x`; --force deploys x (the profile already names it), cut short before
+    its switch; the next run, not forced, undoes it: the profile as it found it, x's (not
+    set back to b), the next boot x, the host still dirty with the hand boot."""
+    systems = deployed_by_agent(host, "a", "b", "x")
+    x = systems["x"]
+    host.deploy_by_hand(x, "boot")
+    host.publish(x)
+    assert host.collect().returncode == 0
+    deploy_killed_at(host, "activating", "--force")
+    result = deploy(host)
+    assert result.returncode == 0, result
+    assert journal(host)["phase"] == "rolled-back"
+    assert_links(host, current=systems["b"], profile=x)
+    assert host.boot_default() == x.path
+    dirty_because(host, "hand-boot")
