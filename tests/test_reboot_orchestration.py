@@ -30,7 +30,7 @@ from harness import (
     error_lines,
     metric,
 )
-from harness.deploys import deploy, events_named, history, start_deploy, tracking
+from harness.deploys import STOP_AT, deploy, events_named, history, start_deploy, tracking
 
 from actuator import fleetlock
 from collector.config import Paths
@@ -402,6 +402,33 @@ def test_a_plain_kexec_refused_gives_its_slot_back_and_is_counted(
     assert again.returncode == 0, again
     assert "the agent's reboot into it failed; not retried" in again.stderr
     assert len(lock_server.calls("/v1/pre-reboot")) == 1 and lock_server.held() == []
+
+
+def test_a_resumed_reboot_trial_whose_reboot_fails_gives_its_slot_back(
+    host: Host, lock_server: FleetLockServer
+) -> None:
+    # Issue 20, defect 3, from recovery: a reboot trial cut short before its reboot (its slot
+    # taken, the new system installed) is booted by the next run; its reboot command fails.
+    old, new = pending_reboot_host(host, "4" * 32)
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", "--fleet-lock-url", lock_server.url)
+    killed = deploy(host, *args, timeout=None, env={STOP_AT: "activated"})
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert lock_server.held() == [ident(host)]
+    assert (host.profile(), host.boot_default()) == (new.path,) * 2
+    (host.root / "systemctl-fails.reboot").write_text("Failed to reboot: Access denied\n")
+    failed = deploy(host, *args, timeout=None)
+    assert failed.returncode == 1, failed
+    (error,) = error_lines(failed)
+    assert "Access denied" in error, error
+    assert len(lock_server.calls("/v1/pre-reboot")) == 2, "the resumed trial asked again"
+    assert lock_server.held() == [] and host.snapshot()["reboot"]["slot"] is None
+    # Undone and counted: the old system is the next boot's again, new is not retried.
+    assert (host.profile(), host.boot_default()) == (old.path,) * 2
+    assert host.read_json("deploys.json")["totals"] == {"success": 0, "failure": 1}
+    (host.root / "systemctl-fails.reboot").unlink()
+    again = deploy(host, *args, timeout=None)
+    assert again.returncode == 0 and "not retried" in again.stderr, again
+    assert len(lock_server.calls("/v1/pre-reboot")) == 2 and reboots(host) == 1, "the refused one"
 
 
 @pytest.mark.parametrize("change", ["group", "url"])
