@@ -404,6 +404,26 @@ def test_a_plain_kexec_refused_gives_its_slot_back_and_is_counted(
     assert len(lock_server.calls("/v1/pre-reboot")) == 1 and lock_server.held() == []
 
 
+def test_a_reboot_trial_whose_activation_fails_gives_its_slot_back(
+    host: Host, second_host: Host, lock_server: FleetLockServer
+) -> None:
+    # Issue 20, defect 3, before the boot: a trial takes its slot before anything changes;
+    # then its `switch-to-configuration boot` fails. Rolled back, no reboot: the slot goes.
+    old, new = pending_reboot_host(host, "2" * 32)
+    pending_reboot_host(second_host, "b" * 32)
+    host.fail_activation_late(new, "installing the boot loader failed")
+    failed = locked_deploy(host, lock_server)
+    assert failed.returncode == 1, failed
+    assert "installing the boot loader failed" in error_lines(failed)[0]
+    assert len(lock_server.calls("/v1/pre-reboot")) == 1 and reboots(host) == 0
+    assert lock_server.held() == [] and host.snapshot()["reboot"]["slot"] is None
+    assert (host.profile(), host.boot_default()) == (old.path,) * 2
+    assert new.path in host.read_json("deploys.json")["failed"]
+    # The other host of the one-slot group reboots.
+    assert locked_deploy(second_host, lock_server).returncode == 0
+    assert reboots(second_host) == 1
+
+
 def test_a_resumed_reboot_trial_whose_reboot_fails_gives_its_slot_back(
     host: Host, lock_server: FleetLockServer
 ) -> None:
