@@ -86,15 +86,20 @@ def pending_reboot_host(host: Host, machine_id: str) -> tuple[System, System]:
     return old, new
 
 
-def rebooting_deploy(host: Host, *args: str, tz: str = "UTC") -> AgentResult:
+def rebooting_deploy(
+    host: Host, *args: str, tz: str = "UTC", stop_at: str | None = None
+) -> AgentResult:
     """A boot-mode deploy that reboots into what it deployed, on a clock in time zone tz
-    (the agent's default fetch timeout)."""
+    (the agent's default fetch timeout); stop_at: the journal phase it is killed at."""
     args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *args)
-    return deploy(host, *args, timeout=None, env={"TZ": tz})
+    env = {"TZ": tz} | ({STOP_AT: stop_at} if stop_at else {})
+    return deploy(host, *args, timeout=None, env=env)
 
 
-def locked_deploy(host: Host, server: FleetLockServer, *args: str, tz: str = "UTC") -> AgentResult:
-    return rebooting_deploy(host, "--fleet-lock-url", server.url, *args, tz=tz)
+def locked_deploy(
+    host: Host, server: FleetLockServer, *args: str, tz: str = "UTC", stop_at: str | None = None
+) -> AgentResult:
+    return rebooting_deploy(host, "--fleet-lock-url", server.url, *args, tz=tz, stop_at=stop_at)
 
 
 def ident(host: Host) -> str:
@@ -430,13 +435,13 @@ def test_a_resumed_reboot_trial_whose_reboot_fails_gives_its_slot_back(
     # Issue 20, defect 3, from recovery: a reboot trial cut short before its reboot (its slot
     # taken, the new system installed) is booted by the next run; its reboot command fails.
     old, new = pending_reboot_host(host, "4" * 32)
-    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", "--fleet-lock-url", lock_server.url)
-    killed = deploy(host, *args, timeout=None, env={STOP_AT: "activated"})
+    killed = locked_deploy(host, lock_server, stop_at="activated")
     assert killed.returncode == -signal.SIGKILL, killed
     assert lock_server.held() == [ident(host)]
     assert (host.profile(), host.boot_default()) == (new.path,) * 2
-    (host.root / "systemctl-fails.reboot").write_text("Failed to reboot: Access denied\n")
-    failed = deploy(host, *args, timeout=None)
+    refused = host.root / "systemctl-fails.reboot"
+    refused.write_text("Failed to reboot: Access denied\n")
+    failed = locked_deploy(host, lock_server)
     assert failed.returncode == 1, failed
     (error,) = error_lines(failed)
     assert "Access denied" in error, error
@@ -445,8 +450,8 @@ def test_a_resumed_reboot_trial_whose_reboot_fails_gives_its_slot_back(
     # Undone and counted: the old system is the next boot's again, new is not retried.
     assert (host.profile(), host.boot_default()) == (old.path,) * 2
     assert host.read_json("deploys.json")["totals"] == {"success": 0, "failure": 1}
-    (host.root / "systemctl-fails.reboot").unlink()
-    again = deploy(host, *args, timeout=None)
+    refused.unlink()
+    again = locked_deploy(host, lock_server)
     assert again.returncode == 0 and "not retried" in again.stderr, again
     assert len(lock_server.calls("/v1/pre-reboot")) == 2 and reboots(host) == 1, "the refused one"
 
